@@ -1,0 +1,86 @@
+"""On-disk checkpoint layout shared by training, inference and the converters.
+
+    DIR/model_config.json        how to rebuild the model and its preprocessing (see ``ModelSpec``)
+    DIR/checkpoints/<step>/      an orbax ``CheckpointManager`` step with Composite items:
+        params                   the model parameters (always present)
+        opt_state, extra, data   training only: optimizer state, {step, rng}, grain iterator state
+
+Inference (``grain_jax.inference.load``), the converters and ``config.init_from``
+only ever read the ``params`` item, so a converted checkpoint is just ``params``
+plus ``model_config.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import orbax.checkpoint as ocp
+
+MODEL_CONFIG = "model_config.json"
+CHECKPOINTS = "checkpoints"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild a model and feed it like training did."""
+    model_name: str
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    image_size: int = 224
+    mean: Sequence[float] = IMAGENET_MEAN
+    std: Sequence[float] = IMAGENET_STD
+    caption_length: int = 77
+    description_length: int = 77
+
+    def create_model(self, **extra):
+        from grain_jax.models import create_model
+        return create_model(self.model_name, **{**self.model_overrides, **extra})
+
+
+def write_model_spec(directory: str, spec: ModelSpec) -> None:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, MODEL_CONFIG), "w") as f:
+        json.dump(dataclasses.asdict(spec), f, indent=2, default=list)
+
+
+def read_model_spec(directory: str) -> ModelSpec:
+    path = os.path.join(directory, MODEL_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {directory!r} is not a grain_jax checkpoint directory")
+    with open(path) as f:
+        return ModelSpec(**json.load(f))
+
+
+def manager(directory: str, **options: Any) -> ocp.CheckpointManager:
+    """The CheckpointManager over ``DIR/checkpoints`` (options: CheckpointManagerOptions kwargs)."""
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(directory), CHECKPOINTS),
+                                 options=ocp.CheckpointManagerOptions(**options))
+
+
+def restore_params(directory: str, abstract_params: Any = None, step: int | None = None) -> Any:
+    """Restores only the ``params`` item.
+
+    Args:
+      directory: a checkpoint DIR (see module docstring).
+      abstract_params: optional pytree of ``jax.ShapeDtypeStruct`` (with shardings) to
+        restore into; ``None`` restores as saved.
+      step: defaults to the latest step.
+    """
+    with manager(directory, read_only=True) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint steps under {os.path.join(directory, CHECKPOINTS)}")
+        restore = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
+        return mngr.restore(step, args=ocp.args.Composite(params=restore))["params"]
+
+
+def save_params(directory: str, params: Any, spec: ModelSpec, step: int = 0) -> None:
+    """Writes a params-only checkpoint (what the converters produce)."""
+    write_model_spec(directory, spec)
+    with manager(directory) as mngr:
+        mngr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params)), force=True)
+        mngr.wait_until_finished()

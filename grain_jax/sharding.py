@@ -1,0 +1,95 @@
+"""Logical axis names and the mesh they map onto.
+
+Every parameter in grain_jax is created with ``nn.with_logical_partitioning`` using
+the names below, and key activations are constrained with
+``nn.with_logical_constraint``. The physical mesh always has the three axes
+``("data", "fsdp", "tensor")``; ``LOGICAL_AXIS_RULES`` says which mesh axis (if any)
+each logical name is sharded over. A config can prepend its own rules
+(``config.sharding_rules``) to override the defaults: the first match wins.
+
+| logical name | used for                                          | mesh axis        |
+|--------------|---------------------------------------------------|------------------|
+| batch        | activation batch dim (images, texts)              | (data, fsdp)     |
+| embed        | model width of *parameters* (FSDP / ZeRO-3 dim)   | fsdp             |
+| mlp          | MLP hidden dim                                     | tensor           |
+| heads        | attention heads                                    | tensor           |
+| kv           | per-head dim                                       | replicated       |
+| vocab        | token-embedding rows                               | tensor           |
+| act_embed    | model width of *activations*                       | replicated       |
+| seq          | tokens / patches / text positions / queries        | replicated       |
+| norm         | LayerNorm scale and bias, scalars, tiny vectors    | replicated       |
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("act_embed", None),
+    ("seq", None),
+    ("norm", None),
+)
+
+
+def axis_rules(extra_rules: Sequence[Sequence] = ()) -> tuple:
+    """Config rules first (they win), then the defaults."""
+    return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in extra_rules) + LOGICAL_AXIS_RULES
+
+
+def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills a single ``-1`` entry so the product equals ``num_devices``.
+
+    >>> resolve_mesh_shape((-1, 2, 1), 8)
+    (4, 2, 1)
+    """
+    shape = [int(s) for s in mesh_shape]
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh_shape must have {len(MESH_AXES)} entries {MESH_AXES}, got {tuple(mesh_shape)}")
+    if shape.count(-1) > 1:
+        raise ValueError(f"mesh_shape may contain at most one -1, got {tuple(mesh_shape)}")
+    known = int(np.prod([s for s in shape if s != -1]))
+    if -1 in shape:
+        if known <= 0 or num_devices % known:
+            raise ValueError(f"mesh_shape {tuple(mesh_shape)} does not divide {num_devices} devices")
+        shape[shape.index(-1)] = num_devices // known
+    if int(np.prod(shape)) != num_devices:
+        raise ValueError(f"mesh_shape {tuple(shape)} needs {int(np.prod(shape))} devices, have {num_devices}")
+    return tuple(shape)
+
+
+def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), dcn_mesh_shape: Sequence[int] | None = None,
+                devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``("data", "fsdp", "tensor")`` mesh.
+
+    Args:
+      mesh_shape: per-slice (ICI) shape; one entry may be -1 (fills the rest).
+      dcn_mesh_shape: for multi-slice TPU: how many slices along each axis
+        (e.g. ``(2, 1, 1)`` = data parallel across 2 slices). ``None`` = one slice.
+      devices: defaults to ``jax.devices()``.
+    """
+    from jax.experimental import mesh_utils
+
+    devices = list(devices if devices is not None else jax.devices())
+    if dcn_mesh_shape is not None and int(np.prod(dcn_mesh_shape)) > 1:
+        num_slices = int(np.prod(dcn_mesh_shape))
+        ici = resolve_mesh_shape(mesh_shape, len(devices) // num_slices)
+        device_array = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn_mesh_shape), devices)
+    else:
+        shape = resolve_mesh_shape(mesh_shape, len(devices))
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices)
+        except (ValueError, NotImplementedError, AssertionError):
+            # CPU / odd topologies: plain row-major order is fine.
+            device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)

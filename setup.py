@@ -1,0 +1,40 @@
+"""grain_jax: GRAIN (Halbe et al., arXiv 2412.04429) in JAX/Flax."""
+import setuptools
+
+CORE = [
+    "jax>=0.10.2,<0.11",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
+    "grain>=0.2.18,<0.3",
+    "ml_collections>=1.1,<2",
+    "clu==0.0.12",
+    "tensorflow-datasets>=4.9.10,<5",
+    "array-record>=0.8",
+    "importlib_resources>=6",  # tfds 4.9.10 imports it on py3.11 without declaring it
+    "pillow>=11",
+    "tensorboardX>=2.6",
+    "ftfy>=6",
+    "regex",
+    "tqdm",
+    "matplotlib>=3.8",
+    "numpy>=2",
+]
+TEST = ["pytest>=8", "pytest-xdist>=3", "scipy>=1.12", "portpicker>=1.6"]
+
+setuptools.setup(
+    name="grain_jax",
+    version="0.1.0",
+    description="GRAIN: grounding descriptions in images, a JAX/Flax TPU-first implementation",
+    packages=setuptools.find_packages(include=["grain_jax", "grain_jax.*"]),
+    package_data={"grain_jax.data": ["*.txt.gz"]},
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={"test": TEST},
+    entry_points={
+        "console_scripts": [
+            "grain-jax-train=grain_jax.main:run",
+            "grain-jax-prepare=grain_jax.data.prepare:run",
+        ]
+    },
+)
