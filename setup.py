@@ -35,6 +35,10 @@ setuptools.setup(
         "console_scripts": [
             "grain-jax-train=grain_jax.main:run",
             "grain-jax-prepare=grain_jax.data.prepare:run",
+            "grain-jax-eval=grain_jax.evaluate:run",
+            "grain-jax-visualize=grain_jax.visualize:run",
+            "grain-jax-convert=grain_jax.convert.main:run",
+            "grain-jax-clip-benchmark=grain_jax.integrations.clip_benchmark:run",
         ]
     },
 )
