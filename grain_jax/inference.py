@@ -1,0 +1,352 @@
+"""Inference API: load a checkpoint, embed images and texts, ground, classify.
+
+    m = grain_jax.inference.load("workdir")          # or "random:grain-tiny" (random init)
+    img = m.encode_images(uint8_images)               # [N, D] L2-normalised
+    txt = m.encode_texts(["a photo of a dog"])        # [N, D] L2-normalised
+    g = m.ground(uint8_images)                        # boxes / region_embeddings / image_embedding
+    clf = m.classifier(["cat", "dog"], descriptors={"cat": ["whiskers"], "dog": ["a snout"]})
+    probs = m.classify(uint8_images, clf)             # [N, C]
+
+Images are preprocessed like training (squash-resize to ``spec.image_size`` with
+bicubic, ImageNet mean/std by default). Work runs in fixed-size batches (zero padding,
+results sliced back) so each jitted function compiles once; with a ``mesh`` the batch is
+sharded over ``("data", "fsdp")`` and parameters follow the model's logical partitioning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from grain_jax import checkpoints, sharding
+from grain_jax.checkpoints import ModelSpec
+from grain_jax.evaluators import descriptors as descriptors_lib
+from grain_jax.evaluators import prompts
+from grain_jax.evaluators.common import fixed_size_batches, round_up
+
+BATCH_AXES = ("data", "fsdp")
+
+
+def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
+    """uint8 [H, W, C] (C in 1, 3, 4, or [H, W]) -> float32 [S, S, 3] normalised like training."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {image.dtype} {image.shape}")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image [H, W, 1|3|4], got {image.shape}")
+    image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
+    size = spec.image_size
+    if image.shape[:2] != (size, size):  # squash, aspect ratio not kept (as in training)
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    pixels = image.astype(np.float32) / 255.0
+    return (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+
+
+def preprocess_images(images, spec: ModelSpec) -> np.ndarray:
+    """uint8 [N, H, W, 3] / a list of uint8 images of any sizes -> float32 [N, S, S, 3];
+    float input is taken as already normalised and must be [N, S, S, 3]."""
+    if isinstance(images, np.ndarray | jax.Array) and np.asarray(images).dtype != np.uint8:
+        images = np.asarray(images, np.float32)
+        expected = (spec.image_size, spec.image_size, 3)
+        if images.ndim != 4 or images.shape[1:] != expected:
+            raise ValueError(f"float images must be normalised [N, {expected[0]}, {expected[1]}, 3], "
+                             f"got {images.shape}")
+        return images
+    return np.stack([preprocess_image(im, spec) for im in images]) if len(images) else (
+        np.zeros((0, spec.image_size, spec.image_size, 3), np.float32))
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@dataclasses.dataclass
+class Classifier:
+    """Zero-shot class embeddings (reusable across ``classify`` calls).
+
+    Attributes:
+      class_names: [C] names used in the prompts.
+      embeddings: [C, D] mean of the L2-normalised prompt embeddings (re-normalised only
+        if ``renormalize``; the reference does not).
+      descriptor_embeddings: [C, K, D] L2-normalised raw descriptors (zero padded), for
+        region scoring; None without descriptors.
+      descriptor_mask: [C, K] bool, True for real descriptors.
+    """
+    class_names: list[str]
+    embeddings: np.ndarray
+    descriptor_embeddings: np.ndarray | None = None
+    descriptor_mask: np.ndarray | None = None
+
+
+def _region_scores(regions: jax.Array, desc: jax.Array, desc_mask: jax.Array) -> jax.Array:
+    """our_eval.py's region score: mean over queries of max over a class's descriptors.
+
+    regions [B, Q, D], desc [C, K, D] (both normalised), desc_mask [C, K] -> [B, C].
+    """
+    sims = jnp.einsum("bqd,ckd->bqck", regions, desc)
+    sims = jnp.where(desc_mask[None, None], sims, -jnp.inf).max(-1)
+    return sims.mean(1)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple):
+    """Jitted encoders for one (model, mesh); cached so a new InferenceModel per eval
+    (e.g. every training eval step) reuses the compiled code."""
+
+    def encode_image(params, images):
+        out = model.apply({"params": params}, images, method="encode_image")
+        result = {"image_embedding": _l2_normalize(out["img/embedding"])}
+        if "dec/region_embeddings" in out:
+            result["region_embeddings"] = _l2_normalize(out["dec/region_embeddings"])
+            result["boxes"] = out["dec/boxes"].astype(jnp.float32)
+        return result
+
+    def encode_text(params, tokens):
+        return _l2_normalize(model.apply({"params": params}, tokens, method="encode_text"))
+
+    def scores(image_out, class_embeddings, desc, desc_mask):
+        global_scores = image_out["image_embedding"] @ class_embeddings.T
+        if desc is None or "region_embeddings" not in image_out:
+            return global_scores, None
+        return global_scores, _region_scores(image_out["region_embeddings"], desc, desc_mask)
+
+    return jax.jit(encode_image), jax.jit(encode_text), jax.jit(scores)
+
+
+def _to_host(tree):
+    """Device outputs -> numpy on every process (gathers when not fully addressable)."""
+    def get(x):
+        return np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.tree.map(get, tree)
+
+
+class InferenceModel:
+    """A model, its parameters and its preprocessing, with batched jitted helpers.
+
+    Args:
+      model: a grain_jax model (``mode`` "grain" or "clip").
+      params: its parameters (unboxed pytree; sharded or not).
+      spec: the checkpoint's ModelSpec (image size, mean/std, text length).
+      mesh: optional ``("data", "fsdp", "tensor")`` mesh; batches are sharded over
+        ``("data", "fsdp")``. ``None`` runs on the default device.
+      batch_size: images per jitted call (rounded up to the number of batch shards).
+      text_batch_size: texts per jitted call.
+      rules: extra logical-axis rules (``config.sharding_rules``).
+    """
+
+    def __init__(self, model: nn.Module, params, spec: ModelSpec, mesh: Mesh | None = None, *,
+                 batch_size: int = 64, text_batch_size: int = 256, rules: Sequence = ()):
+        self.model, self.params, self.spec, self.mesh = model, params, spec, mesh
+        self.mode = getattr(model, "mode", "grain")
+        self.rules = sharding.axis_rules(rules)
+        shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        self.batch_size = round_up(batch_size, shards)
+        self.text_batch_size = round_up(text_batch_size, shards)
+        self._encode_image, self._encode_text, self._scores = _compiled(model, mesh, self.rules)
+
+    # ----------------------------------------------------------------- plumbing
+    def _call(self, fn, *args):
+        """Runs ``fn`` with batch-leading numpy args placed on the mesh (if any)."""
+        if self.mesh is None:
+            with nn.logical_axis_rules(self.rules):
+                return fn(self.params, *args)
+        batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+        placed = [jax.make_array_from_callback(a.shape, batch_sharding, lambda idx, a=a: a[idx]) for a in args]
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return fn(self.params, *placed)
+
+    @property
+    def logit_scale(self) -> float:
+        """exp of the model's learned log-scale (the contrastive temperature)."""
+        return float(np.exp(np.asarray(jax.tree.leaves(self.params["logit_scale"])[0], np.float32)))
+
+    # ----------------------------------------------------------------- images
+    def _image_batches(self, images):
+        """Yields (device outputs of encode_image for one fixed-size batch, number of real rows)."""
+        pixels = preprocess_images(images, self.spec)
+        for chunk, n in fixed_size_batches(pixels, self.batch_size):
+            yield self._call(self._encode_image, chunk), n
+
+    def _image_outputs(self, images) -> dict[str, np.ndarray]:
+        parts = [jax.tree.map(lambda x, n=n: x[:n], _to_host(out)) for out, n in self._image_batches(images)]
+        if not parts:
+            raise ValueError("no images given")
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def encode_images(self, images) -> np.ndarray:
+        """uint8 [N, H, W, 3] (any size; or a list of uint8 images) or normalised float
+        [N, S, S, 3] -> L2-normalised [N, D] (GRAIN: global query; CLIP: CLS projection)."""
+        return self._image_outputs(images)["image_embedding"]
+
+    def ground(self, images) -> dict[str, np.ndarray]:
+        """GRAIN only: ``boxes`` [N, Q, 4] cxcywh in [0, 1], ``region_embeddings`` [N, Q, D]
+        and ``image_embedding`` [N, D] (both L2-normalised)."""
+        if self.mode != "grain":
+            raise ValueError(f"ground() needs a GRAIN model; {self.spec.model_name} is mode {self.mode!r}")
+        return self._image_outputs(images)
+
+    # ----------------------------------------------------------------- texts
+    def tokenize(self, texts: Sequence[str]) -> np.ndarray:
+        """CLIP BPE ids [N, spec.caption_length] (over-long texts are truncated, EOT kept)."""
+        from grain_jax.data import tokenizer
+        if isinstance(texts, str):
+            raise TypeError("encode_texts expects a list of strings, got a single str")
+        return tokenizer.tokenize(list(texts), context_length=self.spec.caption_length)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """list of N strings -> L2-normalised [N, D]."""
+        tokens = self.tokenize(texts)
+        if not len(tokens):
+            return np.zeros((0, getattr(self.model, "embed_dim", 0)), np.float32)
+        parts = [_to_host(self._call(self._encode_text, chunk))[:n]
+                 for chunk, n in fixed_size_batches(tokens, self.text_batch_size)]
+        return np.concatenate(parts)
+
+    # ----------------------------------------------------------------- zero-shot
+    def classifier(self, class_names: Sequence[str], descriptors: Mapping[str, Sequence[str]] | None = None,
+                   templates: str | Sequence[str] = "ref46", *, dataset: str | None = None,
+                   renormalize: bool = False, chunk_prompts: int = 8192) -> Classifier:
+        """Class embeddings as the reference builds them.
+
+        For each class, every template x every descriptor sentence (templates alone when
+        the class has no descriptors) is encoded, L2-normalised and averaged. The mean is
+        not re-normalised unless ``renormalize`` (the reference does not; argmax over
+        classes then also weighs how well a class's prompts agree).
+
+        Args:
+          class_names: [C] names, in label order.
+          descriptors: optional ``{class_name: [descriptor, ...]}`` (keys = class_names).
+          templates: a template-set name (see ``evaluators.prompts``) or a list.
+          dataset: picks the set when ``templates="per_dataset"``.
+        """
+        class_names = list(class_names)
+        templates = prompts.get_templates(templates, dataset)
+        if descriptors is not None:
+            missing = [c for c in class_names if c not in descriptors]
+            if missing:
+                raise ValueError(f"descriptors lack classes {missing[:20]}")
+        per_class = [descriptors_lib.class_prompts(c, descriptors[c] if descriptors else None, templates)
+                     for c in class_names]
+        embeddings = self._mean_embeddings(per_class, chunk_prompts)
+        if renormalize:
+            embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        clf = Classifier(class_names, embeddings)
+        if descriptors is not None:
+            raw = [list(descriptors[c]) for c in class_names]
+            k = max(1, max(len(r) for r in raw))
+            flat = self.encode_texts([d for r in raw for d in r])
+            clf.descriptor_embeddings = np.zeros((len(raw), k, flat.shape[-1]), np.float32)
+            clf.descriptor_mask = np.zeros((len(raw), k), bool)
+            offset = 0
+            for c, r in enumerate(raw):
+                clf.descriptor_embeddings[c, :len(r)] = flat[offset:offset + len(r)]
+                clf.descriptor_mask[c, :len(r)] = True
+                offset += len(r)
+        return clf
+
+    def _mean_embeddings(self, per_class: list[list[str]], chunk_prompts: int) -> np.ndarray:
+        """Mean of the normalised embeddings of each class's prompts, encoding a few
+        thousand prompts at a time (ImageNet x ref46 x descriptors is ~300k prompts)."""
+        sums, start = None, 0
+        while start < len(per_class):
+            stop, count = start, 0
+            while stop < len(per_class) and (count == 0 or count + len(per_class[stop]) <= chunk_prompts):
+                count += len(per_class[stop])
+                stop += 1
+            flat = self.encode_texts([p for ps in per_class[start:stop] for p in ps])
+            if sums is None:
+                sums = np.zeros((len(per_class), flat.shape[-1]), np.float64)
+            owner = np.repeat(np.arange(start, stop), [len(ps) for ps in per_class[start:stop]])
+            np.add.at(sums, owner, flat)
+            start = stop
+        counts = np.asarray([len(ps) for ps in per_class], np.float64)[:, None]
+        return (sums / counts).astype(np.float32)
+
+    def score_parts(self, images, classifier: Classifier) -> tuple[np.ndarray, np.ndarray | None]:
+        """(global scores [N, C] = image embedding . class embedding, region scores [N, C]
+        as in the reference's our_eval.py, or None without descriptors / for CLIP)."""
+        desc = classifier.descriptor_embeddings if self.mode == "grain" else None
+        mask = classifier.descriptor_mask if desc is not None else None
+        global_parts, region_parts = [], []
+        for out, n in self._image_batches(images):
+            g, r = _to_host(self._scores(out, classifier.embeddings, desc, mask))
+            global_parts.append(g[:n])
+            if r is not None:
+                region_parts.append(r[:n])
+        return np.concatenate(global_parts), (np.concatenate(region_parts) if region_parts else None)
+
+    def scores(self, images, classifier: Classifier, alpha: float = 1.0) -> np.ndarray:
+        """alpha * global + (1 - alpha) * region scores, [N, C] (alpha=1: pure global)."""
+        global_scores, region_scores = self.score_parts(images, classifier)
+        if alpha == 1.0:
+            return global_scores
+        if region_scores is None:
+            raise ValueError("alpha < 1 needs a GRAIN model and a classifier built with descriptors")
+        return alpha * global_scores + (1.0 - alpha) * region_scores
+
+    def classify(self, images, classifier: Classifier, alpha: float = 1.0) -> np.ndarray:
+        """Class probabilities [N, C]: softmax of the scores times the learned logit scale."""
+        return np.asarray(jax.nn.softmax(self.logit_scale * self.scores(images, classifier, alpha), axis=-1))
+
+
+# --------------------------------------------------------------------- loading
+def _init_inputs(spec: ModelSpec):
+    images = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
+    return images, jnp.zeros((1, spec.caption_length), jnp.int32)
+
+
+def abstract_params(model: nn.Module, spec: ModelSpec, mesh: Mesh | None, rules: tuple):
+    """Unboxed ``jax.ShapeDtypeStruct`` params with the shardings inference uses."""
+    boxed = jax.eval_shape(lambda k: model.init({"params": k}, *_init_inputs(spec), None)["params"],
+                           jax.random.key(0))
+    if mesh is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
+    else:
+        shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+
+
+def load(path_or_name: str, *, mesh: Mesh | None = None, step: int | None = None, seed: int = 0,
+         rules: Sequence = (), batch_size: int = 64, **model_overrides) -> InferenceModel:
+    """An InferenceModel from a checkpoint directory or ``"random:<model name>"``.
+
+    Args:
+      path_or_name: a directory with ``model_config.json`` + ``checkpoints/`` (training
+        or conversion output), or ``random:<name>`` for a randomly initialised model.
+      step: checkpoint step (default: latest).
+      seed: init seed for ``random:``.
+      model_overrides: for ``random:`` only, e.g. ``image_size=64``.
+    """
+    extra_rules, rules = tuple(rules), sharding.axis_rules(rules)
+    if path_or_name.startswith("random:"):
+        name = path_or_name.split(":", 1)[1]
+        probe = ModelSpec(model_name=name, model_overrides=dict(model_overrides)).create_model()
+        spec = ModelSpec(model_name=name, model_overrides=dict(model_overrides),
+                         image_size=int(model_overrides.get("image_size", getattr(probe, "image_size", 224))))
+        model = spec.create_model()
+        abstract = abstract_params(model, spec, mesh, rules)
+        shardings = jax.tree.map(lambda x: x.sharding, abstract)
+        init = jax.jit(lambda k: nn.unbox(model.init({"params": k}, *_init_inputs(spec), None)["params"]),
+                       out_shardings=shardings)
+        with nn.logical_axis_rules(rules):
+            params = init(jax.random.key(seed))
+    else:
+        if model_overrides:
+            raise ValueError(f"model overrides {sorted(model_overrides)} only apply to random: models; a "
+                             "checkpoint's model_config.json defines its model")
+        spec = checkpoints.read_model_spec(path_or_name)
+        model = spec.create_model()
+        params = checkpoints.restore_params(path_or_name, abstract_params(model, spec, mesh, rules), step=step)
+    return InferenceModel(model, params, spec, mesh, rules=extra_rules, batch_size=batch_size)
