@@ -1,0 +1,148 @@
+"""Metric sinks (TensorBoard events via tensorboardX, ``metrics.jsonl``, console) and MFU.
+
+Only process 0 writes; other processes get a writer whose methods do nothing
+but keep the same call sites.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+# Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against
+# ``jax.Device.device_kind`` in order, so more specific names come first.
+PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
+    ("tpu v5 lite", 197e12),  # v5e
+    ("tpu v5e", 197e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5", 459e12),
+    ("tpu v6 lite", 918e12),  # v6e (Trillium)
+    ("tpu v6e", 918e12),
+    ("tpu v4", 275e12),
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+)
+
+
+def measure_cpu_flops(size: int = 1024, repeats: int = 3) -> float:
+    """Measured matmul FLOP/s of this host's CPU (all fake CPU devices share these cores)."""
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x, device=jax.local_devices(backend="cpu")[0])
+    matmul(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        matmul(a).block_until_ready()
+    return 2 * size ** 3 * repeats / (time.perf_counter() - start)
+
+
+def peak_flops(devices: list[jax.Device]) -> float:
+    """Peak FLOP/s of ``devices`` together; CPU devices share the host, so they count once per process."""
+    kind = devices[0].device_kind.lower()
+    if devices[0].platform == "cpu":
+        return measure_cpu_flops() * len({d.process_index for d in devices})
+    for name, flops in PEAK_FLOPS_PER_DEVICE:
+        if name in kind:
+            return flops * len(devices)
+    raise KeyError(f"no peak FLOP/s known for device kind {devices[0].device_kind!r}; "
+                   f"add it to grain_jax.train.metrics.PEAK_FLOPS_PER_DEVICE")
+
+
+def compiled_flops(compiled: jax.stages.Compiled, num_devices: int) -> float:
+    """Model FLOPs of one call of ``compiled`` over all devices (cost analysis is per device)."""
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
+        analysis = analysis[0]
+    return float(analysis.get("flops", 0.0)) * num_devices
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class MetricWriter:
+    """Scalars to ``workdir/tensorboard`` (event files), ``workdir/metrics.jsonl`` and the log."""
+
+    def __init__(self, workdir: str, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        if self.enabled:
+            from tensorboardX import SummaryWriter
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(self.tensorboard_dir)
+            self._jsonl = open(self.jsonl_path, "a")
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        scalars = {k: float(v) for k, v in scalars.items()}
+        for name, value in scalars.items():
+            self._tb.add_scalar(name, value, step)
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+
+    def write_text(self, step: int, name: str, text: str) -> None:
+        if self.enabled:
+            self._tb.add_text(name, text, step)
+
+    def flush(self) -> None:
+        if self.enabled:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+
+
+class Throughput:
+    """Step time, examples/s, MFU and ETA between two log points."""
+
+    def __init__(self, *, total_steps: int, global_batch_size: int, flops_per_step: float, peak: float,
+                 first_step: int):
+        self.total_steps = total_steps
+        self.global_batch_size = global_batch_size
+        self.flops_per_step = flops_per_step
+        self.peak = peak
+        self._last_step, self._last_time = first_step, time.perf_counter()
+
+    def reset(self, step: int) -> None:
+        """Restart the clock (after evaluation or checkpointing, which are not training time)."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        steps = step - self._last_step
+        if steps <= 0:
+            return {}
+        step_time = (now - self._last_time) / steps
+        self._last_step, self._last_time = step, now
+        return {"perf/step_time_s": step_time,
+                "perf/steps_per_s": 1.0 / step_time,
+                "perf/examples_per_s": self.global_batch_size / step_time,
+                "perf/mfu": self.flops_per_step / step_time / self.peak if self.peak else 0.0,
+                "perf/eta_s": (self.total_steps - step) * step_time}
+
+
+def console_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
+    """``step 120/1000 (12%) | loss 3.21 | ... | 5.1 ex/s | MFU 12.3% | ETA 0:04:10``."""
+    parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
+    parts += [f"{name.split('/', 1)[-1] if name.startswith('loss/') else name} {value:.4g}"
+              for name, value in scalars.items() if name.startswith(("loss/", "acc/"))]
+    if "perf/examples_per_s" in scalars:
+        parts += [f"{scalars['perf/examples_per_s']:.1f} ex/s", f"MFU {100 * scalars['perf/mfu']:.2f}%",
+                  f"ETA {format_duration(scalars['perf/eta_s'])}"]
+    return " | ".join(parts)
+
+
+def mean_metrics(per_step: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
+    """Averages each metric over the steps since the last log (keys from the first step)."""
+    return {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}

@@ -1,0 +1,115 @@
+"""AdamW with a weight-decay mask by rule, the warmup+cosine schedule, and duration conversion.
+
+Config keys read here (all top level):
+
+| key | meaning |
+|---|---|
+| `lr`, `lr_start`, `lr_end` | peak, warmup-start and final learning rate (reference 1e-3, 1e-6, 1e-5) |
+| `warmup_steps` / `warmup_epochs` / `warmup_examples` | at most one set; none = no warmup |
+| `total_steps` / `total_epochs` / `total_examples` | exactly one set |
+| `weight_decay`, `wd_rule` | decoupled decay (0.1) and which parameters get it (`"default"` or `"reference"`) |
+| `adam` | `{b1: 0.9, b2: 0.98, eps: 1e-8}` |
+| `grad_clip_norm` | global-norm clipping threshold, None = off |
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Callable
+
+import jax
+import optax
+from flax import traverse_util
+
+DURATION_UNITS = ("steps", "epochs", "examples")
+
+
+def steps_from_duration(config: Any, prefix: str, *, num_train_examples: int | None, global_batch_size: int,
+                        default: int | None = None) -> int:
+    """Converts ``config.{prefix}_{steps|epochs|examples}`` into optimizer steps.
+
+    The one place durations are converted (big_vision's ``u.steps``). An epoch is
+    ``num_train_examples // global_batch_size`` steps (the last partial batch is
+    dropped, like the reference's ``drop_last``); fractional epochs round to the
+    nearest step.
+
+    Raises:
+      ValueError: naming the keys if more than one (or, without ``default``, none) is set,
+        or if epochs are asked for without knowing the number of training records.
+    """
+    given = {unit: config.get(f"{prefix}_{unit}") for unit in DURATION_UNITS}
+    given = {unit: value for unit, value in given.items() if value is not None}
+    if len(given) > 1:
+        keys = ", ".join(f"{prefix}_{unit}={value}" for unit, value in given.items())
+        raise ValueError(f"set only one of {keys} (e.g. override the others with --config.{prefix}_<unit>=None)")
+    if not given:
+        if default is None:
+            raise ValueError(f"config needs one of {', '.join(f'{prefix}_{u}' for u in DURATION_UNITS)}")
+        return default
+    (unit, value), = given.items()
+    if value < 0:
+        raise ValueError(f"{prefix}_{unit} must be >= 0, got {value}")
+    if unit == "steps":
+        return int(value)
+    if unit == "examples":
+        return int(round(value / global_batch_size))
+    if not num_train_examples:
+        raise ValueError(f"{prefix}_epochs needs the number of training records, which is unknown")
+    steps_per_epoch = num_train_examples // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"global_batch_size {global_batch_size} exceeds the {num_train_examples} training records")
+    return int(round(value * steps_per_epoch))
+
+
+def make_schedule(config: Any, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    """Linear warmup ``lr_start -> lr`` over ``warmup_steps``, then cosine ``lr -> lr_end`` until ``total_steps``.
+
+    Same shape as the reference's ``cosine_scheduler`` (which uses an inclusive
+    ``linspace`` for warmup, so its peak arrives one step earlier).
+    """
+    if warmup_steps > total_steps:
+        raise ValueError(f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps)")
+    return optax.warmup_cosine_decay_schedule(
+        init_value=config.lr_start, peak_value=config.lr, warmup_steps=warmup_steps,
+        decay_steps=max(total_steps, 1), end_value=config.lr_end)
+
+
+# Weight-decay rules: a parameter decays unless one of its rule's patterns matches the
+# "/"-joined parameter path (e.g. "decoder/layer_0/self_attention/query/bias").
+# "default": no decay for vectors and scalars (biases, norm scales, logit_scale).
+# "reference": the PyTorch code's `optim_policy` (method-reference §5): the towers skip
+# ndim < 2 and names containing bias/ln/bn; the decoder skips only ordinary Linear and
+# LayerNorm biases, so its LayerNorm scales, attention q/k/v biases (torch's packed
+# `in_proj_bias`) and query embeddings *are* decayed.
+_TOWER_NO_DECAY = re.compile(r"bias|ln|bn|norm")
+_DECODER_DECAYED_BIAS = re.compile(r"(query|key|value)/bias$")
+
+
+def _reference_decays(path: str, ndim: int) -> bool:
+    if path.startswith("decoder/"):
+        return not path.endswith("bias") or bool(_DECODER_DECAYED_BIAS.search(path))
+    return ndim >= 2 and not _TOWER_NO_DECAY.search(path)
+
+
+WD_RULES: dict[str, Callable[[str, int], bool]] = {
+    "default": lambda path, ndim: ndim >= 2,
+    "reference": _reference_decays,
+}
+
+
+def weight_decay_mask(params: Any, rule: str = "default") -> Any:
+    """A pytree of bools like ``params``: True where weight decay applies."""
+    if rule not in WD_RULES:
+        raise ValueError(f"unknown wd_rule {rule!r}; choose from {sorted(WD_RULES)}")
+    decays = WD_RULES[rule]
+    flat = traverse_util.flatten_dict(params, sep="/")
+    return traverse_util.unflatten_dict({path: decays(path, leaf.ndim) for path, leaf in flat.items()}, sep="/")
+
+
+def make_optimizer(config: Any, params: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """``[clip_by_global_norm] -> adamw(schedule, mask)``; ``params`` may be abstract (only shapes are read)."""
+    adamw = optax.adamw(schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
+                        weight_decay=config.weight_decay, mask=weight_decay_mask(params, config.wd_rule))
+    if config.get("grad_clip_norm"):
+        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+    return adamw
+

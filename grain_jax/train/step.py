@@ -1,0 +1,87 @@
+"""The jitted train step: forward (bf16 compute), ``total_loss``, grads, AdamW, logit-scale clamp.
+
+Gradient accumulation (``config.grad_accum_steps = k``) splits the global batch
+into k micro-batches inside the step and averages their gradients. Note that the
+contrastive losses then see only B/k negatives per micro-batch, so accumulation is
+*not* equivalent to a k-times larger device batch; it trades memory for a weaker
+contrastive signal.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from grain_jax.train.state import TrainState
+
+# The reference clamps the learnable log temperature to [0, ln 100] after every update.
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, rng: jax.Array,
+                 train: bool = True) -> tuple[jax.Array, dict]:
+    """``total_loss`` of one batch; CLIP models are not fed descriptions (they have no use for them)."""
+    from grain_jax.losses import total_loss
+    descriptions = batch["description_tokens"] if model.mode == "grain" else None
+    outputs, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"], descriptions,
+                             train=train, rngs={"dropout": rng})
+    return total_loss(outputs, batch, loss_config)
+
+
+def _micro_batches(batch: dict, k: int) -> dict:
+    """``[B, ...] -> [k, B/k, ...]``, micro-batch j = rows j, j+k, ... so each device keeps its share of every one."""
+    def split(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+    """``train_step(state, batch, rng) -> (state, metrics)``; metrics are fp32 scalars.
+
+    The per-step randomness is ``fold_in(rng, state.step)``, so a resumed run draws
+    exactly the same dropout masks as an uninterrupted one. A step whose loss,
+    gradients or new parameters are not finite leaves the state unchanged and
+    reports ``finite = 0`` (the host then stops; see ``trainer``).
+    """
+    grad_fn = jax.value_and_grad(functools.partial(forward_loss, model, loss_config), has_aux=True)
+
+    def gradients(params, batch, rng):
+        if grad_accum_steps == 1:
+            return grad_fn(params, batch, rng)
+
+        def accumulate(carry, micro_and_index):
+            micro, index = micro_and_index
+            (loss, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index))
+            return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
+
+        micro = _micro_batches(batch, grad_accum_steps)
+        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
+        total, _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
+        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+
+    def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
+        (loss, metrics), grads = gradients(state.params, batch, jax.random.fold_in(rng, state.step))
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)}
+
+        grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+        # Keep the last good state on a non-finite step (but count the step).
+        new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                                 state.replace(step=state.step + 1))
+        metrics = {**metrics, "loss/total": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
+                   "param_norm": param_norm, "logit_scale": jnp.exp(params["logit_scale"]),
+                   "finite": finite.astype(jnp.float32)}
+        return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
+
+    return train_step
