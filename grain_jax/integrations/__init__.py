@@ -1,0 +1,1 @@
+"""Adapters that let third-party evaluation tools run grain_jax models."""

@@ -1,0 +1,123 @@
+"""CLIP_benchmark plug-in: evaluate grain_jax checkpoints with ``clip_benchmark eval``.
+
+CLIP_benchmark loads a model through a function returning ``(model, transform,
+tokenizer)``; the model needs ``encode_image`` / ``encode_text`` returning torch tensors.
+``load_grain_jax`` provides that on top of our JAX model, and ``run()`` (console script
+``grain-jax-clip-benchmark``) registers it as model type ``grain_jax`` and hands the
+command line to CLIP_benchmark's own CLI:
+
+    grain-jax-clip-benchmark eval --pretrained CHECKPOINT_DIR --model grain \\
+        --dataset wds/mydata --dataset_root /data/mydata --task zeroshot_classification
+
+``--pretrained`` is a grain_jax checkpoint directory (training or converter output) or
+``random:<model name>``; ``--model`` is only a label in CLIP_benchmark's output names.
+``--model_type grain_jax`` is added unless given. Needs ``pip install clip_benchmark``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+import torch
+from PIL import Image
+
+from grain_jax import inference
+from grain_jax.data import tokenizer as tokenizer_lib
+from grain_jax.evaluators.common import fixed_size_batches
+
+MODEL_TYPE = "grain_jax"
+
+
+class JaxClipModel(torch.nn.Module):
+    """Torch-facing wrapper: embeddings are computed by the JAX model, returned as
+    float32 torch tensors (L2-normalised; CLIP_benchmark normalises again, harmlessly).
+
+    For GRAIN checkpoints the image embedding is the decoder's global query, as in the
+    reference's zero-shot evaluation; for CLIP checkpoints it is the projected CLS token.
+    """
+
+    def __init__(self, model: inference.InferenceModel, text_batch_size: int = 256):
+        super().__init__()
+        self.inference_model = model
+        self.text_batch_size = text_batch_size
+        flax_model = model.model
+        # CLIP_benchmark hands us token ids, not strings, so this bypasses encode_texts.
+        self._encode_ids = jax.jit(lambda params, ids: flax_model.apply({"params": params}, ids, method="encode_text"))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, S, S] float, already normalised by ``transform`` -> [B, D]."""
+        pixels = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        return torch.from_numpy(np.ascontiguousarray(self.inference_model.encode_images(pixels)))
+
+    def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """token_ids [N, L] int (from ``tokenizer``) -> [N, D]."""
+        ids = token_ids.detach().cpu().numpy().astype(np.int32)
+        params = self.inference_model.params
+        parts = [np.asarray(self._encode_ids(params, chunk), np.float32)[:n]
+                 for chunk, n in fixed_size_batches(ids, self.text_batch_size)]
+        embeddings = np.concatenate(parts)
+        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        return torch.from_numpy(embeddings)
+
+
+class Tokenizer:
+    """CLIP BPE like training (grain_jax.data.tokenizer), as a torch LongTensor [N, L]."""
+
+    def __init__(self, context_length: int):
+        self.context_length = context_length
+
+    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return torch.from_numpy(tokenizer_lib.tokenize(texts, context_length=self.context_length).astype(np.int64))
+
+
+class Transform:
+    """PIL image -> normalised float tensor [3, S, S], the same squash-resize + mean/std
+    as ``grain_jax.inference.preprocess_image`` (and training)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        pixels = inference.preprocess_image(np.asarray(image.convert("RGB")), self.spec)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def load_grain_jax(model_name: str = "", pretrained: str = "", cache_dir: str | None = None,
+                   device: str | torch.device = "cpu"):
+    """CLIP_benchmark's loader contract -> (model, transform, tokenizer).
+
+    Args:
+      model_name: a label only (CLIP_benchmark puts it in output file names).
+      pretrained: a grain_jax checkpoint directory or ``random:<model name>``.
+      cache_dir, device: unused; JAX places the computation itself.
+    """
+    del model_name, cache_dir, device
+    if not pretrained:
+        raise ValueError("--pretrained must be a grain_jax checkpoint directory or random:<model name>")
+    model = inference.load(pretrained)
+    return JaxClipModel(model), Transform(model.spec), Tokenizer(model.spec.caption_length)
+
+
+def register() -> None:
+    """Makes ``--model_type grain_jax`` known to CLIP_benchmark."""
+    from clip_benchmark import models
+    models.TYPE2FUNC[MODEL_TYPE] = load_grain_jax
+    if MODEL_TYPE not in models.MODEL_TYPES:
+        models.MODEL_TYPES.append(MODEL_TYPE)  # the same list object the CLI's --model_type choices use
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console script: CLIP_benchmark's CLI with our model type registered (and default)."""
+    try:
+        from clip_benchmark import cli
+    except ImportError as e:
+        raise SystemExit("grain-jax-clip-benchmark needs CLIP_benchmark: pip install clip_benchmark") from e
+    register()
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "eval" and not any(a == "--model_type" or a.startswith("--model_type=") for a in args):
+        args += ["--model_type", MODEL_TYPE]
+    sys.argv = [sys.argv[0]] + args
+    cli.main()
