@@ -1,0 +1,79 @@
+"""Validation-loss evaluator: the training losses on a prepared eval split.
+
+Runs the model's full forward pass (``train=False``) and ``losses.total_loss`` on
+``pipeline.make_eval_iterator`` batches; padding examples carry ``mask=False`` and are
+excluded by the loss. Losses and accuracies are averaged over batches weighted by their
+number of real examples (contrastive terms use in-batch negatives, so they depend on the
+eval batch size). Metrics: ``val/loss/total``, ``val/loss/image_caption``, ``val/acc/...``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+class Evaluator:
+    """In-training validation evaluator (``type="validation"`` in ``config.evals``).
+
+    Args:
+      data: the data config (docs/interfaces.md section 6; usually ``config.data``).
+      split: defaults to ``data.eval_split``.
+      loss: ``LossConfig`` kwargs (usually ``config.loss``).
+      batch_size: global eval batch size.
+      max_batches: stop after this many batches (None: the whole split).
+    """
+
+    def __init__(self, data: Mapping[str, Any], *, split: str | None = None, loss: Mapping[str, Any] | None = None,
+                 batch_size: int = 64, max_batches: int | None = None):
+        from grain_jax.losses import LossConfig
+        self.data = data
+        self.split = split
+        self.loss_config = LossConfig(**dict(loss or {}))
+        self.batch_size, self.max_batches = batch_size, max_batches
+        self._step_fns: dict[nn.Module, Any] = {}
+
+    def _step_fn(self, model: nn.Module):
+        if model not in self._step_fns:
+            from grain_jax.losses import total_loss
+            config = self.loss_config
+
+            def step(params, batch):
+                outputs, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"],
+                                         batch["description_tokens"], train=False)
+                return total_loss(outputs, batch, config)[1]
+
+            self._step_fns[model] = jax.jit(step)
+        return self._step_fns[model]
+
+    def run(self, inference_model) -> Iterator[tuple[str, float]]:
+        from grain_jax.data import pipeline
+        from grain_jax.inference import _to_host
+
+        step = self._step_fn(inference_model.model)
+        mesh = inference_model.mesh
+        sums: dict[str, float] = {}
+        total = 0
+        iterator = pipeline.make_eval_iterator(self.data, self.split, global_batch_size=self.batch_size)
+        for index, batch in enumerate(iterator):
+            if self.max_batches is not None and index >= self.max_batches:
+                break
+            valid = int(np.sum(batch["mask"]))
+            if valid == 0:
+                continue
+            with nn.logical_axis_rules(inference_model.rules):
+                if mesh is None:
+                    metrics = step(inference_model.params, batch)
+                else:
+                    with jax.set_mesh(mesh):
+                        metrics = step(inference_model.params, pipeline.to_global(batch, mesh))
+            for key, value in _to_host(metrics).items():
+                if key.startswith(("loss/", "acc/")):
+                    sums[key] = sums.get(key, 0.0) + float(value) * valid
+            total += valid
+        if total == 0:
+            raise ValueError(f"validation: split {self.split or 'eval_split'} of {self.data.get('dir')} has no examples")
+        for key, value in sums.items():
+            yield f"val/{key}", value / total

@@ -1,0 +1,160 @@
+"""Zero-shot classification evaluator (top-1, top-5, mean per-class recall).
+
+Class embeddings come from ``InferenceModel.classifier`` (templates x descriptor
+sentences, the reference's recipe). Scores are ``alpha * global + (1 - alpha) * region``
+(``alpha=1``: the reference's evaluate.py; ``alpha<1``: its our_eval.py region variant,
+GRAIN + descriptors only). Metrics are fractions in [0, 1] named
+``0shot/<dataset>/top1`` (plus ``0shot/<dataset>/alpha<a>/top1`` for each extra alpha).
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator, Sequence
+
+import grain
+import numpy as np
+from tqdm import tqdm
+
+from grain_jax.evaluators import datasets as datasets_lib
+
+METRICS = ("top1", "top5", "mean_per_class_recall")
+
+
+class _Counts:
+    """Running hit counts for one alpha."""
+
+    def __init__(self, num_classes: int):
+        self.top1 = self.top5 = 0
+        self.class_hits = np.zeros(num_classes, np.int64)
+
+    def update(self, scores: np.ndarray, labels: np.ndarray) -> None:
+        k = min(5, scores.shape[1])
+        topk = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        hit1 = np.argmax(scores, axis=1) == labels
+        self.top1 += int(hit1.sum())
+        self.top5 += int((topk == labels[:, None]).any(1).sum())
+        np.add.at(self.class_hits, labels[hit1], 1)
+
+    def metrics(self, count: int, class_counts: np.ndarray) -> dict[str, float]:
+        present = class_counts > 0
+        return {"top1": self.top1 / count, "top5": self.top5 / count,
+                "mean_per_class_recall": float(np.mean(self.class_hits[present] / class_counts[present]))}
+
+
+def alpha_key(alpha: float) -> str:
+    return "" if alpha == 1.0 else f"alpha{alpha:g}/"
+
+
+def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int | None = None,
+            num_threads: int = 8, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(normalised images [b, S, S, 3], class indices [b]) in model-sized batches,
+    decoded and resized by ``num_threads`` grain threads; ``max_examples`` takes a fixed
+    random subset (for quick in-training evaluation)."""
+    from grain_jax.inference import preprocess_image
+
+    ds = grain.MapDataset.source(data.source)
+    if max_examples is not None and max_examples < len(ds):
+        ds = ds.seed(seed).shuffle()[:max_examples]
+    ds = ds.map(lambda ex: (preprocess_image(ex[0], model.spec), np.int64(ex[1])))
+    ds = ds.batch(model.batch_size, drop_remainder=False)
+    read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    yield from ds.to_iter_dataset(read)
+
+
+def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
+             alphas: Sequence[float] = (1.0,), max_examples: int | None = None, num_threads: int = 8,
+             progress: bool = False) -> dict[str, float]:
+    """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset.
+
+    Returns:
+      ``{"top1", "top5", "mean_per_class_recall", "alpha<a>/top1", ..., "count",
+      "num_classes", "seconds", "images_per_second"}``; count excludes padding and
+      examples outside the evaluated classes.
+    """
+    start = time.perf_counter()
+    classifier = model.classifier(data.class_names, data.descriptors, templates, dataset=data.name,
+                                  renormalize=renormalize)
+    num_classes = len(data.class_names)
+    counts = {a: _Counts(num_classes) for a in alphas}
+    class_counts = np.zeros(num_classes, np.int64)
+    total = min(len(data), max_examples or len(data))
+    bar = tqdm(total=total, desc=data.name, unit="img", disable=not progress)
+    image_start = time.perf_counter()
+    for images, labels in batches(data, model, max_examples=max_examples, num_threads=num_threads):
+        global_scores, region_scores = model.score_parts(images, classifier)
+        keep = labels >= 0
+        labels = labels[keep]
+        np.add.at(class_counts, labels, 1)
+        for alpha, c in counts.items():
+            if alpha != 1.0 and region_scores is None:
+                raise ValueError(f"{data.name}: alpha={alpha} needs a GRAIN model and descriptors")
+            mixed = global_scores if alpha == 1.0 else alpha * global_scores + (1 - alpha) * region_scores
+            c.update(mixed[keep], labels)
+        bar.update(len(keep))
+    bar.close()
+    count = int(class_counts.sum())
+    if count == 0:
+        raise ValueError(f"{data.name}: no examples to evaluate")
+    results: dict[str, float] = {}
+    for alpha, c in counts.items():
+        results.update({alpha_key(alpha) + k: v for k, v in c.metrics(count, class_counts).items()})
+    end = time.perf_counter()
+    results.update(count=count, num_classes=num_classes, seconds=end - start,
+                   images_per_second=total / max(end - image_start, 1e-9))
+    return results
+
+
+def averages(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``average/<metric>`` over every dataset and ``average_11/<metric>`` over the
+    reference's 11 non-ImageNet datasets that were evaluated (its "Average Accuracy",
+    which it always divides by 11)."""
+    out = {}
+    groups = {"average": list(results), "average_11": [n for n in results if n in datasets_lib.ELEVEN]}
+    for group, names in groups.items():
+        if len(names) < 2 and group == "average" or not names:
+            continue
+        for metric in results[names[0]]:
+            if metric.split("/")[-1] in METRICS:
+                out[f"{group}/{metric}"] = float(np.mean([results[n][metric] for n in names]))
+    return out
+
+
+class Evaluator:
+    """In-training zero-shot evaluator (``type="zeroshot"`` in ``config.evals``).
+
+    Args:
+      datasets: specs (``"synthetic:novel"``, ``"cifar10"``, ``"folder:PATH"``; see
+        ``evaluators.datasets``) as a list or comma string.
+      data_dir: TFDS data dir; descriptors: a descriptor file or directory;
+      synthetic_dir: the synthetic benchmark's directory.
+      templates: template set name or list; renormalize: re-normalise class means.
+      alphas: score mixes to report (1.0 = global only).
+      max_examples: evaluate a fixed random subset of each dataset.
+    """
+
+    def __init__(self, datasets, *, data_dir: str | None = None, descriptors: str | None = None,
+                 synthetic_dir: str | None = None, templates="ref46", renormalize: bool = False,
+                 alphas: Sequence[float] = (1.0,), max_examples: int | None = None, num_threads: int = 8):
+        self.specs = datasets_lib.expand(datasets)
+        self.data_dir, self.descriptors, self.synthetic_dir = data_dir, descriptors, synthetic_dir
+        self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=tuple(alphas),
+                           max_examples=max_examples, num_threads=num_threads)
+        self._data: dict[str, datasets_lib.ClassificationData] = {}
+
+    def _dataset(self, spec: str) -> datasets_lib.ClassificationData:
+        if spec not in self._data:  # built lazily, once (scans folders / opens TFDS files)
+            self._data[spec] = datasets_lib.classification_dataset(
+                spec, data_dir=self.data_dir, descriptors=self.descriptors, synthetic_dir=self.synthetic_dir)
+        return self._data[spec]
+
+    def run(self, model) -> Iterator[tuple[str, float]]:
+        results = {}
+        for spec in self.specs:
+            data = self._dataset(spec)
+            metrics = evaluate(model, data, **self.kwargs)
+            results[data.name] = metrics
+            for key, value in metrics.items():
+                if key.split("/")[-1] in METRICS:
+                    yield f"0shot/{data.name}/{key}", value
+        for key, value in averages(results).items():
+            yield f"0shot/{key}", value
