@@ -1,0 +1,274 @@
+"""Contrastive and grounding losses: numpy oracles, hand cases, masking, sharding."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grain_jax.losses import LossConfig, contrastive, total_loss
+from grain_jax.sharding import create_mesh
+
+jit_total_loss = jax.jit(total_loss, static_argnums=2)
+jit_region_description = jax.jit(contrastive.region_description_loss, static_argnames="negative_groups")
+
+LOG_100 = float(np.log(100.0))
+
+
+def _random_outputs(rng, batch=4, queries=5, max_boxes=5, dim=8, layers=3):
+    normal = lambda *shape: rng.normal(size=shape).astype(np.float32)
+    layer_boxes = np.concatenate([rng.uniform(0.2, 0.8, (layers, batch, queries, 2)),
+                                  rng.uniform(0.05, 0.5, (layers, batch, queries, 2))], -1).astype(np.float32)
+    return {
+        "img/embedding": normal(batch, dim), "txt/caption": normal(batch, dim),
+        "txt/descriptions": normal(batch, max_boxes, dim), "dec/region_embeddings": normal(batch, queries, dim),
+        "dec/boxes": layer_boxes[-1], "dec/layer_boxes": layer_boxes, "logit_scale": np.float32(np.log(1 / 0.07)),
+    }
+
+
+def _random_batch(rng, batch=4, max_boxes=5):
+    num_valid = rng.integers(0, max_boxes + 1, size=batch)
+    num_valid[0] = max_boxes
+    box_mask = np.arange(max_boxes)[None] < num_valid[:, None]
+    boxes = np.concatenate([rng.uniform(0.2, 0.8, (batch, max_boxes, 2)),
+                            rng.uniform(0.05, 0.5, (batch, max_boxes, 2))], -1).astype(np.float32)
+    return {"boxes": boxes * box_mask[..., None], "box_mask": box_mask}
+
+
+# ----------------------------------------------------------------------------- numpy oracles
+
+def _np_normalize(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _np_cross_entropy(logits, label):
+    return np.log(np.sum(np.exp(logits - logits.max()))) + logits.max() - logits[label]
+
+
+def _np_image_caption(image, caption, scale):
+    logits = scale * _np_normalize(image.astype(np.float64)) @ _np_normalize(caption.astype(np.float64)).T
+    n = len(logits)
+    return 0.5 * (np.mean([_np_cross_entropy(logits[i], i) for i in range(n)])
+                  + np.mean([_np_cross_entropy(logits[:, i], i) for i in range(n)]))
+
+
+def _np_region_description(regions, descriptions, mask, query_index, target_index, valid, scale, groups):
+    """Loops over matched pairs; columns = valid descriptions of the pair's own group."""
+    batch, max_boxes = mask.shape
+    group_size = batch // groups
+    regions, descriptions = _np_normalize(regions.astype(np.float64)), _np_normalize(descriptions.astype(np.float64))
+    losses, hits = [], []
+    for b in range(batch):
+        group = range(b // group_size * group_size, (b // group_size + 1) * group_size)
+        columns = [(i, m) for i in group for m in range(max_boxes) if mask[i, m]]
+        for k in np.flatnonzero(valid[b]):
+            logits = scale * np.array([regions[b, query_index[b, k]] @ descriptions[i, m] for i, m in columns])
+            label = columns.index((b, target_index[b, k]))
+            losses.append(_np_cross_entropy(logits, label))
+            hits.append(np.argmax(logits) == label)
+    return np.mean(losses), np.mean(hits)
+
+
+# ----------------------------------------------------------------------------- contrastive
+
+def test_image_caption_equals_numpy():
+    rng = np.random.default_rng(0)
+    image, caption = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    loss, accuracy = contrastive.image_caption_loss(image, caption, 10.0)
+    np.testing.assert_allclose(loss, _np_image_caption(image, caption, 10.0), rtol=1e-5)
+    logits = _np_normalize(image) @ _np_normalize(caption).T
+    np.testing.assert_allclose(accuracy, np.mean(np.argmax(logits, 1) == np.arange(6)))
+
+
+def test_image_caption_example_mask_equals_dropping_the_padding():
+    rng = np.random.default_rng(1)
+    image, caption = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    mask = np.array([True, False, True, True, False, True])
+    masked = contrastive.image_caption_loss(image, caption, 10.0, mask)
+    dropped = contrastive.image_caption_loss(image[mask], caption[mask], 10.0)
+    np.testing.assert_allclose(masked, dropped, rtol=1e-6)
+
+
+def test_aligned_embeddings_and_large_scale_give_zero_loss():
+    aligned = np.eye(4, 8, dtype=np.float32) * 3.0  # orthogonal, unnormalised
+    loss, accuracy = contrastive.image_caption_loss(aligned, aligned, 100.0)
+    assert float(loss) < 1e-6 and float(accuracy) == 1.0
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_region_description_equals_numpy(groups):
+    rng = np.random.default_rng(2 + groups)
+    batch, queries, max_boxes, dim = 4, 5, 5, 8
+    regions = rng.normal(size=(batch, queries, dim)).astype(np.float32)
+    descriptions = rng.normal(size=(batch, max_boxes, dim)).astype(np.float32)
+    mask = np.arange(max_boxes)[None] < np.array([5, 2, 0, 3])[:, None]
+    query_index = np.stack([rng.permutation(queries) for _ in range(batch)]).astype(np.int32)
+    target_index = np.tile(np.arange(max_boxes, dtype=np.int32), (batch, 1))
+    valid = mask.copy()
+    loss, accuracy, count = jit_region_description(regions, descriptions, mask, query_index, target_index, valid,
+                                                   7.0, negative_groups=groups)
+    want_loss, want_accuracy = _np_region_description(regions, descriptions, mask, query_index, target_index,
+                                                      valid, 7.0, groups)
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    np.testing.assert_allclose(accuracy, want_accuracy, rtol=1e-6)
+    assert float(count) == mask.sum()
+
+
+def test_invalid_and_other_group_columns_are_never_targets():
+    # One image per group, 2 description slots each; slot 1 of image 0 is padding.
+    basis = np.eye(8, dtype=np.float32)
+    descriptions = np.stack([basis[[0, 1]], basis[[2, 3]]])
+    mask = np.array([[True, False], [True, True]])
+    # The region matched to (image 0, target 0) looks most like the padded slot,
+    # then like image 1's description 3, least like its own positive.
+    regions = np.zeros((2, 1, 8), np.float32)
+    regions[0, 0] = 1.0 * basis[0] + 3.0 * basis[1] + 2.0 * basis[3]
+    regions[1, 0] = basis[2]
+    index = np.zeros((2, 1), np.int32)
+    valid = np.array([[True], [False]])
+    args = (regions, descriptions, mask, index, index, valid, 100.0)
+    _, global_accuracy, _ = jit_region_description(*args, negative_groups=1)
+    per_device_loss, per_device_accuracy, _ = jit_region_description(*args, negative_groups=2)
+    assert float(global_accuracy) == 0.0  # image 1's description wins; the padded slot never does
+    assert float(per_device_accuracy) == 1.0 and float(per_device_loss) < 1e-6  # only column 0 is left
+
+
+def test_negative_groups_must_divide_batch():
+    with pytest.raises(ValueError, match="negative_groups=3"):
+        contrastive.region_description_loss(np.zeros((4, 1, 2)), np.zeros((4, 1, 2)), np.ones((4, 1), bool),
+                                            np.zeros((4, 1), int), np.zeros((4, 1), int), np.ones((4, 1), bool),
+                                            1.0, negative_groups=3)
+
+
+# ----------------------------------------------------------------------------- total loss
+
+def test_perfect_predictions_give_near_zero_loss():
+    rng = np.random.default_rng(5)
+    batch, queries, max_boxes, dim = 3, 5, 5, 32
+    batch_data = _random_batch(rng, batch, max_boxes)
+    basis = np.eye(dim, dtype=np.float32)
+    descriptions = basis[:batch * max_boxes].reshape(batch, max_boxes, dim)
+    permutation = np.stack([rng.permutation(queries) for _ in range(batch)])  # query q predicts target perm[q]
+    pred_boxes = np.take_along_axis(batch_data["boxes"], permutation[..., None], 1)
+    # queries pointing at padded targets predict some other real box (never matched)
+    pred_boxes = np.where(batch_data["box_mask"][np.arange(batch)[:, None], permutation][..., None],
+                          pred_boxes, np.float32([0.3, 0.3, 0.1, 0.1]))
+    outputs = {
+        "img/embedding": basis[-batch:], "txt/caption": basis[-batch:], "txt/descriptions": descriptions,
+        "dec/region_embeddings": np.take_along_axis(descriptions, permutation[..., None], 1),
+        "dec/boxes": pred_boxes, "logit_scale": np.float32(LOG_100),
+    }
+    loss, metrics = jit_total_loss(outputs, batch_data, LossConfig())
+    assert float(metrics["loss/box_l1"]) < 1e-6
+    assert float(metrics["loss/box_giou"]) < 1e-2  # 1 - area / (area + 1e-4) per pair
+    assert float(metrics["loss/image_caption"]) < 1e-6 and float(metrics["loss/region_description"]) < 1e-6
+    assert float(metrics["acc/image_caption"]) == 1.0 and float(metrics["acc/region_description"]) == 1.0
+    assert float(metrics["count/matched"]) == float(metrics["count/boxes"]) == batch_data["box_mask"].sum()
+    assert float(loss) < 1e-2
+
+
+def test_total_is_the_weighted_sum_and_aux_layers_are_rematched():
+    rng = np.random.default_rng(6)
+    outputs, batch = _random_outputs(rng), _random_batch(rng)
+    config = LossConfig(image_caption=0.5, box_l1=2.0, box_giou=3.0, box_factor=1.5, region_description=0.25,
+                        aux_loss=True)
+    loss, metrics = jit_total_loss(outputs, batch, config)
+    expected_keys = {"loss/total", "loss/image_caption", "acc/image_caption", "loss/box_l1", "loss/box_giou",
+                     "loss/region_description", "acc/region_description", "count/boxes", "count/matched",
+                     "loss/box_l1_aux_0", "loss/box_giou_aux_0", "loss/box_l1_aux_1", "loss/box_giou_aux_1"}
+    assert set(metrics) == expected_keys
+    box_term = sum(2.0 * metrics[f"loss/box_l1{s}"] + 3.0 * metrics[f"loss/box_giou{s}"]
+                   for s in ("", "_aux_0", "_aux_1"))
+    want = 0.5 * metrics["loss/image_caption"] + 1.5 * box_term + 0.25 * metrics["loss/region_description"]
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/total"], loss)
+    # aux layer 0 on its own equals the main loss computed from that layer's boxes
+    _, layer0 = jit_total_loss(dict(outputs, **{"dec/boxes": outputs["dec/layer_boxes"][0]}), batch, LossConfig())
+    np.testing.assert_allclose(metrics["loss/box_l1_aux_0"], layer0["loss/box_l1"], rtol=1e-6)
+    np.testing.assert_allclose(metrics["loss/box_giou_aux_0"], layer0["loss/box_giou"], rtol=1e-6)
+
+
+def test_clip_outputs_and_zero_weights_skip_terms():
+    rng = np.random.default_rng(7)
+    outputs, batch = _random_outputs(rng), _random_batch(rng)
+    clip_outputs = {k: outputs[k] for k in ("img/embedding", "txt/caption", "logit_scale")}
+    loss, metrics = total_loss(clip_outputs, batch)
+    assert set(metrics) == {"loss/total", "loss/image_caption", "acc/image_caption"}
+    np.testing.assert_allclose(loss, _np_image_caption(outputs["img/embedding"], outputs["txt/caption"],
+                                                       1 / 0.07), rtol=1e-5)
+    # "noloc": box weights 0, region-description still matched; region-description 0 -> no L_rd
+    noloc_loss, noloc = total_loss(outputs, batch, LossConfig(box_l1=0.0, box_giou=0.0))
+    assert "loss/region_description" in noloc and "count/matched" in noloc
+    np.testing.assert_allclose(noloc_loss, noloc["loss/image_caption"] + noloc["loss/region_description"], rtol=1e-6)
+    _, no_rd = total_loss(outputs, batch, LossConfig(region_description=0.0))
+    assert "loss/region_description" not in no_rd and "loss/box_l1" in no_rd
+
+
+def test_example_mask_ignores_padding_examples():
+    rng = np.random.default_rng(8)
+    outputs, batch = _random_outputs(rng), _random_batch(rng)
+    padded = dict(batch, mask=np.array([True, True, False, False]))
+    loss, metrics = jit_total_loss(outputs, padded, LossConfig())
+    halves = jax.tree.map(lambda x: x[:2] if np.ndim(x) and x.shape[0] == 4 else x, (outputs, batch))
+    halves[0]["dec/layer_boxes"] = outputs["dec/layer_boxes"][:, :2]
+    want_loss, want = jit_total_loss(*halves, LossConfig())
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+    for key in want:
+        np.testing.assert_allclose(metrics[key], want[key], rtol=1e-5, err_msg=key)
+
+
+def test_no_valid_boxes_anywhere_gives_finite_loss_and_gradients():
+    rng = np.random.default_rng(9)
+    outputs = _random_outputs(rng)
+    empty = {"boxes": np.zeros((4, 5, 4), np.float32), "box_mask": np.zeros((4, 5), bool)}
+    config = LossConfig(aux_loss=True, description_negatives="per_device", negative_groups=2)
+
+    @jax.jit
+    def loss_and_grads(outputs):
+        return jax.value_and_grad(lambda o: total_loss(o, empty, config), has_aux=True)(outputs)
+
+    (loss, metrics), grads = loss_and_grads(outputs)
+    assert np.isfinite(float(loss))
+    assert float(metrics["loss/box_l1"]) == 0.0 and float(metrics["loss/region_description"]) == 0.0
+    assert float(metrics["count/boxes"]) == 0.0
+    for key, grad in grads.items():
+        assert np.all(np.isfinite(grad)), key
+    # the zero-box terms contribute no gradient to the decoder outputs
+    assert not np.any(grads["dec/boxes"]) and not np.any(grads["dec/region_embeddings"])
+
+
+def test_sharded_over_8_devices_equals_unsharded():
+    rng = np.random.default_rng(10)
+    outputs, batch = _random_outputs(rng, batch=8), _random_batch(rng, batch=8)
+    config = LossConfig(aux_loss=True, box_factor=1.5, description_negatives="per_device", negative_groups=8)
+    mesh = create_mesh((-1, 1, 1))
+    assert mesh.devices.size == 8
+    batch_axes = ("data", "fsdp")
+
+    def shard(x, key):
+        spec = P() if np.ndim(x) == 0 else P(None, batch_axes) if key == "dec/layer_boxes" else P(batch_axes)
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    sharded_outputs = {k: shard(v, k) for k, v in outputs.items()}
+    sharded_batch = {k: shard(v, k) for k, v in batch.items()}
+    assert len(sharded_outputs["dec/boxes"].sharding.device_set) == 8
+    for cfg in (config, dataclasses.replace(config, description_negatives="global")):
+        loss, metrics = jit_total_loss(sharded_outputs, sharded_batch, cfg)
+        want_loss, want = jit_total_loss(outputs, batch, cfg)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+        for key in want:
+            np.testing.assert_allclose(metrics[key], want[key], rtol=1e-5, err_msg=key)
+
+
+def test_bad_config_and_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="description_negatives"):
+        LossConfig(description_negatives="local")
+    with pytest.raises(ValueError, match="negative_groups"):
+        LossConfig(negative_groups=0)
+    rng = np.random.default_rng(11)
+    outputs, batch = _random_outputs(rng), _random_batch(rng)
+    with pytest.raises(KeyError, match="box_mask"):
+        total_loss(outputs, {"boxes": batch["boxes"]})
+    with pytest.raises(ValueError, match="txt/descriptions"):
+        total_loss(dict(outputs, **{"txt/descriptions": outputs["txt/descriptions"][:, :3]}), batch)
