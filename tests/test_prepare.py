@@ -6,6 +6,7 @@ each by id and reason, and what the records read back through `tfds.builder_from
 import io
 import json
 import os
+import shutil
 import tarfile
 
 import numpy as np
@@ -111,11 +112,12 @@ def _reference_inputs(root):
     }
     for name, data in files.items():
         (images / name).write_bytes(data)
+    # With 4 examples per shard the last two shards hold only bad records (and are left out).
     rows = [b"image_path,caption", b"img/good.jpg,a photo of a red bird", b"img/many.jpg,many parts",
             b"img/gray.png,a gray square", b"img/rgba.png,a transparent square", b"img/palette.png,a palette",
-            b"img/cmyk.jpg,a cmyk square", b"img/missing.jpg,gone", b"img/corrupt.jpg,corrupt",
-            b"img/truncated.jpg,truncated", b"img/nonutf8.jpg,caf\xe9 bird", b"img/empty.jpg,   ",
-            b"img/boxes.jpg,bad boxes", b"img/long.jpg," + LONG_CAPTION.encode(), b"notes.txt,not an image"]
+            b"img/cmyk.jpg,a cmyk square", b"img/boxes.jpg,bad boxes", b"img/long.jpg," + LONG_CAPTION.encode(),
+            b"img/missing.jpg,gone", b"img/corrupt.jpg,corrupt", b"img/truncated.jpg,truncated",
+            b"img/nonutf8.jpg,caf\xe9 bird", b"img/empty.jpg,   ", b"notes.txt,not an image"]
     (root / "captions.csv").write_bytes(b"\n".join(rows) + b"\n")
     (root / "mllm.json").write_text(json.dumps({"img/good.jpg": "a small red bird on a branch",
                                                 "img/gray.png": ""}))
@@ -212,6 +214,10 @@ def test_reference_layout_is_tfds_and_shards_follow_the_input_order(reference):
     assert names == [f"grain_jax-train.array_record-{k:05d}-of-{num_shards:05d}" for k in range(num_shards)]
     source = tfds.builder_from_directory(os.fspath(out)).as_data_source("train")
     assert [source[i]["id"].decode() for i in range(len(source))] == REFERENCE_KEPT
+    # Shards with records are moved out of the work directory, not copied; the two empty ones stay.
+    assert num_shards == 2
+    assert sorted(n for n in os.listdir(out / prepare.WORK_DIR) if n.endswith(".array_record")) == [
+        "train-00002.array_record", "train-00003.array_record"]
 
 
 def test_rerun_skips_finished_shards_and_rewrites_the_same_bytes(reference, monkeypatch):
@@ -227,7 +233,7 @@ def test_rerun_skips_finished_shards_and_rewrites_the_same_bytes(reference, monk
     assert _shard_bytes(out) == before
 
     # An interrupted run: one shard never finished. Only that shard is processed again.
-    os.remove(out / prepare.WORK_DIR / "train-00001.json")
+    os.remove(out / prepare.WORK_DIR / "train-00001.json")  # shard 1 (published as 00001-of-00002)
     processed = []
 
     def counting(unit):
@@ -402,3 +408,16 @@ def test_command_line_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["grain-jax-prepare", "--help"])
     assert exit_info.value.code == 0 and "--validation_fraction" in capsys.readouterr().out
+
+
+def test_a_moved_folder_reads_and_resharding_replaces_the_old_shards(reference, tmp_path):
+    root, out, _ = reference
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    assert list(_read(moved)) == REFERENCE_KEPT
+    summary = prepare.main(_reference_argv(root, moved, "--examples_per_shard", "100"))
+    assert summary["splits"]["train"]["num_shards"] == 1
+    assert sorted(n for n in os.listdir(moved) if ".array_record" in n) == [
+        "grain_jax-train.array_record-00000-of-00001"]
+    assert list(_read(moved)) == REFERENCE_KEPT
+    assert sorted(os.listdir(moved / prepare.WORK_DIR)) == ["train-00000.json"]  # records are stored once

@@ -93,6 +93,14 @@ def test_no_valid_record_is_a_clear_error(tmp_path):
         _write_dataset(tmp_path, {"train": [[]]})
 
 
+def test_publishing_refuses_sources_that_are_published_names(tmp_path):
+    _write_dataset(tmp_path, {"train": [[_record(1)]]})
+    published = str(tmp_path / "grain_jax-train.array_record-00000-of-00001")
+    with pytest.raises(ValueError, match="already a published shard"):
+        records.publish_split(tmp_path, "train", [published])
+    assert os.path.exists(published)
+
+
 def test_write_shard_is_atomic_and_reports_size(tmp_path):
     path = tmp_path / "shard.array_record"
     size = records.write_shard(path, [b"a", b"bc"])

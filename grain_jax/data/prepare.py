@@ -131,7 +131,7 @@ def _decode_image(image: Any) -> Image.Image:
         decoded = Image.open(io.BytesIO(image))
         decoded.load()  # decode now: truncated files fail here, not at open
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-        message = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the data", str(e))  # no memory addresses in reports
+        message = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", str(e))  # no memory addresses in reports
         raise _Skip("corrupt_image", f"cannot decode image: {message}") from None
     return decoded
 
@@ -158,8 +158,8 @@ def _show(box: np.ndarray) -> list[float]:
     return [round(float(c), 4) for c in box]
 
 
-def _valid_regions(raw_regions: Any, repairs: list) -> list[tuple[float, np.ndarray, str]]:
-    """(score, xyxy box clipped to [0,1], description) of each usable region, in input order.
+def _valid_regions(raw_regions: Any, repairs: list) -> list[tuple[float, np.ndarray, str, int]]:
+    """(score, xyxy box clipped to [0,1], description, input index) of each usable region, in input order.
 
     A region is dropped, with its description (one validity decision for both), when the
     description is empty/unreadable, the box is missing, malformed, non-finite, inverted or
@@ -211,7 +211,7 @@ def _valid_regions(raw_regions: Any, repairs: list) -> list[tuple[float, np.ndar
             repairs.append(("invalid_score", f"region {k} score {region.get('score')!r} is not a finite number; "
                                              f"dropped"))
             continue
-        kept.append((score, clipped, description))
+        kept.append((score, clipped, description, k))
     return kept
 
 
@@ -267,8 +267,8 @@ def process_example(raw: Mapping[str, Any], config: PrepareConfig) -> tuple[dict
 
     texts = [caption] + ([mllm_caption] if mllm_caption else []) + [r[2] for r in regions]
     tokens, truncated = _tokenize(texts, config)
-    names = ["caption"] + (["MLLM caption"] if mllm_caption else []) + [f"description {m}" for m in
-                                                                        range(num_regions)]
+    names = ["caption"] + (["MLLM caption"] if mllm_caption else []) + [f"region {r[3]} description"
+                                                                        for r in regions]
     for name, cut in zip(names, truncated):
         if cut:
             repairs.append(("text_truncated", f"{name} cut to {config.context_length} tokens"))
@@ -337,6 +337,17 @@ def _run_unit(unit: _Unit) -> dict:
     return summary
 
 
+def _current_shard(summary: Mapping[str, Any], work_dir: str) -> str | None:
+    """Where a finished unit's shard file is: its work file, or where a previous run published it."""
+    work_file = os.path.join(work_dir, f"{summary['split']}-{summary['index']:05d}.array_record")
+    if os.path.exists(work_file):
+        return work_file
+    published = summary.get("published")
+    if published and os.path.exists(path := os.path.join(os.path.dirname(work_dir), published)):
+        return path
+    return None
+
+
 def _finished(unit: _Unit) -> dict | None:
     """The stored summary of `unit` if a previous run finished exactly this content."""
     try:
@@ -344,7 +355,7 @@ def _finished(unit: _Unit) -> dict | None:
             summary = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    if summary.get("fingerprint") != unit.fingerprint or not os.path.exists(unit.stem + ".array_record"):
+    if summary.get("fingerprint") != unit.fingerprint or _current_shard(summary, unit.work_dir) is None:
         return None
     return summary
 
@@ -443,9 +454,31 @@ def prepare_dataset(raw_splits: Mapping[str, Iterable[Mapping[str, Any]]], outpu
     return _publish(output_dir, config, num_units, summaries, source, extra_info or {})
 
 
+def _move_to_tfds_names(output_dir: str, split: str, units: Sequence[dict]) -> None:
+    """Moves the shards of `units` (in order) to `grain_jax-<split>.array_record-XXXXX-of-YYYYY`.
+
+    A previous run may have published a shard under another `-of-YYYYY` name, so every shard is
+    first gathered back into the work directory. Each unit's JSON names its new place before
+    the move and `_current_shard` looks in the work directory first, so a run interrupted at any
+    point still finds every finished shard.
+    """
+    work_dir = os.path.join(output_dir, WORK_DIR)
+    work_files = [os.path.join(work_dir, f"{split}-{unit['index']:05d}.array_record") for unit in units]
+    for unit, work_file in zip(units, work_files):
+        current = _current_shard(unit, work_dir)
+        if current is None:
+            raise FileNotFoundError(f"the shard of {split}-{unit['index']:05d} disappeared during the run")
+        if current != work_file:
+            os.replace(current, work_file)
+    for index, unit in enumerate(units):
+        unit["published"] = os.path.basename(records.shard_path(output_dir, split, index, len(units)))
+        records.write_json(os.path.join(work_dir, f"{split}-{unit['index']:05d}.json"), unit)
+    records.publish_split(output_dir, split, work_files)
+
+
 def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int],
              summaries: Mapping[tuple[str, int], dict], source: str, extra_info: Mapping[str, Any]) -> dict:
-    """Links the finished units under TFDS names, writes the metadata, report and info; prints a summary."""
+    """Publishes the finished units under TFDS names, writes the metadata, report and info; prints a summary."""
     work_dir = os.path.join(output_dir, WORK_DIR)
     shard_lengths, num_bytes, split_stats = {}, {}, {}
     report: list[dict] = []
@@ -454,8 +487,7 @@ def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int
         units = [summaries[split, i] for i in range(count)]
         # Empty shards are left out: TFDS/ArrayRecord cannot open an ArrayRecord file without records.
         non_empty = [u for u in units if u["num_examples"]]
-        records.publish_split(output_dir, split, [os.path.join(work_dir, f"{split}-{u['index']:05d}.array_record")
-                                                  for u in non_empty])
+        _move_to_tfds_names(output_dir, split, non_empty)
         shard_lengths[split] = [u["num_examples"] for u in non_empty]
         num_bytes[split] = sum(u["num_bytes"] for u in non_empty)
         split_report = [e for u in units for e in u["report"]]
@@ -667,7 +699,8 @@ class WebDatasetSource:
                     files[extension] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError, EOFError) as e:
             yield {"id": shard, "error_kind": "corrupt_tar",
-                   "error": f"cannot read {shard} past sample {key!r}: {e}; the samples before are kept"}
+                   "error": f"cannot read {shard} from sample {key!r} on ({e}); the samples before it are kept"}
+            return
         if key is not None:
             yield self._example(key, files)
 

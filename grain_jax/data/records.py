@@ -25,7 +25,6 @@ from __future__ import annotations
 import glob
 import json
 import os
-import shutil
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -79,23 +78,27 @@ def write_shard(path: str | os.PathLike, serialized_records: Iterable[bytes]) ->
     return os.path.getsize(path)
 
 
-def publish_split(output_dir: str | os.PathLike, split: str, shard_paths: Sequence[str]) -> list[str]:
-    """Makes `shard_paths` the TFDS-named shards of `split` (hard links, copies where links fail).
+def shard_path(output_dir: str | os.PathLike, split: str, index: int, num_shards: int) -> str:
+    """Path of shard `index` of `num_shards` of `split` under TFDS's naming."""
+    return os.fspath(filename_template(output_dir, split).sharded_filepath(shard_index=index, num_shards=num_shards))
 
-    Any previously published shard of that split is removed first, since its `-of-YYYYY`
-    count may differ. Returns the published paths in shard order.
+
+def publish_split(output_dir: str | os.PathLike, split: str, shard_paths: Sequence[str]) -> list[str]:
+    """Moves `shard_paths` (in order) to the TFDS names of `split`; returns the new paths.
+
+    Files are renamed, never copied, so a prepared folder holds each record once. Every shard of
+    `split` published before is removed first (its `-of-YYYYY` count may be stale), so the
+    sources must not themselves be published names of `split`.
     """
-    template = filename_template(output_dir, split)
-    for old in glob.glob(template.sharded_filepaths_pattern()):
-        os.remove(old)
-    published = []
-    for index, src in enumerate(shard_paths):
-        dst = os.fspath(template.sharded_filepath(shard_index=index, num_shards=len(shard_paths)))
-        try:
-            os.link(src, dst)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(src, dst)
-        published.append(dst)
+    pattern = filename_template(output_dir, split).sharded_filepaths_pattern()
+    old = glob.glob(pattern)
+    if clash := {os.path.abspath(p) for p in old} & {os.path.abspath(p) for p in shard_paths}:
+        raise ValueError(f"cannot publish {sorted(clash)}: already a published shard of {split!r}")
+    for path in old:
+        os.remove(path)
+    published = [shard_path(output_dir, split, index, len(shard_paths)) for index in range(len(shard_paths))]
+    for source, destination in zip(shard_paths, published):
+        os.replace(source, destination)
     return published
 
 
