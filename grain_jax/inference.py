@@ -124,7 +124,7 @@ def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple):
     return jax.jit(encode_image), jax.jit(encode_text), jax.jit(scores)
 
 
-def _to_host(tree):
+def to_host(tree):
     """Device outputs -> numpy on every process (gathers when not fully addressable)."""
     def get(x):
         return np.asarray(x) if x.is_fully_addressable else np.asarray(multihost_utils.process_allgather(x, tiled=True))
@@ -179,7 +179,7 @@ class InferenceModel:
             yield self._call(self._encode_image, chunk), n
 
     def _image_outputs(self, images) -> dict[str, np.ndarray]:
-        parts = [jax.tree.map(lambda x, n=n: x[:n], _to_host(out)) for out, n in self._image_batches(images)]
+        parts = [jax.tree.map(lambda x, n=n: x[:n], to_host(out)) for out, n in self._image_batches(images)]
         if not parts:
             raise ValueError("no images given")
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -209,7 +209,7 @@ class InferenceModel:
         tokens = self.tokenize(texts)
         if not len(tokens):
             return np.zeros((0, getattr(self.model, "embed_dim", 0)), np.float32)
-        parts = [_to_host(self._call(self._encode_text, chunk))[:n]
+        parts = [to_host(self._call(self._encode_text, chunk))[:n]
                  for chunk, n in fixed_size_batches(tokens, self.text_batch_size)]
         return np.concatenate(parts)
 
@@ -280,7 +280,7 @@ class InferenceModel:
         mask = classifier.descriptor_mask if desc is not None else None
         global_parts, region_parts = [], []
         for out, n in self._image_batches(images):
-            g, r = _to_host(self._scores(out, classifier.embeddings, desc, mask))
+            g, r = to_host(self._scores(out, classifier.embeddings, desc, mask))
             global_parts.append(g[:n])
             if r is not None:
                 region_parts.append(r[:n])

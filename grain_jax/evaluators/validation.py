@@ -50,7 +50,7 @@ class Evaluator:
 
     def run(self, inference_model) -> Iterator[tuple[str, float]]:
         from grain_jax.data import pipeline
-        from grain_jax.inference import _to_host
+        from grain_jax.inference import to_host
 
         step = self._step_fn(inference_model.model)
         mesh = inference_model.mesh
@@ -69,7 +69,7 @@ class Evaluator:
                 else:
                     with jax.set_mesh(mesh):
                         metrics = step(inference_model.params, pipeline.to_global(batch, mesh))
-            for key, value in _to_host(metrics).items():
+            for key, value in to_host(metrics).items():
                 if key.startswith(("loss/", "acc/")):
                     sums[key] = sums.get(key, 0.0) + float(value) * valid
             total += valid

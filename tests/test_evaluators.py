@@ -1,0 +1,190 @@
+"""Zero-shot evaluator, datasets, descriptors and templates, with built-to-be-perfect/wrong fake models."""
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from PIL import Image
+
+import evaluator_fakes as fakes
+from grain_jax.evaluators import common, datasets, descriptors, prompts, zeroshot
+
+NAMES = [str(i) for i in range(10)]  # digits: one BPE token each, absent from templates/descriptors
+DESCRIPTORS = {n: ["whiskers", "a long tail", "has stripes"][: 1 + int(n) % 3] for n in NAMES}
+
+
+@pytest.fixture(scope="module")
+def perfect():
+    return fakes.make_inference_model(NAMES)
+
+
+@pytest.fixture(scope="module")
+def wrong():
+    return fakes.make_inference_model(NAMES, wrong=True)
+
+
+def write_folder(root, per_class=2, names=NAMES, descriptor_file=None):
+    """ImageFolder with ``per_class`` label images per class (sizes vary)."""
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, name))
+        for i in range(per_class):
+            size = 9 + i * 5
+            Image.fromarray(fakes.label_image(label, size)).save(os.path.join(root, name, f"{i}.png"))
+    if descriptor_file is not None:
+        with open(os.path.join(root, "descriptors.json"), "w") as f:
+            json.dump(descriptor_file, f)
+    return str(root)
+
+
+def test_perfect_model_scores_exactly_one_and_counts_every_image_once(tmp_path, perfect):
+    # 10 classes x 2 = 20 images with batch 8: the last batch is padded.
+    data = datasets.folder_dataset(write_folder(tmp_path / "ds", descriptor_file=DESCRIPTORS))
+    results = zeroshot.evaluate(perfect, data, alphas=(1.0, 0.5), num_threads=2)
+    assert results["count"] == len(data) == 20
+    for key in ("top1", "top5", "mean_per_class_recall", "alpha0.5/top1", "alpha0.5/top5"):
+        assert results[key] == 1.0, key
+
+
+def test_wrong_model_scores_chance(tmp_path, wrong):
+    data = datasets.folder_dataset(write_folder(tmp_path / "ds", per_class=3))
+    results = zeroshot.evaluate(wrong, data, templates="short", num_threads=2)
+    assert results["count"] == 30
+    assert results["top1"] == pytest.approx(0.1, abs=1e-12)
+    assert results["top5"] == pytest.approx(0.5, abs=1e-12)
+    assert results["mean_per_class_recall"] == pytest.approx(0.1, abs=1e-12)
+
+
+def test_max_examples_takes_a_subset(tmp_path, perfect):
+    data = datasets.folder_dataset(write_folder(tmp_path / "ds"))
+    results = zeroshot.evaluate(perfect, data, max_examples=7, templates="short", num_threads=2)
+    assert results["count"] == 7 and results["top1"] == 1.0
+
+
+def _label_source(num_examples):
+    """What tfds.data_source returns under mock_data: label images with cycling labels."""
+    return [{"image": fakes.label_image(i % 10, 16), "label": i % 10} for i in range(num_examples)]
+
+
+def test_tfds_catalog_path_with_mock_data(tmp_path, perfect):
+    desc_dir = tmp_path / "desc"
+    desc_dir.mkdir()
+    (desc_dir / "descriptors_cifar10.json").write_text(json.dumps(DESCRIPTORS))
+    with tfds.testing.mock_data(num_examples=13, as_data_source_fn=lambda builder, split, **kw: _label_source(13)):
+        data = datasets.classification_dataset("cifar10", data_dir=str(tmp_path / "tfds"), descriptors=str(desc_dir))
+        # Under mock_data TFDS has no metadata, so cifar10's label names are "0".."9".
+        assert data.class_names == NAMES and len(data) == 13
+        results = zeroshot.evaluate(perfect, data, num_threads=2)
+    assert results["count"] == 13 and results["top1"] == 1.0
+
+
+def test_tfds_dataset_not_prepared_says_how_to_build(tmp_path):
+    with pytest.raises(datasets.NotPrepared, match=r"cifar10: not prepared: run tfds build cifar10 "
+                                                   r"--file_format=array_record --data_dir"):
+        datasets.classification_dataset("cifar10", data_dir=str(tmp_path))
+
+
+def test_folder_with_mismatched_descriptors_fails_naming_the_classes(tmp_path):
+    bad = {n: ["whiskers"] for n in NAMES[:-1]}
+    bad["zebra"] = ["stripes"]
+    root = write_folder(tmp_path / "ds", per_class=1, descriptor_file=bad)
+    with pytest.raises(ValueError, match=r"missing from the descriptors: \['9'\].*not in the dataset: \['zebra'\]"):
+        datasets.folder_dataset(root)
+
+
+def test_descriptors_are_reordered_to_the_dataset_label_order(tmp_path):
+    shuffled = {n: DESCRIPTORS[n] for n in reversed(NAMES)}
+    data = datasets.folder_dataset(write_folder(tmp_path / "ds", per_class=1, descriptor_file=shuffled))
+    assert data.class_names == NAMES
+    assert [data.descriptors[n] for n in NAMES] == [DESCRIPTORS[n] for n in NAMES]
+
+
+def test_synthetic_layout_descriptors_next_to_the_split_folder(tmp_path):
+    zeroshot_dir = tmp_path / "syn" / "zeroshot"
+    write_folder(zeroshot_dir / "novel", per_class=1, names=["red ball", "blue cube"])
+    (zeroshot_dir / "descriptors_novel.json").write_text(json.dumps({"red ball": ["round"], "blue cube": ["boxy"]}))
+    data = datasets.classification_dataset("synthetic:novel", synthetic_dir=str(tmp_path / "syn"))
+    assert data.name == "synthetic_novel" and data.class_names == ["blue cube", "red ball"]
+    assert data.descriptors == {"blue cube": ["boxy"], "red ball": ["round"]}
+
+
+def test_canonical_names_match_tfds_label_styles():
+    assert descriptors.canonical_name("001.Black_footed_Albatross") == "black footed albatross"
+    assert descriptors.canonical_name("/a/airplane_cabin") == "airplane cabin"
+    assert descriptors.canonical_name("apple_pie") == descriptors.canonical_name("Apple pie")
+    names, aligned = descriptors.align({"b": ["x"], "a": ["y"]}, ["n1", "n2"], source="s", names_are_ids=True)
+    assert names == ["b", "a"] and aligned["a"] == ["y"]
+    with pytest.raises(ValueError, match="2 classes but the dataset has 3"):
+        descriptors.align({"b": ["x"], "a": ["y"]}, ["1", "2", "3"], source="s", names_are_ids=True)
+
+
+def test_descriptor_sentence_follows_the_reference_rule():
+    assert descriptors.descriptor_sentence("a long tail") == " which is a long tail"
+    assert descriptors.descriptor_sentence("angular wings") == " which is angular wings"  # the startswith("a") quirk
+    assert descriptors.descriptor_sentence("has stripes") == " which has stripes"
+    assert descriptors.descriptor_sentence("often red") == " which often red"
+    assert descriptors.descriptor_sentence("used for riding") == " which is used for riding"
+    assert descriptors.descriptor_sentence("four legs") == " which has four legs"
+
+
+def test_class_prompts_are_descriptor_major_templates_times_descriptors():
+    out = descriptors.class_prompts("cat", ["whiskers", "a tail"], prompts.REFERENCE_46)
+    assert len(out) == 46 * 2
+    assert out[0] == "a bad photo of a cat, which has whiskers"
+    assert out[46] == "a bad photo of a cat, which is a tail"
+    assert descriptors.class_prompts("cat", None, prompts.SHORT) == [t.format("cat") for t in prompts.SHORT]
+    assert descriptors.class_prompts("cat", ["fur"], ["a photo of a {}."]) == ["a photo of a cat, which has fur"]
+
+
+def test_template_sets():
+    assert len(prompts.get_templates("ref46")) == 46
+    assert sum("type of bird" in t or "a  type" in t for t in prompts.REFERENCE_46) == 23
+    assert len(set(prompts.get_templates("clip80"))) == 80
+    assert prompts.get_templates("per_dataset", "food101")[0] == "a photo of {}, a type of food,"
+    assert prompts.get_templates("per_dataset", "my_folder") == prompts.SHORT
+    with pytest.raises(ValueError, match="exactly one"):
+        prompts.get_templates(["no placeholder"])
+    with pytest.raises(ValueError, match="unknown template set"):
+        prompts.get_templates("ref47")
+
+
+def test_descriptor_file_validation(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"cat": "whiskers"}))
+    with pytest.raises(ValueError, match="class 'cat' must map to a list"):
+        descriptors.load(str(path))
+
+
+def test_averages_follow_the_reference_eleven():
+    results = {"cifar10": {"top1": 0.5}, "dtd": {"top1": 0.3}, "imagenet2012": {"top1": 0.9}}
+    out = zeroshot.averages(results)
+    assert out["average_11/top1"] == pytest.approx(0.4)
+    assert out["average/top1"] == pytest.approx(1.7 / 3)
+
+
+def test_expand_groups():
+    assert datasets.expand("synthetic,cifar10") == ["synthetic:seen", "synthetic:novel", "cifar10"]
+    assert datasets.expand("all") == list(datasets.ALL) and len(datasets.ELEVEN) == 11
+
+
+def test_from_config_and_run_yield_prefixed_metric_names(tmp_path, perfect):
+    root = write_folder(tmp_path / "ds", per_class=1)
+    evals = common.from_config({"zs": {"type": "zeroshot", "every_steps": 10, "datasets": [f"folder:{root}"],
+                                       "templates": "short", "num_threads": 2}})
+    (name, evaluator, every, prefix), = evals
+    assert (name, every, prefix) == ("zs", 10, "eval/")
+    metrics = dict(evaluator.run(perfect))
+    assert metrics == {"0shot/folder_ds/top1": 1.0, "0shot/folder_ds/top5": 1.0,
+                       "0shot/folder_ds/mean_per_class_recall": 1.0}
+    with pytest.raises(ValueError, match="type must be one of"):
+        common.from_config({"x": {"type": "detection"}})
+    with pytest.raises(ValueError, match=r"config.evals\['zs'\] \(zeroshot\)"):
+        common.from_config({"zs": {"type": "zeroshot", "datasets": "synthetic:novel", "bogus": 1}})
+
+
+def test_fixed_size_batches_pad_without_duplicates():
+    x = np.arange(11)[:, None]
+    chunks = list(common.fixed_size_batches(x, 4))
+    assert [n for _, n in chunks] == [4, 4, 3]
+    assert all(c.shape == (4, 1) for c, _ in chunks)
+    assert np.concatenate([c[:n] for c, n in chunks]).ravel().tolist() == list(range(11))
