@@ -1,0 +1,312 @@
+"""Grain input pipeline: prepared records (``records.py``) -> batches of the contract in ``batch.py``.
+
+Training (``make_train_iterator``), per process::
+
+    tfds source of this process's slice of the split (``tfds.split_for_jax_process``)
+      -> seed -> shuffle (reshuffled every epoch) -> decode + normalise + caption choice
+      -> repeat forever -> batch (global_batch_size / process_count)
+      -> grain worker processes (``num_workers``; 0 = in-process)
+
+Everything random is a pure function of ``seed`` and the position in the stream (grain
+folds the epoch into the shuffle seed and the record index into the ``RandomMap`` rng), so
+the same seed gives the same batches, whatever ``num_workers`` is, and the iterator state
+(``get_state``/``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` in an orbax
+Composite) resumes with the very next batch.
+
+Evaluation (``make_eval_iterator``) reads one pass in order and pads the last batch with
+all-zero examples flagged by ``mask`` [B] bool (False = padding), so nothing is dropped or
+counted twice. Every process yields the same number of batches (``to_global`` needs that).
+
+``data_config`` keys (dict or ``ml_collections.ConfigDict``; defaults in ``DEFAULTS``):
+dir, train_split, eval_split, image_size (None = the records' resolution), caption_length,
+description_length, max_boxes, mllm_caption_prob, mean, std, num_workers, prefetch, augment.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+import tensorflow_datasets as tfds
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from PIL import Image
+
+from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.data import tokenizer
+
+DEFAULTS: Mapping[str, Any] = {
+    "train_split": "train",
+    "eval_split": "validation",
+    "image_size": None,
+    "caption_length": 77,
+    "description_length": 77,
+    "max_boxes": 5,
+    "mllm_caption_prob": 0.5,
+    "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD,
+    "num_workers": 0,
+    "prefetch": 2,
+    "augment": False,
+}
+
+# The record features the pipeline reads: name -> (dtype, shape with symbolic dims).
+# R = resolution, M = max boxes, L = context length (see records.py).
+_RECORD_SCHEMA = {
+    "image": (np.uint8, ("R", "R", 3)),
+    "caption_tokens": (np.int32, ("L",)),
+    "mllm_caption_tokens": (np.int32, ("L",)),
+    "has_mllm_caption": (np.bool_, ()),
+    "description_tokens": (np.int32, ("M", "L")),
+    "boxes": (np.float32, ("M", 4)),
+    "box_mask": (np.bool_, ("M",)),
+}
+
+
+def _option(data_config: Any, key: str) -> Any:
+    value = data_config.get(key)
+    return DEFAULTS.get(key) if value is None else value
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordShape:
+    resolution: int
+    max_boxes: int
+    context_length: int
+
+
+def _check_schema(directory: str, features: tfds.features.FeaturesDict) -> _RecordShape:
+    """Reads R, M, L off the dataset's features; raises naming the first key that disagrees."""
+    dims: dict[str, int] = {}
+    for key, (dtype, shape) in _RECORD_SCHEMA.items():
+        if key not in features:
+            raise ValueError(f"{directory}: record schema mismatch: feature {key!r} is missing "
+                             f"(has {sorted(features.keys())}); prepare the data with grain-jax-prepare")
+        got_shape, got_dtype = tuple(features[key].shape), np.dtype(features[key].np_dtype)
+        consistent = len(got_shape) == len(shape) and got_dtype == np.dtype(dtype)
+        for want, got in zip(shape, got_shape):
+            # A symbolic dim takes its value from its first occurrence and must match after.
+            expected = dims.setdefault(want, got) if isinstance(want, str) else want
+            consistent = consistent and got == expected
+        if not consistent:
+            raise ValueError(f"{directory}: record schema mismatch: feature {key!r} is {got_dtype.name}{list(got_shape)}, "
+                             f"expected {np.dtype(dtype).name}{list(shape)} (R=resolution, M=max boxes, "
+                             f"L=context length; so far {dims})")
+    return _RecordShape(resolution=dims["R"], max_boxes=dims["M"], context_length=dims["L"])
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExampleOptions:
+    """How one record becomes one example of the batch contract (picklable for grain workers)."""
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    caption_length: int
+    description_length: int
+    max_boxes: int
+    mllm_caption_prob: float
+    augment: bool
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """An all-zero example (eval padding)."""
+        m, s = self.max_boxes, self.image_size
+        return {
+            "images": np.zeros((s, s, 3), np.float32),
+            "caption_tokens": np.zeros((self.caption_length,), np.int32),
+            "description_tokens": np.zeros((m, self.description_length), np.int32),
+            "boxes": np.zeros((m, 4), np.float32),
+            "box_mask": np.zeros((m,), bool),
+        }
+
+    def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
+        """One record -> ``images [S,S,3] f32, caption_tokens [Lc], description_tokens [M,Ld], boxes [M,4], box_mask [M]``."""
+        image = np.asarray(record["image"])
+        if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
+            # Squash like the prepare step did; boxes are normalised so they stay valid.
+            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC))
+        images = (image.astype(np.float32) / 255.0 - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+        m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
+        box_mask = np.asarray(record["box_mask"][:m], bool)
+        boxes = np.asarray(record["boxes"][:m], np.float32) * box_mask[:, None]
+        descriptions = _truncate_rows(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
+        if flip:
+            images = images[:, ::-1]
+            boxes[:, 0] = np.where(box_mask, 1.0 - boxes[:, 0], 0.0)
+        caption_key = "mllm_caption_tokens" if use_mllm_caption and record["has_mllm_caption"] else "caption_tokens"
+        return {
+            "images": np.ascontiguousarray(images),
+            "caption_tokens": _truncate_rows(record[caption_key], self.caption_length),
+            "description_tokens": descriptions.astype(np.int32),
+            "boxes": boxes,
+            "box_mask": box_mask,
+        }
+
+
+def _truncate_rows(tokens: np.ndarray, length: int) -> np.ndarray:
+    """``tokenizer.truncate`` on every token row of ``tokens [..., L]`` -> ``[..., length]`` int32."""
+    tokens = np.asarray(tokens, np.int32)
+    rows = tokens.reshape(-1, tokens.shape[-1])
+    out = np.stack([np.asarray(tokenizer.truncate(row, length), np.int32) for row in rows]) if len(rows) else \
+        np.zeros((0, length), np.int32)
+    return out.reshape(tokens.shape[:-1] + (length,))
+
+
+class _TrainExample(grain.transforms.RandomMap):
+    """Record -> example; the caption (original vs MLLM) and the flip are drawn from grain's per-index rng."""
+
+    def __init__(self, options: _ExampleOptions):
+        self.options = options
+
+    def random_map(self, record, rng: np.random.Generator):
+        use_mllm = rng.random() < self.options.mllm_caption_prob
+        flip = self.options.augment and rng.random() < 0.5
+        return self.options.example(record, use_mllm_caption=use_mllm, flip=flip)
+
+
+class _EvalExample(grain.transforms.Map):
+    """Index -> example with ``mask``; indices past the source are zero padding (original captions, no flip)."""
+
+    def __init__(self, source, options: _ExampleOptions):
+        self.source, self.options = source, options
+
+    def map(self, index):
+        index = int(index)
+        if index >= len(self.source):
+            return {**self.options.empty(), "mask": np.bool_(False)}
+        example = self.options.example(self.source[index], use_mllm_caption=False, flip=False)
+        return {**example, "mask": np.bool_(True)}
+
+
+def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
+    directory = _option(data_config, "dir")
+    if not directory or not os.path.isdir(directory):
+        raise FileNotFoundError(f"data_config.dir={directory!r} is not a directory; prepare one with grain-jax-prepare")
+    try:
+        return tfds.builder_from_directory(directory)
+    except Exception as e:  # tfds raises several types for a non-dataset folder
+        raise FileNotFoundError(f"{directory} is not a prepared TFDS dataset folder ({e}); "
+                                f"prepare it with grain-jax-prepare") from e
+
+
+def _process_source(builder, split: str, process_index: int | None, process_count: int | None,
+                    drop_remainder: bool):
+    """This process's contiguous slice of ``split`` as a random-access tfds source."""
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.data_dir}: split {split!r} not found; available: {sorted(builder.info.splits)}")
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
+                                          drop_remainder=drop_remainder)
+    return builder.as_data_source(subsplit), process_count
+
+
+def _example_options(data_config: Any, record: _RecordShape) -> _ExampleOptions:
+    mean, std = tuple(_option(data_config, "mean")), tuple(_option(data_config, "std"))
+    for name, value in (("mean", mean), ("std", std)):
+        if len(value) != 3:
+            raise ValueError(f"data_config.{name} must have 3 entries (RGB), got {value!r}")
+    if min(std) <= 0:
+        raise ValueError(f"data_config.std must be positive, got {std!r}")
+    lengths = {k: int(_option(data_config, k)) for k in ("caption_length", "description_length")}
+    for key, length in lengths.items():
+        if not 2 <= length <= record.context_length:
+            raise ValueError(f"data_config.{key}={length} must be in [2, {record.context_length}] "
+                             f"(the records' context length)")
+    max_boxes = int(_option(data_config, "max_boxes"))
+    if not 1 <= max_boxes <= record.max_boxes:
+        raise ValueError(f"data_config.max_boxes={max_boxes} must be in [1, {record.max_boxes}] (the records' max boxes)")
+    prob = float(_option(data_config, "mllm_caption_prob"))
+    if not 0.0 <= prob <= 1.0:
+        raise ValueError(f"data_config.mllm_caption_prob must be in [0, 1], got {prob}")
+    return _ExampleOptions(
+        image_size=int(_option(data_config, "image_size") or record.resolution),
+        mean=mean, std=std, max_boxes=max_boxes, mllm_caption_prob=prob,
+        augment=bool(_option(data_config, "augment")), **lengths)
+
+
+def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
+    if global_batch_size <= 0 or global_batch_size % process_count:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of the "
+                         f"process count {process_count}")
+    return global_batch_size // process_count
+
+
+def _to_iterator(dataset: grain.MapDataset, data_config: Any) -> grain.DatasetIterator:
+    """Prefetches batches with threads in-process, or in ``num_workers`` worker processes."""
+    prefetch, num_workers = int(_option(data_config, "prefetch")), int(_option(data_config, "num_workers"))
+    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
+    if num_workers > 0:
+        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
+                                                                   per_worker_buffer_size=max(prefetch, 1)))
+    return iter(dataset)
+
+
+def num_records(data_config: Any, split: str | None = None) -> int:
+    """Records in ``split`` (default ``train_split``) over all processes (the trainer's epoch size)."""
+    builder = _builder(data_config)
+    split = split or _option(data_config, "train_split")
+    if split not in builder.info.splits:
+        raise ValueError(f"{builder.data_dir}: split {split!r} not found; available: {sorted(builder.info.splits)}")
+    return builder.info.splits[split].num_examples
+
+
+def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
+                        process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+    """Infinite, shuffled, checkpointable iterator of this process's numpy batches.
+
+    Each batch holds ``global_batch_size / process_count`` examples of the contract in
+    ``grain_jax/batch.py``. The split is cut into equal contiguous per-process slices (the
+    remainder is dropped); process index/count default to JAX's and may be given for tests.
+    An epoch is ``num_records(data_config) // global_batch_size`` steps.
+    """
+    builder = _builder(data_config)
+    options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
+    source, process_count = _process_source(builder, _option(data_config, "train_split"), process_index,
+                                            process_count, drop_remainder=True)
+    batch_size = _per_process_batch_size(global_batch_size, process_count)
+    if len(source) < batch_size:
+        raise ValueError(f"{builder.data_dir}: this process's share of the train split has {len(source)} records, "
+                         f"fewer than one batch of {batch_size}")
+    dataset = (grain.MapDataset.source(source).seed(seed).shuffle()
+               .random_map(_TrainExample(options))
+               .repeat()  # reseeds the shuffle and the caption choice every epoch
+               .batch(batch_size, drop_remainder=True))
+    return _to_iterator(dataset, data_config)
+
+
+def make_eval_iterator(data_config: Any, split: str | None = None, *, global_batch_size: int,
+                       process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+    """One ordered pass over ``split`` (default ``eval_split``), padded, with ``mask [B] bool``.
+
+    The split is cut into near-equal contiguous per-process slices (nothing dropped); each
+    process pads its slice with zero examples (``mask`` False) to the same number of batches,
+    so ``sum(mask)`` over all batches and processes is the split size.
+    """
+    builder = _builder(data_config)
+    options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
+    split = split or _option(data_config, "eval_split")
+    source, process_count = _process_source(builder, split, process_index, process_count, drop_remainder=False)
+    batch_size = _per_process_batch_size(global_batch_size, process_count)
+    largest_slice = math.ceil(builder.info.splits[split].num_examples / process_count)
+    padded_length = math.ceil(largest_slice / batch_size) * batch_size
+    dataset = grain.MapDataset.range(padded_length).map(_EvalExample(source, options)).batch(batch_size)
+    return _to_iterator(dataset, data_config)
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding | Mesh) -> dict[str, jax.Array]:
+    """This process's numpy batch -> global ``jax.Array``s sharded over the batch dimension.
+
+    Args:
+      batch: per-process arrays, leading dim = global batch / process count.
+      sharding: a ``NamedSharding`` of the batch dimension, or a ``("data", "fsdp", ...)``
+        mesh, whose batch dimension is then split over ``("data", "fsdp")``.
+    """
+    if isinstance(sharding, Mesh):
+        sharding = NamedSharding(sharding, PartitionSpec(("data", "fsdp")))
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}

@@ -1,0 +1,265 @@
+"""Tests of the grain input pipeline over a tiny dataset written with the real record writer."""
+import io
+import os
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+from PIL import Image
+
+from grain_jax import batch as batch_lib
+from grain_jax.data import pipeline, records
+from grain_jax.data.tokenizer import EOT, SOT
+from grain_jax.sharding import create_mesh
+
+RESOLUTION, MAX_BOXES, CONTEXT = 16, 5, 77
+NUM_TRAIN, NUM_VALIDATION = 24, 11
+CAPTION_ID, MLLM_ID = 1000, 20000  # caption_tokens[1] = CAPTION_ID + record index (MLLM: MLLM_ID + index)
+
+
+def _text(first_token, length):
+    """SOT, ``first_token``, filler ..., EOT zero padded to CONTEXT: ``length`` tokens in all."""
+    tokens = np.zeros(CONTEXT, np.int32)
+    tokens[:length] = [SOT, first_token] + [500 + k for k in range(length - 3)] + [EOT]
+    return tokens
+
+
+def _record(index):
+    """Record ``index``: texts identify it, every third has a long caption, odd ones lack an MLLM caption."""
+    image = np.zeros((RESOLUTION, RESOLUTION, 3), np.uint8)
+    image[:, : RESOLUTION // 2] = 255  # bright left half: a horizontal flip is visible
+    jpeg = io.BytesIO()
+    Image.fromarray(image).save(jpeg, "JPEG", quality=95)
+    num_boxes = index % (MAX_BOXES + 1)
+    rng = np.random.default_rng(index)
+    centre, size = rng.uniform(0.3, 0.7, (MAX_BOXES, 2)), rng.uniform(0.1, 0.5, (MAX_BOXES, 2))
+    box_mask = np.arange(MAX_BOXES) < num_boxes
+    descriptions = np.stack([_text(30000 + 10 * index + m, 4 + 7 * m) for m in range(MAX_BOXES)])
+    has_mllm = index % 2 == 0
+    return {
+        "id": f"record-{index}",
+        "image": jpeg.getvalue(),
+        "caption_tokens": _text(CAPTION_ID + index, CONTEXT if index % 3 == 0 else 6),
+        "mllm_caption_tokens": _text(MLLM_ID + index, 9) if has_mllm else np.zeros(CONTEXT, np.int32),
+        "has_mllm_caption": has_mllm,
+        "description_tokens": descriptions * box_mask[:, None],
+        "boxes": (np.concatenate([centre, size], -1) * box_mask[:, None]).astype(np.float32),
+        "box_mask": box_mask,
+        "box_scores": np.linspace(0.9, 0.5, MAX_BOXES, dtype=np.float32) * box_mask,
+    }
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("records"))
+    features = records.features(RESOLUTION, MAX_BOXES, CONTEXT)
+    sizes, num_bytes = {}, {}
+    for split, count, offset in (("train", NUM_TRAIN, 0), ("validation", NUM_VALIDATION, 1000)):
+        shards = []
+        for shard, indices in enumerate(np.array_split(np.arange(offset, offset + count), 2)):
+            path = os.path.join(directory, f"{split}-{shard}.tmp_shard")
+            num_bytes[split] = num_bytes.get(split, 0) + records.write_shard(
+                path, [features.serialize_example(_record(int(i))) for i in indices])
+            shards.append(path)
+        records.publish_split(directory, split, shards)
+        sizes[split] = [len(s) for s in np.array_split(np.arange(count), 2)]
+    records.write_tfds_metadata(directory, features, sizes, num_bytes, "pipeline test records")
+    return directory
+
+
+def _config(data_dir, **overrides):
+    return {"dir": data_dir, "image_size": RESOLUTION, "caption_length": 12, "description_length": 8,
+            "num_workers": 0, "prefetch": 0, **overrides}
+
+
+def _record_ids(batch):
+    """Which record each example came from (off the caption token; 0 = padding)."""
+    first = batch["caption_tokens"][:, 1]
+    return np.where(first >= MLLM_ID, first - MLLM_ID, first - CAPTION_ID) * (first > 0)
+
+
+def _take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_batch_contract(data_dir):
+    config = _config(data_dir, mllm_caption_prob=0.0)
+    batch = next(pipeline.make_train_iterator(config, global_batch_size=8, seed=0))
+    batch_lib.validate(batch)
+    assert batch["images"].shape == (8, RESOLUTION, RESOLUTION, 3) and batch["images"].dtype == np.float32
+    assert batch["caption_tokens"].shape == (8, 12) and batch["caption_tokens"].dtype == np.int32
+    assert batch["description_tokens"].shape == (8, MAX_BOXES, 8) and batch["description_tokens"].dtype == np.int32
+    assert batch["boxes"].shape == (8, MAX_BOXES, 4) and batch["boxes"].dtype == np.float32
+    assert batch["box_mask"].shape == (8, MAX_BOXES) and batch["box_mask"].dtype == np.bool_
+    # ImageNet normalisation of the white left half / black right half (JPEG: within a few levels).
+    mean, std = np.asarray(pipeline.DEFAULTS["mean"]), np.asarray(pipeline.DEFAULTS["std"])
+    np.testing.assert_allclose(batch["images"][:, 4, 2], np.broadcast_to((1 - mean) / std, (8, 3)), atol=0.1)
+    np.testing.assert_allclose(batch["images"][:, 4, -3], np.broadcast_to(-mean / std, (8, 3)), atol=0.1)
+    for b, index in enumerate(_record_ids(batch)):
+        record = _record(int(index))
+        np.testing.assert_array_equal(batch["box_mask"][b], record["box_mask"])
+        np.testing.assert_allclose(batch["boxes"][b], record["boxes"])
+        long_caption = index % 3 == 0
+        expected = record["caption_tokens"][:12].copy()
+        expected[11] = EOT if long_caption else expected[11]  # truncation keeps EOT last
+        np.testing.assert_array_equal(batch["caption_tokens"][b], expected)
+        for m in range(MAX_BOXES):
+            row = batch["description_tokens"][b, m]
+            if record["box_mask"][m]:
+                eot_at = min(3 + 7 * m, 7)
+                assert row[0] == SOT and row[eot_at] == EOT and not row[eot_at + 1:].any()
+            else:
+                assert not row.any() and not batch["boxes"][b, m].any()
+    assert 0 <= batch["boxes"].min() and batch["boxes"].max() <= 1
+
+
+def test_same_seed_same_batches_other_seed_other_order(data_dir):
+    config = _config(data_dir)
+    first = _take(pipeline.make_train_iterator(config, global_batch_size=8, seed=3), 4)
+    again = _take(pipeline.make_train_iterator(config, global_batch_size=8, seed=3), 4)
+    other = _take(pipeline.make_train_iterator(config, global_batch_size=8, seed=4), 4)
+    for a, b in zip(first, again):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+    order = lambda batches: np.concatenate([_record_ids(b) for b in batches])  # noqa: E731
+    assert not np.array_equal(order(first), order(other))
+    # Epoch 1 (batches 0-2) and epoch 2 (batch 3 on) are each a permutation, reshuffled.
+    ids = order(first)
+    assert sorted(ids[:NUM_TRAIN]) == list(range(NUM_TRAIN))
+    assert not np.array_equal(ids[NUM_TRAIN:], ids[:8])
+
+
+def test_worker_processes_match_in_process(data_dir):
+    in_process = _take(pipeline.make_train_iterator(_config(data_dir), global_batch_size=8, seed=1), 2)
+    workers = pipeline.make_train_iterator(_config(data_dir, num_workers=1, prefetch=1), global_batch_size=8, seed=1)
+    for a, b in zip(in_process, _take(workers, 2)):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_state_restore_gives_next_batch(data_dir, tmp_path):
+    config = _config(data_dir)
+    iterator = pipeline.make_train_iterator(config, global_batch_size=8, seed=5)
+    _take(iterator, 2)
+    state = iterator.get_state()
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(2, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(iterator)))
+        manager.wait_until_finished()
+    expected = _take(iterator, 2)
+
+    from_state = pipeline.make_train_iterator(config, global_batch_size=8, seed=5)
+    from_state.set_state(state)
+    from_orbax = pipeline.make_train_iterator(config, global_batch_size=8, seed=5)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        from_orbax = manager.restore(2, args=ocp.args.Composite(
+            data=grain.checkpoint.CheckpointRestore(from_orbax)))["data"]
+    for resumed in (from_state, from_orbax):
+        for a, b in zip(expected, _take(resumed, 2)):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_two_processes_split_disjoint_and_complete(data_dir):
+    seen = []
+    for process_index in range(2):
+        iterator = pipeline.make_train_iterator(_config(data_dir), global_batch_size=8, seed=0,
+                                                process_index=process_index, process_count=2)
+        batches = _take(iterator, NUM_TRAIN // 8)  # one epoch: 3 batches of 4 per process
+        assert all(b["images"].shape[0] == 4 for b in batches)
+        seen.append(set(np.concatenate([_record_ids(b) for b in batches]).tolist()))
+    assert len(seen[0]) == len(seen[1]) == NUM_TRAIN // 2
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(NUM_TRAIN))
+    with pytest.raises(ValueError, match="multiple of the process count"):
+        pipeline.make_train_iterator(_config(data_dir), global_batch_size=7, seed=0, process_index=0, process_count=2)
+
+
+@pytest.mark.parametrize("prob", [0.0, 1.0])
+def test_mllm_caption_probability(data_dir, prob):
+    iterator = pipeline.make_train_iterator(_config(data_dir, mllm_caption_prob=prob), global_batch_size=8, seed=0)
+    firsts = np.concatenate([b["caption_tokens"][:, 1] for b in _take(iterator, 3)])
+    ids = np.where(firsts >= MLLM_ID, firsts - MLLM_ID, firsts - CAPTION_ID)
+    uses_mllm = firsts >= MLLM_ID
+    np.testing.assert_array_equal(uses_mllm, (ids % 2 == 0) if prob == 1.0 else np.zeros_like(uses_mllm))
+
+
+def test_mllm_caption_choice_mixes_and_is_per_record(data_dir):
+    batches = _take(pipeline.make_train_iterator(_config(data_dir), global_batch_size=8, seed=0), 3)
+    firsts = np.concatenate([b["caption_tokens"][:, 1] for b in batches])
+    has_mllm = np.where(firsts >= MLLM_ID, firsts - MLLM_ID, firsts - CAPTION_ID) % 2 == 0
+    chose_mllm = (firsts >= MLLM_ID)[has_mllm]
+    assert 0 < chose_mllm.sum() < len(chose_mllm)
+
+
+def test_flip_augmentation_flips_boxes(data_dir):
+    plain, flipped = (next(pipeline.make_train_iterator(_config(data_dir, augment=augment, mllm_caption_prob=0.0),
+                                                        global_batch_size=NUM_TRAIN, seed=0))
+                      for augment in (False, True))
+    np.testing.assert_array_equal(_record_ids(plain), _record_ids(flipped))  # same order, only flips differ
+    was_flipped = flipped["images"][:, 4, 2, 0] < 0  # the bright half moved right
+    assert 0 < was_flipped.sum() < NUM_TRAIN
+    np.testing.assert_allclose(flipped["images"][was_flipped], plain["images"][was_flipped][:, :, ::-1])
+    expected_cx = np.where(plain["box_mask"], 1 - plain["boxes"][..., 0], 0)
+    np.testing.assert_allclose(flipped["boxes"][was_flipped][..., 0], expected_cx[was_flipped], atol=1e-6)
+    np.testing.assert_array_equal(flipped["boxes"][~was_flipped], plain["boxes"][~was_flipped])
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_pads_without_double_counting(data_dir, process_count):
+    ids = []
+    for process_index in range(process_count):
+        batches = list(pipeline.make_eval_iterator(_config(data_dir), global_batch_size=4 * process_count,
+                                                   process_index=process_index, process_count=process_count))
+        # 1 process: 11 records -> 3 batches of 4; 2 processes: slices of 6 and 5 -> 2 batches of 4 each.
+        assert len(batches) == {1: 3, 2: 2}[process_count]
+        for batch in batches:
+            batch_lib.validate(batch)
+            padding = ~batch["mask"]
+            assert not batch["images"][padding].any() and not batch["caption_tokens"][padding].any()
+            ids.extend(_record_ids(batch)[batch["mask"]].tolist())
+    assert sorted(ids) == list(range(1000, 1000 + NUM_VALIDATION))
+
+
+def test_to_global_on_fake_devices(data_dir):
+    local = next(pipeline.make_eval_iterator(_config(data_dir), global_batch_size=8))
+    mesh = create_mesh((4, 2, 1))
+    for sharding in (mesh, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))):
+        arrays = pipeline.to_global(local, sharding)
+        for key, value in local.items():
+            assert arrays[key].shape == value.shape
+            assert arrays[key].sharding.spec[0] == ("data", "fsdp")
+            assert len(arrays[key].addressable_shards) == jax.device_count() == 8
+            np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+            for shard in arrays[key].addressable_shards:  # one example per device
+                assert shard.data.shape[0] == 1
+                np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+
+
+def test_clear_errors(data_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        pipeline.make_train_iterator(_config(str(tmp_path / "missing")), global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="split 'test' not found"):
+        pipeline.make_eval_iterator(_config(data_dir), "test", global_batch_size=4)
+    with pytest.raises(ValueError, match="mean must have 3 entries"):
+        pipeline.make_train_iterator(_config(data_dir, mean=(0.5, 0.5)), global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="std must have 3 entries"):
+        pipeline.make_train_iterator(_config(data_dir, std=(0.5,) * 4), global_batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="caption_length=78"):
+        pipeline.make_train_iterator(_config(data_dir, caption_length=78), global_batch_size=4, seed=0)
+
+    # A dataset whose boxes are xyxy pairs [M, 2, 2] instead of [M, 4].
+    features = records.features(RESOLUTION, MAX_BOXES, CONTEXT)
+    import tensorflow_datasets as tfds
+    bad = tfds.features.FeaturesDict({**{k: features[k] for k in features.keys() if k != "boxes"},
+                                      "boxes": tfds.features.Tensor(shape=(MAX_BOXES, 2, 2), dtype=np.float32)})
+    record = _record(1)
+    record["boxes"] = record["boxes"].reshape(MAX_BOXES, 2, 2)
+    bad_dir = str(tmp_path / "bad")
+    os.makedirs(bad_dir)
+    num_bytes = records.write_shard(os.path.join(bad_dir, "shard"), [bad.serialize_example(record)])
+    records.publish_split(bad_dir, "train", [os.path.join(bad_dir, "shard")])
+    records.write_tfds_metadata(bad_dir, bad, {"train": [1]}, {"train": num_bytes}, "bad boxes")
+    with pytest.raises(ValueError, match="feature 'boxes' is float32\\[5, 2, 2\\]"):
+        pipeline.make_train_iterator(_config(bad_dir), global_batch_size=1, seed=0)
