@@ -92,21 +92,31 @@ def _safe_id(value: Any) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
+class _BadText(ValueError):
+    """Unusable text; `utf8` tells undecodable text from missing/empty text."""
+
+    def __init__(self, message: str, utf8: bool = False):
+        super().__init__(message)
+        self.utf8 = utf8
+
+
 def _text(value: Any, what: str) -> str:
-    """`value` as valid, non-empty UTF-8 text; raises ValueError saying what is wrong with it."""
+    """`value` as valid, non-empty UTF-8 text; raises _BadText saying what is wrong with it."""
+    if value is None:
+        raise _BadText(f"{what} is missing")
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise ValueError(f"{what} is not valid UTF-8 (byte {e.start}: {e.reason})") from None
+            raise _BadText(f"{what} is not valid UTF-8 (byte {e.start}: {e.reason})", utf8=True) from None
     if not isinstance(value, str):
-        raise ValueError(f"{what} is {type(value).__name__}, not text")
+        raise _BadText(f"{what} is {type(value).__name__}, not text")
     try:  # files read with errors="surrogateescape" keep undecodable bytes as lone surrogates
         value.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ValueError(f"{what} is not valid UTF-8 (character {e.start})") from None
+        raise _BadText(f"{what} is not valid UTF-8 (character {e.start})", utf8=True) from None
     if not value.strip():
-        raise ValueError(f"{what} is empty")
+        raise _BadText(f"{what} is empty")
     return value
 
 
@@ -177,7 +187,7 @@ def _valid_regions(raw_regions: Any, repairs: list) -> list[tuple[float, np.ndar
             continue
         try:
             description = _text(region.get("description"), f"region {k} description")
-        except ValueError as e:
+        except _BadText as e:
             repairs.append(("invalid_description", f"{e}; region dropped"))
             continue
         box = region.get("box")
@@ -245,8 +255,8 @@ def process_example(raw: Mapping[str, Any], config: PrepareConfig) -> tuple[dict
             raise _Skip(raw.get("error_kind", "source_error"), str(raw["error"]))
         try:
             caption = _text(raw.get("caption"), "caption")
-        except ValueError as e:
-            raise _Skip("non_utf8_caption" if "UTF-8" in str(e) else "empty_caption", str(e)) from None
+        except _BadText as e:
+            raise _Skip("non_utf8_caption" if e.utf8 else "empty_caption", str(e)) from None
         image = _to_rgb(_decode_image(raw.get("image")), repairs)
         jpeg = _encode_jpeg(image, config)
     except _Skip as skip:
@@ -256,7 +266,7 @@ def process_example(raw: Mapping[str, Any], config: PrepareConfig) -> tuple[dict
     if mllm_caption is not None:
         try:
             mllm_caption = _text(mllm_caption, "MLLM caption")
-        except ValueError as e:
+        except _BadText as e:
             repairs.append(("invalid_mllm_caption", f"{e}; dropped"))
             mllm_caption = None
 
@@ -714,9 +724,7 @@ class WebDatasetSource:
             if not isinstance(meta, dict):
                 meta = {}
         annotation = self.annotations.get(key, meta)
-        if isinstance(annotation, list):
-            annotation = {"regions": annotation}
-        elif not isinstance(annotation, dict):
+        if not isinstance(annotation, dict):  # a bare region list (the reference boxes format)
             annotation = {"regions": annotation}
         canvas = None if annotation.get("normalized") else annotation.get("canvas", self.box_canvas)
         image = next((files[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in files), None)
