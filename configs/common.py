@@ -1,0 +1,113 @@
+"""Shared config pieces: the typed ``parse_arg`` and the defaults every experiment starts from.
+
+Config files are loaded by path (``--config configs/X.py:args``), so they import this
+module as ``configs.common`` when run from the repository root, or by file path
+otherwise (see ``load_common`` in the config files).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses ``"key=value,flag,..."`` against typed ``defaults`` (big_vision's ``parse_arg``).
+
+    The default's type is the value's type; booleans are strict (true/false/1/0/yes/no) and
+    a bare key means True (``:runlocal``). A single bare value that is not a boolean
+    key goes to the first key (``clip_cc12m.py:L/14``). Unknown keys raise naming the key.
+
+    >>> parse_arg("variant=L/14,runlocal", variant="B/16", runlocal=False).to_dict()
+    {'variant': 'L/14', 'runlocal': True}
+    """
+    parsed = dict(defaults)
+    parts = [p.strip() for p in (arg or "").split(",") if p.strip()]
+    for index, part in enumerate(parts):
+        key, has_value, value = part.partition("=")
+        if not has_value:
+            if isinstance(defaults.get(key), bool):
+                parsed[key] = True
+                continue
+            if index == 0 and defaults:
+                key, value = next(iter(defaults)), part
+            else:
+                raise ValueError(f"config argument {part!r}: not a boolean flag of {sorted(defaults)}")
+        if key not in defaults:
+            raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+        parsed[key] = _typed(key, value, defaults[key])
+    return ml_collections.ConfigDict(parsed)
+
+
+def _typed(key: str, value: str, default):
+    if isinstance(default, bool):
+        if value.lower() not in _TRUE + _FALSE:
+            raise ValueError(f"config argument {key}={value!r} must be a boolean")
+        return value.lower() in _TRUE
+    if isinstance(default, int):
+        return int(value)
+    if isinstance(default, float):
+        return float(value)
+    return value
+
+
+def data_config(*, image_size: int, caption_length: int = 77, description_length: int = 77,
+                max_boxes: int = 5, dir: str | None = None) -> ml_collections.ConfigDict:  # noqa: A002
+    """``config.data`` (docs/interfaces.md §6): squash resize + ImageNet normalisation, no augmentation."""
+    return ml_collections.ConfigDict(dict(
+        dir=dir, train_split="train", eval_split="validation", image_size=image_size,
+        caption_length=caption_length, description_length=description_length, max_boxes=max_boxes,
+        mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=0, prefetch=2, augment=False))
+
+
+def loss_config(**overrides) -> ml_collections.ConfigDict:
+    """``LossConfig`` fields (docs/interfaces.md §5); the reference's box factor is 1.5, the paper's 1."""
+    return ml_collections.ConfigDict(dict(
+        image_caption=1.0, box_l1=1.0, box_giou=1.0, box_factor=1.0, region_description=1.0,
+        match_l1=5.0, match_giou=2.0, aux_loss=False, description_negatives="global", negative_groups=1,
+        **overrides))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key the trainer reads, with the reference's optimizer and schedule (method-reference §5)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model_name = "grain-vit-b16"
+    config.model = ml_collections.ConfigDict()  # create_model overrides
+    config.dtype = "bfloat16"  # compute; params and norms/softmax/losses stay fp32
+    config.param_dtype = "float32"
+    config.data = data_config(image_size=224)
+    config.synthetic = ml_collections.ConfigDict()  # ensure_synthetic sizes, used only when data.dir is None
+    config.data_cache_dir = ml_collections.FieldReference(None, field_type=str)
+    config.loss = loss_config()
+
+    config.global_batch_size = 2048
+    config.total_steps = ml_collections.FieldReference(None, field_type=int)
+    config.total_epochs = ml_collections.FieldReference(None, field_type=float)
+    config.total_examples = ml_collections.FieldReference(None, field_type=int)
+    config.warmup_steps = ml_collections.FieldReference(None, field_type=int)
+    config.warmup_epochs = ml_collections.FieldReference(None, field_type=float)
+    config.warmup_examples = ml_collections.FieldReference(None, field_type=int)
+    config.lr = 1e-3
+    config.lr_start = 1e-6
+    config.lr_end = 1e-5
+    config.weight_decay = 0.1
+    config.wd_rule = "default"  # or "reference": the PyTorch code's exact rule
+    config.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-8))
+    config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+    config.grad_accum_steps = 1
+
+    config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) per slice; -1 fills the rest
+    config.dcn_mesh_shape = ml_collections.FieldReference(None, field_type=tuple)  # multi-slice: slices per axis
+    config.sharding_rules = ()  # extra (logical name, mesh axes) rules; first match wins
+
+    config.log_every_steps = 50
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 3
+    config.init_from = ml_collections.FieldReference(None, field_type=str)
+    config.dont_load = ()  # regexes of params kept freshly initialised when loading init_from
+    config.evals = ml_collections.ConfigDict()
+    return config

@@ -1,0 +1,169 @@
+"""Training checkpoints: async orbax saves, resume with corrupt-checkpoint fallback, init_from, preemption.
+
+Layout (``grain_jax/checkpoints.py``): ``WORKDIR/checkpoints/<step>/`` with the
+Composite items ``params``, ``opt_state``, ``extra`` (``{step, rng}``) and ``data``
+(the grain iterator state, so a resumed run reads exactly the batches an
+uninterrupted one would have). Orbax writes each step into a temporary directory
+and renames it on commit, and prunes old steps (``keep_checkpoints``) only after
+the new one has committed, so the last good checkpoint always survives a crash.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from typing import Any, Sequence
+
+import flax.linen as nn
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import traverse_util
+from jax.experimental import multihost_utils
+
+from grain_jax import checkpoints
+from grain_jax.train.state import TrainState
+
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    """Saves and restores the train state, the base rng and the data iterator under ``workdir``."""
+
+    def __init__(self, workdir: str, *, keep: int):
+        self.workdir = workdir
+        self.manager = checkpoints.manager(workdir, max_to_keep=keep, create=True, enable_async_checkpointing=True)
+
+    def save(self, state: TrainState, rng: jax.Array, data_iterator: Any) -> None:
+        """Starts an async save of ``state`` at ``state.step`` (returns before the write finishes)."""
+        step = int(state.step)
+        extra = {"step": np.int64(step), "rng": np.asarray(jax.device_get(rng))}
+        self.manager.save(step, force=True, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(state.params),
+            opt_state=ocp.args.StandardSave(state.opt_state),
+            extra=ocp.args.StandardSave(extra),
+            data=grain.checkpoint.CheckpointSave(data_iterator)))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, state: TrainState, shardings: TrainState,
+                data_iterator: Any) -> tuple[TrainState, np.ndarray] | None:
+        """Restores the newest readable checkpoint onto ``shardings`` (any mesh), or None if there is none.
+
+        A step that fails to read (truncated or corrupt files) is moved to
+        ``WORKDIR/corrupt_checkpoints/`` with a warning and the previous one is tried.
+        ``data_iterator`` is positioned in place.
+
+        Returns:
+          ``(state, rng)`` where ``rng`` is the saved base key data.
+        """
+        abstract = _abstract(state, shardings)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract.params),
+                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                    extra=ocp.args.StandardRestore(),
+                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+            except Exception as error:  # noqa: BLE001  (any read failure means: unusable step)
+                logging.warning("checkpoint step %d under %s is unreadable (%s: %s); falling back to the previous one",
+                                step, self.manager.directory, type(error).__name__, error)
+                print(f"WARNING: checkpoint step {step} is unreadable ({type(error).__name__}); "
+                      f"moving it to {os.path.join(self.workdir, CORRUPT_DIR)} and trying the previous one", flush=True)
+                self._quarantine(step)
+                continue
+            restored_state = TrainState(step=jax.device_put(np.int32(restored["extra"]["step"]), shardings.step),
+                                        params=restored["params"], opt_state=restored["opt_state"])
+            return restored_state, np.asarray(restored["extra"]["rng"])
+        if steps:
+            raise RuntimeError(f"none of the checkpoints {steps} under {self.manager.directory} could be read")
+        return None
+
+    def _quarantine(self, step: int) -> None:
+        if jax.process_index() == 0:
+            target = os.path.join(self.workdir, CORRUPT_DIR, str(step))
+            if os.path.exists(target):
+                shutil.rmtree(target)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.move(os.path.join(str(self.manager.directory), str(step)), target)
+        multihost_utils.sync_global_devices(f"quarantine checkpoint {step}")
+        self.manager.reload()
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def reached_preemption(self, step: int) -> bool:
+        """JAX's preemption sync point (multi-process runs with the preemption service, e.g. TPU pods)."""
+        return self.manager.reached_preemption(step)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Sequence[str] = ()) -> Any:
+    """Loads ``params`` from the checkpoint directory ``init_from`` (``config.init_from``).
+
+    Leaves whose "/"-joined path fully matches a ``dont_load`` regex keep their fresh
+    initialisation (e.g. ``"decoder/.*"`` to start GRAIN from CLIP towers); every other
+    leaf must exist in the checkpoint with the same shape. Loaded leaves land directly
+    on ``shardings``.
+    """
+    skip = [re.compile(pattern) for pattern in dont_load]
+    fresh = traverse_util.flatten_dict(params, sep="/")
+    target_shardings = traverse_util.flatten_dict(shardings, sep="/")
+    with checkpoints.manager(init_from, read_only=True) as mngr:
+        step = mngr.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint steps")
+        saved = traverse_util.flatten_dict(mngr.item_metadata(step)["params"], sep="/")
+        wanted, problems = {}, []
+        for path, leaf in fresh.items():
+            if any(p.fullmatch(path) for p in skip):
+                continue
+            if path not in saved:
+                problems.append(f"{path} is missing from the checkpoint")
+            elif tuple(saved[path].shape) != leaf.shape:
+                problems.append(f"{path} has shape {tuple(saved[path].shape)} in the checkpoint, model wants {leaf.shape}")
+            else:
+                wanted[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target_shardings[path])
+        if problems:
+            raise ValueError(f"cannot initialise from {init_from!r} (add the paths to config.dont_load to keep them "
+                             "freshly initialised):\n  " + "\n  ".join(problems))
+        # Leaves we do not want are skipped with orbax's PLACEHOLDER (never read).
+        abstract = {path: wanted.get(path, ocp.PLACEHOLDER) for path in saved}
+        loaded = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
+            traverse_util.unflatten_dict(abstract, sep="/"))))["params"]
+    loaded = traverse_util.flatten_dict(loaded, sep="/")
+    merged = {path: loaded[path] if path in wanted else leaf for path, leaf in fresh.items()}
+    logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh", init_from, step, len(wanted),
+                 len(fresh) - len(wanted))
+    return traverse_util.unflatten_dict(merged, sep="/")
+
+
+class SigtermFlag:
+    """Set by SIGTERM (single-process runs; multi-process runs use JAX's preemption service instead)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.received = True
+        logging.warning("SIGTERM received: will save a checkpoint at the next step boundary and exit")
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous)

@@ -1,0 +1,263 @@
+"""``train_and_evaluate(config, workdir)``: the one GRAIN / CLIP training loop.
+
+Order of events:
+  1. resolve the data (``config.data.dir`` None = generate the embedded synthetic
+     benchmark into ``config.data_cache_dir`` or ``WORKDIR/data``), durations and schedule;
+  2. build the mesh and initialise the state sharded over it;
+  3. resume: the workdir's newest readable checkpoint -> ``config.init_from`` -> scratch;
+  4. AOT-compile the train step (memory analysis and FLOPs logged);
+  5. loop: step, log every ``log_every_steps``, checkpoint every ``checkpoint_every_steps``,
+     evaluate every evaluator's ``every_steps``; on SIGTERM / preemption save and return;
+  6. checkpoint, run every evaluator, print where everything is.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh
+
+from grain_jax import checkpoints, sharding
+from grain_jax.train import checkpointing, metrics as metrics_lib, optimizer, state as state_lib, step as step_lib
+
+
+def _say(message: str) -> None:
+    """Console + log line from process 0."""
+    logging.info(message)
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose ``data.dir`` (and the evaluators' data dirs) point at real data.
+
+    With ``data.dir`` None the embedded synthetic benchmark is generated on first use
+    (``grain_jax.data.synthetic.ensure_synthetic(dir, **config.synthetic)``, cached) into
+    ``config.data_cache_dir`` if set, else ``WORKDIR/data``. Evaluator entries with a
+    ``synthetic_dir`` or ``data.dir`` of None get the same directory.
+    """
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.data.dir is None:
+        from grain_jax.data.synthetic import ensure_synthetic
+        cache = config.get("data_cache_dir") or os.path.join(workdir, "data")
+        # Every process generates (deterministically) into its own local disk, or process 0 into a
+        # shared one; ensure_synthetic is a no-op once the directory is complete.
+        config.data.dir = ensure_synthetic(cache, **config.get("synthetic", {}))
+    for evaluator in config.get("evals", {}).values():
+        if "synthetic_dir" in evaluator and evaluator.synthetic_dir is None:
+            evaluator.synthetic_dir = config.data.dir
+        if "data" in evaluator and evaluator.data.get("dir") is None:
+            evaluator.data.dir = config.data.dir
+    return config
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+    """Checks the config before anything expensive runs; raises ValueError naming the key."""
+    num_devices = jax.device_count() if num_devices is None else num_devices
+    mesh_shape = sharding.resolve_mesh_shape(config.mesh_shape, num_devices // int(np.prod(
+        config.get("dcn_mesh_shape") or (1,))))
+    dcn = tuple(config.get("dcn_mesh_shape") or (1, 1, 1))
+    batch_shards = mesh_shape[0] * mesh_shape[1] * dcn[0] * dcn[1]
+    accum = int(config.get("grad_accum_steps", 1))
+    if config.global_batch_size <= 0 or config.global_batch_size % (batch_shards * accum):
+        raise ValueError(f"global_batch_size={config.global_batch_size} must be a positive multiple of the "
+                         f"batch shards ({batch_shards} = data x fsdp) times grad_accum_steps ({accum})")
+    for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        if config[key] <= 0:
+            raise ValueError(f"config.{key} must be positive, got {config[key]}")
+    for prefix in ("total", "warmup"):
+        for unit in optimizer.DURATION_UNITS:
+            value = config.get(f"{prefix}_{unit}")
+            if value is not None and (value < 0 or (prefix == "total" and value == 0)):
+                raise ValueError(f"config.{prefix}_{unit} must be positive, got {value}")
+    if config.model.get("num_queries") is not None and config.model.num_queries < 1:
+        raise ValueError(f"config.model.num_queries must be >= 1, got {config.model.num_queries}")
+    if config.data.max_boxes < 1:
+        raise ValueError(f"config.data.max_boxes must be >= 1, got {config.data.max_boxes}")
+    if config.wd_rule not in optimizer.WD_RULES:
+        raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
+
+
+def _train_step_compiled(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
+    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
+    repl = state_lib.replicated(mesh)
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
+    data, batch = config.data, config.global_batch_size
+    abstract_batch = {
+        "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.float32, sharding=batch_sh),
+        "caption_tokens": jax.ShapeDtypeStruct((batch, data.caption_length), np.int32, sharding=batch_sh),
+        "description_tokens": jax.ShapeDtypeStruct((batch, data.max_boxes, data.description_length), np.int32,
+                                                   sharding=batch_sh),
+        "boxes": jax.ShapeDtypeStruct((batch, data.max_boxes, 4), np.float32, sharding=batch_sh),
+        "box_mask": jax.ShapeDtypeStruct((batch, data.max_boxes), np.bool_, sharding=batch_sh),
+    }
+    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+    abstract_rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        compiled = jitted.lower(abstract_state, abstract_batch, abstract_rng).compile()
+    memory = compiled.memory_analysis()
+    if memory is not None:
+        _say(f"compiled train step in {time.perf_counter() - start:.1f}s; per device: "
+             f"arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
+             f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB, "
+             f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB (donated {memory.alias_size_in_bytes / 2**20:.1f})")
+    return compiled
+
+
+def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt):
+    """Resume order: the workdir's newest readable checkpoint -> config.init_from -> scratch."""
+    restored = ckpt.restore(state, shardings, data_iterator)
+    if restored is not None:
+        state, rng_data = restored
+        _say(f"resumed from {os.path.join(workdir, checkpoints.CHECKPOINTS)} at step {int(state.step)}")
+        return state, jax.device_put(rng_data, state_lib.replicated(shardings.step.mesh))
+    if config.get("init_from"):
+        params = checkpointing.load_init_params(config.init_from, state.params, shardings.params,
+                                                config.get("dont_load") or ())
+        _say(f"initialised parameters from {config.init_from} (kept fresh: {list(config.get('dont_load') or [])})")
+        return state.replace(params=params), train_rng
+    _say("training from scratch")
+    return state, train_rng
+
+
+def _run_evaluators(evaluators, inference_model, step: int, writer: metrics_lib.MetricWriter,
+                    only_due: bool) -> dict[str, float]:
+    results = {}
+    for name, evaluator, every_steps, prefix in evaluators:
+        if only_due and (every_steps <= 0 or step % every_steps):
+            continue
+        start = time.perf_counter()
+        values = {prefix + metric: float(value) for metric, value in evaluator.run(inference_model)}
+        writer.write_scalars(step, values)
+        _say(f"eval {name} at step {step} ({time.perf_counter() - start:.1f}s): "
+             + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        results.update(values)
+    return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics."""
+    from grain_jax.data import pipeline
+    from grain_jax.evaluators.common import from_config
+    from grain_jax.inference import InferenceModel
+    from grain_jax.losses import LossConfig
+
+    workdir = os.path.abspath(workdir)
+    config = resolve_data(config, workdir)
+    validate_config(config)
+    mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"))
+    rules = sharding.axis_rules(config.get("sharding_rules") or ())
+    spec = state_lib.model_spec(config)
+    if jax.process_index() == 0:
+        checkpoints.write_model_spec(workdir, spec)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
+
+    num_train = pipeline.num_records(config.data)
+    sizes = dict(num_train_examples=num_train, global_batch_size=config.global_batch_size)
+    total_steps = optimizer.steps_from_duration(config, "total", **sizes)
+    warmup_steps = optimizer.steps_from_duration(config, "warmup", default=0, **sizes)
+    schedule = optimizer.make_schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    _say(f"{num_train} training records, global batch {config.global_batch_size}: {total_steps} steps "
+         f"({warmup_steps} warmup); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
+         f"devices in {jax.process_count()} process(es)")
+
+    model = state_lib.build_model(config)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    state, shardings, tx = state_lib.create_train_state(
+        model, lambda params: optimizer.make_optimizer(config, params, schedule), config, mesh, rules, init_rng)
+    _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
+
+    data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
+                                                 seed=config.seed)
+    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
+
+    batch_sh = state_lib.batch_sharding(mesh, rules)
+    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
+                                          int(config.get("grad_accum_steps", 1)))
+    compiled = _train_step_compiled(train_step, state, shardings, batch_sh, mesh, rules, config)
+    evaluators = from_config(config.get("evals"))
+    writer = metrics_lib.MetricWriter(workdir)
+    step = int(state.step)
+    throughput = metrics_lib.Throughput(
+        total_steps=total_steps, global_batch_size=config.global_batch_size, first_step=step,
+        flops_per_step=metrics_lib.compiled_flops(compiled, jax.device_count()),
+        peak=metrics_lib.peak_flops(jax.devices()))
+
+    def inference_model():
+        return InferenceModel(model, state.params, spec, mesh, rules=config.get("sharding_rules") or ())
+
+    pending: list[dict] = []
+    last: dict[str, float] = {}
+
+    def flush_metrics():
+        """Fetches the metrics of the steps since the last flush; stops on a non-finite step."""
+        nonlocal pending, last
+        if not pending:
+            return
+        fetched = jax.device_get(pending)
+        pending = []
+        bad = [m for m in fetched if m["finite"] < 1]
+        if bad:
+            ckpt.wait()
+            raise FloatingPointError(
+                f"non-finite loss/gradients at or before step {step} (loss {bad[0]['loss/total']}, grad_norm "
+                f"{bad[0]['grad_norm']}); the update was not applied and training stopped. The last good checkpoint "
+                f"is step {ckpt.latest_step()} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}")
+        last = {**metrics_lib.mean_metrics(fetched), **throughput.measure(step)}
+        last.pop("finite")
+        writer.write_scalars(step, last)
+        _say(metrics_lib.console_line(step, total_steps, last))
+
+    multi_process = jax.process_count() > 1
+    # One process: our own SIGTERM handler. Several: JAX's preemption service owns SIGTERM
+    # and `reached_preemption` tells every process the same step to stop at.
+    sigterm = contextlib.nullcontext(None) if multi_process else checkpointing.SigtermFlag()
+    with sigterm as flag:
+        while step < total_steps:
+            batch = pipeline.to_global(next(data_iterator), batch_sh)
+            state, step_metrics = compiled(state, batch, train_rng)
+            step += 1
+            pending.append(step_metrics)
+            preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
+            save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
+            if step % config.log_every_steps == 0 or save:
+                flush_metrics()
+            if save:
+                ckpt.save(state, train_rng, data_iterator)
+            if preempted:
+                ckpt.wait()
+                _say(f"preempted: saved checkpoint at step {step} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}; "
+                     f"rerun the same command to resume")
+                writer.close()
+                ckpt.close()
+                return last
+            if any(every > 0 and step % every == 0 and step < total_steps for _, _, every, _ in evaluators):
+                last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=True))
+                throughput.reset(step)
+
+    if ckpt.latest_step() != step:  # e.g. resumed from the final step; make sure it is on disk
+        ckpt.save(state, train_rng, data_iterator)
+    last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=False))
+    ckpt.wait()
+    writer.close()
+    ckpt.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+            json.dump({"step": step, **last}, f, indent=2)
+    _say(f"done: {step} steps. Results: {os.path.join(workdir, 'final_metrics.json')} and "
+         f"{writer.jsonl_path}; TensorBoard: tensorboard --logdir {writer.tensorboard_dir}; "
+         f"checkpoint: {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
+         f"(load with grain_jax.inference.load({workdir!r}))")
+    return last
