@@ -8,11 +8,19 @@ balanced dataset).
 """
 from __future__ import annotations
 
+import json
+import os
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+
+NAMES = [str(i) for i in range(10)]  # digits: one BPE token each, absent from templates
+DESCRIPTORS = {n: ["whiskers", "a long tail", "has stripes"][: 1 + int(n) % 3] for n in NAMES}
+
 
 PIXEL_STEP = 20
 EMBED_DIM = 16
@@ -79,3 +87,16 @@ def make_inference_model(class_names, *, wrong=False, mesh=None, batch_size=8):
     params = model.init(jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
                         jnp.zeros((1, 32), jnp.int32))["params"]
     return InferenceModel(model, params, spec, mesh, batch_size=batch_size, text_batch_size=64)
+
+
+def write_folder(root, per_class=2, names=NAMES, descriptor_file=None):
+    """ImageFolder with ``per_class`` label images per class (sizes vary)."""
+    for label, name in enumerate(names):
+        os.makedirs(os.path.join(root, name))
+        for i in range(per_class):
+            size = 9 + i * 5
+            Image.fromarray(label_image(label, size)).save(os.path.join(root, name, f"{i}.png"))
+    if descriptor_file is not None:
+        with open(os.path.join(root, "descriptors.json"), "w") as f:
+            json.dump(descriptor_file, f)
+    return str(root)

@@ -1,17 +1,13 @@
 """Zero-shot evaluator, datasets, descriptors and templates, with built-to-be-perfect/wrong fake models."""
 import json
-import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image
 
 import evaluator_fakes as fakes
+from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
 from grain_jax.evaluators import common, datasets, descriptors, prompts, zeroshot
-
-NAMES = [str(i) for i in range(10)]  # digits: one BPE token each, absent from templates/descriptors
-DESCRIPTORS = {n: ["whiskers", "a long tail", "has stripes"][: 1 + int(n) % 3] for n in NAMES}
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +18,6 @@ def perfect():
 @pytest.fixture(scope="module")
 def wrong():
     return fakes.make_inference_model(NAMES, wrong=True)
-
-
-def write_folder(root, per_class=2, names=NAMES, descriptor_file=None):
-    """ImageFolder with ``per_class`` label images per class (sizes vary)."""
-    for label, name in enumerate(names):
-        os.makedirs(os.path.join(root, name))
-        for i in range(per_class):
-            size = 9 + i * 5
-            Image.fromarray(fakes.label_image(label, size)).save(os.path.join(root, name, f"{i}.png"))
-    if descriptor_file is not None:
-        with open(os.path.join(root, "descriptors.json"), "w") as f:
-            json.dump(descriptor_file, f)
-    return str(root)
 
 
 def test_perfect_model_scores_exactly_one_and_counts_every_image_once(tmp_path, perfect):
