@@ -193,15 +193,15 @@ def test_clip_outputs_and_zero_weights_skip_terms():
     rng = np.random.default_rng(7)
     outputs, batch = _random_outputs(rng), _random_batch(rng)
     clip_outputs = {k: outputs[k] for k in ("img/embedding", "txt/caption", "logit_scale")}
-    loss, metrics = total_loss(clip_outputs, batch)
+    loss, metrics = jit_total_loss(clip_outputs, batch, LossConfig())
     assert set(metrics) == {"loss/total", "loss/image_caption", "acc/image_caption"}
     np.testing.assert_allclose(loss, _np_image_caption(outputs["img/embedding"], outputs["txt/caption"],
                                                        1 / 0.07), rtol=1e-5)
     # "noloc": box weights 0, region-description still matched; region-description 0 -> no L_rd
-    noloc_loss, noloc = total_loss(outputs, batch, LossConfig(box_l1=0.0, box_giou=0.0))
+    noloc_loss, noloc = jit_total_loss(outputs, batch, LossConfig(box_l1=0.0, box_giou=0.0))
     assert "loss/region_description" in noloc and "count/matched" in noloc
     np.testing.assert_allclose(noloc_loss, noloc["loss/image_caption"] + noloc["loss/region_description"], rtol=1e-6)
-    _, no_rd = total_loss(outputs, batch, LossConfig(region_description=0.0))
+    _, no_rd = jit_total_loss(outputs, batch, LossConfig(region_description=0.0))
     assert "loss/region_description" not in no_rd and "loss/box_l1" in no_rd
 
 
