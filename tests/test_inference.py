@@ -1,0 +1,109 @@
+"""InferenceModel: preprocessing, padded batching, mesh sharding, class-embedding averaging."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluator_fakes as fakes
+from grain_jax import inference, sharding
+from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from grain_jax.evaluators import descriptors, prompts
+
+NAMES = fakes.NAMES
+
+
+@pytest.fixture(scope="module")
+def perfect():
+    return fakes.make_inference_model(NAMES, batch_size=4)
+
+
+def test_preprocess_squash_resizes_bicubic_and_normalises():
+    spec = ModelSpec(model_name="x", image_size=8)
+    image = np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    expected = np.asarray(Image.fromarray(image).resize((8, 8), Image.BICUBIC), np.float32) / 255
+    expected = (expected - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
+    np.testing.assert_allclose(inference.preprocess_image(image, spec), expected, rtol=1e-6)
+    grey = inference.preprocess_images([image[..., 0], image], spec)  # any sizes, greyscale -> RGB
+    assert grey.shape == (2, 8, 8, 3) and np.allclose(grey[0, ..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0],
+                                                     grey[0, ..., 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1])
+    normalised = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
+    np.testing.assert_array_equal(inference.preprocess_images(normalised, spec), normalised)  # passed through
+    with pytest.raises(ValueError, match=r"float images must be normalised \[N, 8, 8, 3\]"):
+        inference.preprocess_images(np.zeros((2, 9, 9, 3), np.float32), spec)
+
+
+def test_padded_batches_return_every_row_once(perfect):
+    labels = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]  # 11 images, batch 4: last batch padded
+    out = perfect.encode_images([fakes.label_image(lab, 10 + i) for i, lab in enumerate(labels)])
+    assert out.shape == (11, fakes.EMBED_DIM)
+    np.testing.assert_array_equal(out.argmax(1), labels)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-6)
+    texts = perfect.encode_texts([f"a photo of a {lab}," for lab in labels])
+    np.testing.assert_array_equal(texts.argmax(1), labels)
+
+
+def test_mesh_sharded_batches_give_the_same_embeddings(perfect):
+    mesh = sharding.create_mesh((-1, 2, 1))
+    sharded = fakes.make_inference_model(NAMES, mesh=mesh, batch_size=6)
+    assert sharded.batch_size == 8  # rounded up to the 8 batch shards
+    images = np.stack([fakes.label_image(i % 10) for i in range(13)])
+    np.testing.assert_array_equal(sharded.encode_images(images), perfect.encode_images(images))
+    clf = perfect.classifier(NAMES, fakes.DESCRIPTORS, "short")
+    np.testing.assert_allclose(sharded.scores(images, clf, alpha=0.5), perfect.scores(images, clf, alpha=0.5))
+
+
+def test_classify_probabilities(perfect):
+    clf = perfect.classifier(NAMES, templates="short")
+    probs = perfect.classify(np.stack([fakes.label_image(i) for i in range(10)]), clf)
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(probs.argmax(1), np.arange(10))
+    with pytest.raises(ValueError, match="alpha < 1 needs"):
+        perfect.scores(np.stack([fakes.label_image(0)]), clf, alpha=0.5)
+
+
+class BagOfTokens(nn.Module):
+    """Text embedding = sum of a random table's rows over the non-zero tokens (numpy-checkable)."""
+    mode: str = "clip"
+    vocab: int = 97
+
+    def setup(self):
+        self.table = self.param("table", nn.initializers.normal(1.0), (self.vocab, 6))
+
+    def __call__(self, images, tokens, description_tokens=None):
+        return self.encode_text(tokens)
+
+    def encode_text(self, tokens):
+        return jnp.where(tokens[..., None] > 0, self.table[tokens % self.vocab], 0).sum(1)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_class_embeddings_equal_a_plain_numpy_average(renormalize):
+    spec = ModelSpec(model_name="bag", image_size=4, caption_length=24)
+    model = BagOfTokens()
+    params = model.init(jax.random.key(1), None, jnp.ones((1, 24), jnp.int32))["params"]
+    m = inference.InferenceModel(model, params, spec, text_batch_size=16)
+    desc = {"ant": ["six legs", "a red body"], "bee": ["stripes"], "cow": []}  # "cow": templates only
+    templates = prompts.SHORT
+    clf = m.classifier(list(desc), desc, templates, renormalize=renormalize, chunk_prompts=5)  # several chunks
+
+    table = np.asarray(params["table"])
+    expected = []
+    for name, ds in desc.items():
+        tokens = m.tokenize(descriptors.class_prompts(name, ds, templates))
+        emb = np.where(tokens[..., None] > 0, table[tokens % 97], 0).sum(1)
+        mean = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).mean(0)
+        expected.append(mean / np.linalg.norm(mean) if renormalize else mean)
+    np.testing.assert_allclose(clf.embeddings, np.stack(expected), rtol=1e-5, atol=1e-6)
+    assert clf.descriptor_mask.tolist() == [[True, True], [True, False], [False, False]]
+    raw = table[m.tokenize(["six legs"]) % 97][0][m.tokenize(["six legs"])[0] > 0].sum(0)
+    np.testing.assert_allclose(clf.descriptor_embeddings[0, 0], raw / np.linalg.norm(raw), rtol=1e-5)
+
+
+def test_ground_needs_a_grain_model(perfect):
+    out = perfect.ground(np.stack([fakes.label_image(2)]))
+    assert out["boxes"].shape == (1, 3, 4) and out["region_embeddings"].shape == (1, 3, fakes.EMBED_DIM)
+    clip = inference.InferenceModel(BagOfTokens(), {}, ModelSpec(model_name="bag", image_size=4))
+    with pytest.raises(ValueError, match="ground\\(\\) needs a GRAIN model"):
+        clip.ground(np.zeros((1, 4, 4, 3), np.uint8))
