@@ -1,0 +1,114 @@
+"""Schedule values, duration conversion and the weight-decay masks (no model needed)."""
+import math
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from grain_jax.train import optimizer
+
+
+def _config(**overrides):
+    config = ml_collections.ConfigDict(dict(
+        lr=1e-3, lr_start=1e-6, lr_end=1e-5, weight_decay=0.1, wd_rule="default", grad_clip_norm=None,
+        adam=dict(b1=0.9, b2=0.98, eps=1e-8),
+        total_steps=None, total_epochs=None, total_examples=None,
+        warmup_steps=None, warmup_epochs=None, warmup_examples=None))
+    config.update(overrides)
+    return config
+
+
+def test_schedule_warmup_then_cosine():
+    schedule = optimizer.make_schedule(_config(), total_steps=110, warmup_steps=10)
+    np.testing.assert_allclose(schedule(0), 1e-6, rtol=2e-5)
+    np.testing.assert_allclose(schedule(5), 1e-6 + (1e-3 - 1e-6) * 0.5, rtol=2e-5)
+    np.testing.assert_allclose(schedule(10), 1e-3, rtol=2e-5)
+    # Halfway through the cosine: the midpoint of peak and end.
+    np.testing.assert_allclose(schedule(60), (1e-3 + 1e-5) / 2, rtol=2e-5)
+    cosine_25 = 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + math.cos(math.pi * 25 / 100))
+    np.testing.assert_allclose(schedule(35), cosine_25, rtol=2e-5)
+    np.testing.assert_allclose(schedule(110), 1e-5, rtol=2e-5)
+
+
+def test_schedule_rejects_warmup_longer_than_training():
+    with pytest.raises(ValueError, match="warmup"):
+        optimizer.make_schedule(_config(), total_steps=5, warmup_steps=10)
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("total_steps", 123, 123),
+    ("total_epochs", 2.0, 2 * (1000 // 64)),
+    ("total_epochs", 0.5, round(0.5 * (1000 // 64))),
+    ("total_examples", 6400, 100),
+])
+def test_durations_convert_to_steps(key, value, expected):
+    steps = optimizer.steps_from_duration(_config(**{key: value}), "total", num_train_examples=1000,
+                                          global_batch_size=64)
+    assert steps == expected
+
+
+def test_durations_errors_name_the_keys():
+    sizes = dict(num_train_examples=1000, global_batch_size=64)
+    with pytest.raises(ValueError, match="total_steps=10, total_epochs=2"):
+        optimizer.steps_from_duration(_config(total_steps=10, total_epochs=2.0), "total", **sizes)
+    with pytest.raises(ValueError, match="total_steps, total_epochs, total_examples"):
+        optimizer.steps_from_duration(_config(), "total", **sizes)
+    with pytest.raises(ValueError, match="number of training records"):
+        optimizer.steps_from_duration(_config(total_epochs=1.0), "total", num_train_examples=None,
+                                      global_batch_size=64)
+    assert optimizer.steps_from_duration(_config(), "warmup", default=0, **sizes) == 0
+
+
+PARAMS = {
+    "image": {"patch_embed": {"kernel": jnp.ones((4, 4, 3, 8)), "bias": jnp.ones(8)},
+              "block_0": {"ln_1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                          "attn": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}}},
+              "pos_embed": jnp.ones((1, 5, 8))},
+    "decoder": {"queries": jnp.ones((6, 8)),
+                "layer_0": {"norm_1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                            "self_attention": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}},
+                            "mlp": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}}},
+    "logit_scale": jnp.ones(()),
+}
+
+
+def _flat(tree):
+    return {"/".join(k.key for k in path): bool(v) for path, v in
+            __import__("jax").tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_default_mask_decays_only_matrices():
+    mask = _flat(optimizer.weight_decay_mask(PARAMS, "default"))
+    decayed = {path for path, d in mask.items() if d}
+    assert decayed == {"image/patch_embed/kernel", "image/block_0/attn/query/kernel", "image/block_0/attn/query/bias",
+                       "image/pos_embed", "decoder/queries", "decoder/layer_0/self_attention/query/kernel",
+                       "decoder/layer_0/self_attention/query/bias", "decoder/layer_0/mlp/kernel"}
+
+
+def test_reference_mask_follows_the_pytorch_rule():
+    mask = _flat(optimizer.weight_decay_mask(PARAMS, "reference"))
+    decayed = {path for path, d in mask.items() if d}
+    # Towers: no decay for ndim < 2 or names with bias/ln/norm (so the 2-D q/k/v bias is not decayed).
+    # Decoder: only plain biases escape; LayerNorm scales, attention q/k/v biases and queries decay.
+    assert decayed == {"image/patch_embed/kernel", "image/block_0/attn/query/kernel", "image/pos_embed",
+                       "decoder/queries", "decoder/layer_0/norm_1/scale",
+                       "decoder/layer_0/self_attention/query/kernel", "decoder/layer_0/self_attention/query/bias",
+                       "decoder/layer_0/mlp/kernel"}
+    assert not mask["logit_scale"]
+
+
+def test_masked_params_are_not_decayed():
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "logit_scale": jnp.ones(())}
+    tx = optimizer.make_optimizer(_config(weight_decay=0.5), params, optax.constant_schedule(0.1))
+    zero = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2), "logit_scale": jnp.zeros(())}
+    updates, _ = tx.update(zero, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # decay only
+    np.testing.assert_array_equal(updates["b"], 0)
+    np.testing.assert_array_equal(updates["logit_scale"], 0)
+
+
+def test_unknown_wd_rule_is_rejected():
+    with pytest.raises(ValueError, match="wd_rule 'nope'"):
+        optimizer.weight_decay_mask(PARAMS, "nope")
