@@ -15,7 +15,6 @@ import shutil
 import signal
 from typing import Any, Sequence
 
-import flax.linen as nn
 import grain
 import jax
 import numpy as np
@@ -120,11 +119,13 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
     skip = [re.compile(pattern) for pattern in dont_load]
     fresh = traverse_util.flatten_dict(params, sep="/")
     target_shardings = traverse_util.flatten_dict(shardings, sep="/")
-    with checkpoints.manager(init_from, read_only=True) as mngr:
+    with ocp.CheckpointManager(os.path.join(os.path.abspath(init_from), checkpoints.CHECKPOINTS),
+                               item_handlers={"params": ocp.StandardCheckpointHandler()},
+                               options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint steps")
-        saved = traverse_util.flatten_dict(mngr.item_metadata(step)["params"], sep="/")
+        saved = traverse_util.flatten_dict(dict(mngr.item_metadata(step)["params"].tree), sep="/")
         wanted, problems = {}, []
         for path, leaf in fresh.items():
             if any(p.fullmatch(path) for p in skip):
