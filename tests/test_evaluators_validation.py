@@ -1,0 +1,70 @@
+"""Validation-loss evaluator over records written with the real record writer."""
+import io
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import evaluator_fakes as fakes
+from grain_jax.data import pipeline, records
+from grain_jax.data.tokenizer import tokenize
+from grain_jax.evaluators import common
+from grain_jax.losses import LossConfig, total_loss
+
+RESOLUTION, MAX_BOXES, NUM_VALIDATION = 16, 5, 11
+
+
+def _record(index):
+    """Image of label index % 10, a caption naming the label, index % 4 boxes."""
+    jpeg = io.BytesIO()
+    Image.fromarray(fakes.label_image(index % 10, RESOLUTION)).save(jpeg, "PNG")
+    rng = np.random.default_rng(index)
+    box_mask = np.arange(MAX_BOXES) < index % 4
+    boxes = np.concatenate([rng.uniform(0.3, 0.7, (MAX_BOXES, 2)), rng.uniform(0.1, 0.4, (MAX_BOXES, 2))], -1)
+    return {
+        "id": f"r{index}", "image": jpeg.getvalue(),
+        "caption_tokens": tokenize([f"a photo of {index % 10}"])[0],
+        "mllm_caption_tokens": np.zeros(77, np.int32), "has_mllm_caption": False,
+        "description_tokens": tokenize(["a thing"] * MAX_BOXES) * box_mask[:, None],
+        "boxes": (boxes * box_mask[:, None]).astype(np.float32), "box_mask": box_mask,
+        "box_scores": box_mask.astype(np.float32),
+    }
+
+
+@pytest.fixture(scope="module")
+def data_config(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("val_records"))
+    features = records.features(RESOLUTION, MAX_BOXES, 77)
+    path = os.path.join(directory, "validation-0.tmp_shard")
+    num_bytes = records.write_shard(path, [features.serialize_example(_record(i)) for i in range(NUM_VALIDATION)])
+    records.publish_split(directory, "validation", [path])
+    records.write_tfds_metadata(directory, features, {"validation": [NUM_VALIDATION]},
+                                {"validation": num_bytes}, "validation evaluator test")
+    return {"dir": directory, "eval_split": "validation", "image_size": fakes.IMAGE_SIZE, "caption_length": 32,
+            "description_length": 8, "num_workers": 0, "prefetch": 0}
+
+
+def test_validation_losses_weight_batches_by_real_examples(data_config):
+    model = fakes.make_inference_model(fakes.NAMES)
+    (_, evaluator, every, prefix), = common.from_config(
+        {"val": {"type": "validation", "every_steps": 5, "data": data_config, "batch_size": 8}})
+    got = dict(evaluator.run(model))
+
+    # Oracle: each batch's losses on its real examples only (padding sliced off), weighted by their count.
+    expected, total = {}, 0
+    loss_fn = jax.jit(lambda outputs, batch: total_loss(outputs, batch, LossConfig()))
+    for batch in pipeline.make_eval_iterator(data_config, global_batch_size=8):
+        real = {k: v[batch["mask"]] for k, v in batch.items() if k != "mask"}
+        outputs, _ = model.model.apply({"params": model.params}, real["images"], real["caption_tokens"],
+                                       real["description_tokens"])
+        _, metrics = loss_fn(outputs, real)
+        for key, value in metrics.items():
+            if key.startswith(("loss/", "acc/")):
+                expected[key] = expected.get(key, 0.0) + float(value) * len(real["images"])
+        total += len(real["images"])
+    assert total == NUM_VALIDATION and every == 5
+    assert set(got) == {f"val/{k}" for k in expected} and "val/loss/image_caption" in got
+    for key, value in expected.items():
+        assert got[f"val/{key}"] == pytest.approx(value / total, rel=1e-5, abs=1e-6), key
