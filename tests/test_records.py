@@ -43,6 +43,7 @@ def test_features_match_the_interface_schema():
 def _write_dataset(directory, shards: dict[str, list[list[dict]]]):
     """Writes shards of records with the records helpers, as prepare does."""
     features = records.features(RESOLUTION, MAX_BOXES, LENGTH)
+    serialize = records.RecordSerializer(features)
     work = directory / "work"
     work.mkdir(exist_ok=True)
     lengths, sizes = {}, {}
@@ -51,7 +52,7 @@ def _write_dataset(directory, shards: dict[str, list[list[dict]]]):
         for k, shard in enumerate(split_shards):
             path = work / f"{split}-{k}"
             sizes[split] = sizes.get(split, 0) + records.write_shard(
-                path, [features.serialize_example(r) for r in shard])
+                path, [serialize(r) for r in shard])
             paths.append(os.fspath(path))
         published = records.publish_split(directory, split, [p for p, s in zip(paths, split_shards) if s])
         assert [os.path.basename(p) for p in published] == [
@@ -75,6 +76,16 @@ def test_written_shards_read_back_through_tfds(tmp_path):
         for key in ("caption_tokens", "description_tokens", "boxes", "box_mask", "box_scores", "has_mllm_caption"):
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
     assert builder.as_data_source("validation")[0]["id"] == b"img/7.jpg"
+
+
+def test_record_serializer_matches_tfds_serialization():
+    features = records.features(RESOLUTION, MAX_BOXES, LENGTH)
+    record = _record(2)
+    ours = features.deserialize_example_np(records.RecordSerializer(features)(record))
+    theirs = features.deserialize_example_np(features.serialize_example(record))
+    assert ours.keys() == theirs.keys() == record.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
 def test_republishing_replaces_shards_and_empty_splits_are_left_out(tmp_path):

@@ -329,14 +329,19 @@ def _features(config: PrepareConfig):
     return records.features(config.resolution, config.max_boxes, config.context_length)
 
 
+@functools.lru_cache(maxsize=None)
+def _serializer(config: PrepareConfig) -> records.RecordSerializer:
+    return records.RecordSerializer(_features(config))
+
+
 def _run_unit(unit: _Unit) -> dict:
     """Processes and writes one shard; returns (and stores next to it) its summary and report."""
-    features = _features(unit.config)
+    serialize = _serializer(unit.config)
     serialized, report = [], []
     for raw in unit.examples:
         record, entry = process_example(raw, unit.config)
         if record is not None:
-            serialized.append(features.serialize_example(record))
+            serialized.append(serialize(record))
         if entry is not None:
             report.append(dict(entry, split=unit.split))
     num_bytes = records.write_shard(unit.stem + ".array_record", serialized)

@@ -29,7 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
-from tensorflow_datasets.core import file_adapters, naming
+from tensorflow_datasets.core import example_serializer, file_adapters, naming
 
 DATASET_NAME = "grain_jax"
 SPLITS = ("train", "validation")
@@ -57,6 +57,22 @@ def features(resolution: int, max_boxes: int = 5, context_length: int = 77) -> t
         "box_mask": tensor(shape=(max_boxes,), dtype=np.bool_, doc="valid box+description, packed first"),
         "box_scores": tensor(shape=(max_boxes,), dtype=np.float32, doc="detector scores, descending"),
     })
+
+
+class RecordSerializer:
+    """`features.serialize_example` with byte-identical output in every process.
+
+    tf.Example keeps its features in a protobuf map, whose serialisation order may differ between
+    processes; deterministic serialisation makes a shard's bytes independent of the worker.
+    """
+
+    def __init__(self, record_features: tfds.features.FeaturesDict):
+        self.features = record_features
+        self._serializer = example_serializer.ExampleSerializer(record_features.get_serialized_info())
+
+    def __call__(self, record: Mapping[str, Any]) -> bytes:
+        proto = self._serializer.get_tf_example(self.features.encode_example(record))
+        return proto.SerializeToString(deterministic=True)
 
 
 def filename_template(output_dir: str | os.PathLike, split: str) -> naming.ShardedFileTemplate:
