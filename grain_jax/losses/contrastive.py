@@ -71,7 +71,7 @@ def image_caption_loss(image_embeddings: jax.Array, caption_embeddings: jax.Arra
 def region_description_loss(region_embeddings: jax.Array, description_embeddings: jax.Array,
                             description_mask: jax.Array, query_index: jax.Array, target_index: jax.Array,
                             pair_valid: jax.Array, scale: jax.Array,
-                            negative_groups: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
+                            negative_groups: int = 1) -> tuple[jax.Array, jax.Array]:
     """Cross-entropy of each matched region against the batch's descriptions.
 
     Descriptions are laid out as B*M columns (column b*M + m = description m of
@@ -91,8 +91,7 @@ def region_description_loss(region_embeddings: jax.Array, description_embeddings
       negative_groups: G, must divide B.
 
     Returns:
-      (loss, accuracy, num_pairs): means over valid pairs (0 when there are none)
-      and the number of valid pairs.
+      (loss, accuracy): means over the valid pairs (0 when there are none).
     """
     batch_size, max_descriptions = description_mask.shape
     if batch_size % negative_groups:
@@ -111,5 +110,4 @@ def region_description_loss(region_embeddings: jax.Array, description_embeddings
     labels = (position_in_group[:, None] * max_descriptions + target_index).reshape(logits.shape[:-1])
     losses, hits = _cross_entropy_and_accuracy(logits, labels)
     valid = pair_valid.reshape(logits.shape[:-1])
-    return (_masked_mean(losses, valid), _masked_mean(hits.astype(jnp.float32), valid),
-            jnp.sum(valid).astype(jnp.float32))
+    return _masked_mean(losses, valid), _masked_mean(hits.astype(jnp.float32), valid)

@@ -166,22 +166,24 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
         metrics["count/matched"] = jnp.sum(matches.valid).astype(jnp.float32)
 
         # Cheap once matched, so logged even when box weights are 0 ("noloc" ablation).
-        layers = [("", pred_boxes, matches)]
-        if config.aux_loss and config.uses_boxes:
-            layer_boxes = _get(outputs, "dec/layer_boxes", "outputs")
-            for i in range(layer_boxes.shape[0] - 1):
-                layers.append((f"_aux_{i}", layer_boxes[i],
-                               matching.match_boxes(layer_boxes[i], target_boxes, target_mask, **match_weights)))
-        for suffix, boxes_of_layer, matches_of_layer in layers:
-            l1, giou = box_losses(boxes_of_layer, target_boxes, matches_of_layer, num_boxes)
-            metrics[f"loss/box_l1{suffix}"] = l1
-            metrics[f"loss/box_giou{suffix}"] = giou
-            if config.uses_boxes:
-                loss += config.box_factor * (config.box_l1 * l1 + config.box_giou * giou)
+        l1, giou = box_losses(pred_boxes, target_boxes, matches, num_boxes)
+        metrics["loss/box_l1"], metrics["loss/box_giou"] = l1, giou
+        if config.uses_boxes:
+            loss += config.box_factor * (config.box_l1 * l1 + config.box_giou * giou)
+            if config.aux_loss:
+                # Every intermediate layer (all but the last) re-matched on its own boxes, vmapped over layers.
+                def layer_box_losses(boxes_of_layer):
+                    layer_matches = matching.match_boxes(boxes_of_layer, target_boxes, target_mask, **match_weights)
+                    return box_losses(boxes_of_layer, target_boxes, layer_matches, num_boxes)
+
+                aux_l1, aux_giou = jax.vmap(layer_box_losses)(_get(outputs, "dec/layer_boxes", "outputs")[:-1])
+                for i in range(aux_l1.shape[0]):
+                    metrics[f"loss/box_l1_aux_{i}"], metrics[f"loss/box_giou_aux_{i}"] = aux_l1[i], aux_giou[i]
+                loss += config.box_factor * (config.box_l1 * aux_l1.sum() + config.box_giou * aux_giou.sum())
 
         if use_descriptions:
             groups = config.negative_groups if config.description_negatives == "per_device" else 1
-            description_loss, description_accuracy, _ = contrastive.region_description_loss(
+            description_loss, description_accuracy = contrastive.region_description_loss(
                 region_embeddings, description_embeddings, target_mask, matches.query_index,
                 matches.target_index, matches.valid, scale, negative_groups=groups)
             metrics["loss/region_description"] = description_loss
