@@ -36,6 +36,7 @@ import tarfile
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import tqdm
 from PIL import Image
 
 from grain_jax.data import records
@@ -412,8 +413,6 @@ def prepare_dataset(raw_splits: Mapping[str, Iterable[Mapping[str, Any]]], outpu
       extra_info: more entries for grain_jax_info.json (e.g. input file names).
       progress: show a tqdm progress bar.
     """
-    import tqdm  # noqa: PLC0415  (heavy-ish import, only needed here)
-
     config = PrepareConfig(resolution, max_boxes, context_length, jpeg_quality)
     output_dir = os.fspath(output_dir)
     work_dir = os.path.join(output_dir, WORK_DIR)
@@ -429,9 +428,9 @@ def prepare_dataset(raw_splits: Mapping[str, Iterable[Mapping[str, Any]]], outpu
             if num_workers > 1 else None)
     in_flight: dict[concurrent.futures.Future, _Unit] = {}
 
-    def collect(block: bool) -> None:
-        done, _ = concurrent.futures.wait(in_flight, return_when="FIRST_COMPLETED" if block else "ALL_COMPLETED",
-                                          timeout=None if block else 0)
+    def collect_finished() -> None:
+        """Waits for at least one unit in flight and records every finished one."""
+        done, _ = concurrent.futures.wait(in_flight, return_when=concurrent.futures.FIRST_COMPLETED)
         for future in done:
             unit = in_flight.pop(future)
             try:
@@ -457,11 +456,11 @@ def prepare_dataset(raw_splits: Mapping[str, Iterable[Mapping[str, Any]]], outpu
                     bar.update(len(chunk))
                 else:
                     while len(in_flight) >= 2 * num_workers:  # bounds the raw examples held in memory
-                        collect(block=True)
+                        collect_finished()
                     in_flight[pool.submit(_run_unit, unit)] = unit
             num_units[split] = index + 1
         while in_flight:
-            collect(block=True)
+            collect_finished()
     finally:
         bar.close()
         if pool is not None:
