@@ -141,14 +141,6 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
 
 
-def split_packed(packed: np.ndarray, parts: int = 3) -> list[np.ndarray]:
-    """A packed q/k/v in-projection ([3*D, D] weight or [3*D] bias) -> ``parts`` chunks along
-    the output dim, in q, k, v order (nn.MultiheadAttention and timm's fused qkv agree)."""
-    if packed.shape[0] % parts:
-        raise ConversionError(f"packed projection of shape {packed.shape} does not split into {parts}")
-    return np.split(packed, parts, axis=0)
-
-
 # ---------------------------------------------------------------------- checking
 def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
     flat = {}
@@ -171,16 +163,12 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
     return tree
 
 
-def abstract_param_shapes(model, image_size: int, text_length: int) -> dict[tuple[str, ...], tuple[int, ...]]:
-    """{path: shape} of the model's params, without allocating them (``jax.eval_shape``)."""
+def abstract_param_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """{path: shape} of a grain_jax model's params, without allocating them."""
     import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
+    from grain_jax.models import abstract_variables
 
-    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
-    tokens = jnp.zeros((1, text_length), jnp.int32)
-    boxed = jax.eval_shape(lambda k: model.init({"params": k}, images, tokens, None)["params"], jax.random.key(0))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(boxed)).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(abstract_variables(model)["params"])).items()}
 
 
 def check_against_model(converted: Params, expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> None:
@@ -209,8 +197,15 @@ def report_unused(source: TensorSource, expected_unused: Callable[[str], bool]) 
     return unused
 
 
-def as_float32(tree: Params) -> Params:
-    return unflatten({p: np.asarray(v, np.float32) for p, v in flatten(tree).items()})
+def write_checkpoint(output_dir: str, params: Params, model, spec) -> int:
+    """Checks ``params`` against ``model`` (every parameter present, right shapes), then writes
+    them as float32 with ``spec`` via ``checkpoints.save_params``. Returns the parameter count."""
+    from grain_jax import checkpoints
+
+    check_against_model(params, abstract_param_shapes(model))
+    params = unflatten({p: np.asarray(v, np.float32) for p, v in flatten(params).items()})
+    checkpoints.save_params(output_dir, params, spec)
+    return sum(int(v.size) for v in flatten(params).values())
 
 
 def matches_any(prefixes: Iterable[str]) -> Callable[[str], bool]:
