@@ -1,6 +1,7 @@
 """Schedule values, duration conversion and the weight-decay masks (no model needed)."""
 import math
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -61,42 +62,38 @@ def test_durations_errors_name_the_keys():
     assert optimizer.steps_from_duration(_config(), "warmup", default=0, **sizes) == 0
 
 
-PARAMS = {
+PARAMS = {  # the naming of grain_jax.models (packed qkv projections)
     "image": {"patch_embed": {"kernel": jnp.ones((4, 4, 3, 8)), "bias": jnp.ones(8)},
-              "block_0": {"ln_1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
-                          "attn": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}}},
+              "blocks_0": {"norm1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                           "attn": {"qkv_kernel": jnp.ones((8, 3, 2, 4)), "qkv_bias": jnp.ones((3, 2, 4)),
+                                    "out_bias": jnp.ones(8)}},
               "pos_embed": jnp.ones((1, 5, 8))},
-    "decoder": {"queries": jnp.ones((6, 8)),
-                "layer_0": {"norm_1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
-                            "self_attention": {"query": {"kernel": jnp.ones((8, 2, 4)), "bias": jnp.ones((2, 4))}},
-                            "mlp": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}}},
+    "decoder": {"query_embed": jnp.ones((6, 8)), "obj_proj": jnp.ones((8, 8)),
+                "layers_0": {"norm1": {"scale": jnp.ones(8), "bias": jnp.ones(8)},
+                             "self_attn": {"qkv_kernel": jnp.ones((8, 3, 2, 4)), "qkv_bias": jnp.ones((3, 2, 4)),
+                                           "out_bias": jnp.ones(8)},
+                             "mlp": {"fc1": {"kernel": jnp.ones((8, 16)), "bias": jnp.ones(16)}}}},
     "logit_scale": jnp.ones(()),
 }
 
 
-def _flat(tree):
-    return {"/".join(k.key for k in path): bool(v) for path, v in
-            __import__("jax").tree_util.tree_flatten_with_path(tree)[0]}
+def _decayed(rule):
+    mask = jax.tree_util.tree_flatten_with_path(optimizer.weight_decay_mask(PARAMS, rule))[0]
+    return {"/".join(k.key for k in path) for path, decays in mask if decays}
 
 
-def test_default_mask_decays_only_matrices():
-    mask = _flat(optimizer.weight_decay_mask(PARAMS, "default"))
-    decayed = {path for path, d in mask.items() if d}
-    assert decayed == {"image/patch_embed/kernel", "image/block_0/attn/query/kernel", "image/block_0/attn/query/bias",
-                       "image/pos_embed", "decoder/queries", "decoder/layer_0/self_attention/query/kernel",
-                       "decoder/layer_0/self_attention/query/bias", "decoder/layer_0/mlp/kernel"}
+def test_default_mask_decays_only_weight_matrices():
+    assert _decayed("default") == {
+        "image/patch_embed/kernel", "image/blocks_0/attn/qkv_kernel", "image/pos_embed", "decoder/query_embed",
+        "decoder/obj_proj", "decoder/layers_0/self_attn/qkv_kernel", "decoder/layers_0/mlp/fc1/kernel"}
 
 
 def test_reference_mask_follows_the_pytorch_rule():
-    mask = _flat(optimizer.weight_decay_mask(PARAMS, "reference"))
-    decayed = {path for path, d in mask.items() if d}
-    # Towers: no decay for ndim < 2 or names with bias/ln/norm (so the 2-D q/k/v bias is not decayed).
-    # Decoder: only plain biases escape; LayerNorm scales, attention q/k/v biases and queries decay.
-    assert decayed == {"image/patch_embed/kernel", "image/block_0/attn/query/kernel", "image/pos_embed",
-                       "decoder/queries", "decoder/layer_0/norm_1/scale",
-                       "decoder/layer_0/self_attention/query/kernel", "decoder/layer_0/self_attention/query/bias",
-                       "decoder/layer_0/mlp/kernel"}
-    assert not mask["logit_scale"]
+    # Towers as "default"; the decoder also decays LayerNorm scales and the packed qkv (in_proj) bias.
+    assert _decayed("reference") == {
+        "image/patch_embed/kernel", "image/blocks_0/attn/qkv_kernel", "image/pos_embed", "decoder/query_embed",
+        "decoder/obj_proj", "decoder/layers_0/norm1/scale", "decoder/layers_0/self_attn/qkv_kernel",
+        "decoder/layers_0/self_attn/qkv_bias", "decoder/layers_0/mlp/fc1/kernel"}
 
 
 def test_masked_params_are_not_decayed():

@@ -73,27 +73,29 @@ def make_schedule(config: Any, *, total_steps: int, warmup_steps: int) -> optax.
         decay_steps=max(total_steps, 1), end_value=config.lr_end)
 
 
-# Weight-decay rules: a parameter decays unless one of its rule's patterns matches the
-# "/"-joined parameter path (e.g. "decoder/layer_0/self_attention/query/bias").
-# "default": no decay for vectors and scalars (biases, norm scales, logit_scale).
-# "reference": the PyTorch code's `optim_policy` (method-reference §5): the towers skip
-# ndim < 2 and names containing bias/ln/bn; the decoder skips only ordinary Linear and
-# LayerNorm biases, so its LayerNorm scales, attention q/k/v biases (torch's packed
-# `in_proj_bias`) and query embeddings *are* decayed.
-_TOWER_NO_DECAY = re.compile(r"bias|ln|bn|norm")
-_DECODER_DECAYED_BIAS = re.compile(r"(query|key|value)/bias$")
+# Weight-decay rules: a parameter decays unless its rule says otherwise, given the "/"-joined
+# path (e.g. "decoder/layers_0/self_attn/qkv_bias") and its number of dimensions.
+# "default": no decay for biases (including the packed [3, H, Dh] `qkv_bias`), norm scales
+# and logit_scale. "reference": the PyTorch code's `optim_policy` (method-reference §5): the
+# towers skip every 1-D torch parameter (the same set as "default"); the decoder skips only
+# names containing ".bias", so its LayerNorm scales, query embeddings, projections and packed
+# attention input bias (torch `in_proj_bias`, our `qkv_bias`) *are* decayed, while Linear,
+# LayerNorm and attention output biases (`out_bias`) are not.
+_BIAS = re.compile(r"(^|/|_)bias$")
+_DECODER_NO_DECAY = re.compile(r"(^|/)(out_)?bias$")
+
+
+def _default_decays(path: str, ndim: int) -> bool:
+    return ndim >= 2 and not _BIAS.search(path)
 
 
 def _reference_decays(path: str, ndim: int) -> bool:
     if path.startswith("decoder/"):
-        return not path.endswith("bias") or bool(_DECODER_DECAYED_BIAS.search(path))
-    return ndim >= 2 and not _TOWER_NO_DECAY.search(path)
+        return not _DECODER_NO_DECAY.search(path)
+    return _default_decays(path, ndim)
 
 
-WD_RULES: dict[str, Callable[[str, int], bool]] = {
-    "default": lambda path, ndim: ndim >= 2,
-    "reference": _reference_decays,
-}
+WD_RULES: dict[str, Callable[[str, int], bool]] = {"default": _default_decays, "reference": _reference_decays}
 
 
 def weight_decay_mask(params: Any, rule: str = "default") -> Any:
