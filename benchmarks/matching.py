@@ -1,6 +1,6 @@
 """Cost of on-device Hungarian matching and of the whole loss per step vs batch size.
 
-    python benchmarks/matching.py --batch_sizes 32,128,512 --queries 5 --max_boxes 5
+    python benchmarks/matching.py --batch_sizes 32,128,512 --queries 5 --max_boxes 5 [--negative_groups 16]
 
 Prints, per global batch size, the median wall time of the jitted matching
 (``match_boxes``: cost matrix + vmapped ``optax.assignment.hungarian_algorithm``)
@@ -50,14 +50,17 @@ def main():
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--negative_groups", type=int, default=1,
+                        help=">1: per-device description negatives over this many sub-batches")
     args = parser.parse_args()
 
-    config = LossConfig()
+    config = LossConfig(description_negatives="per_device" if args.negative_groups > 1 else "global",
+                        negative_groups=args.negative_groups)
     matcher = jax.jit(match_boxes)
     loss_fn = jax.jit(lambda o, b: total_loss(o, b, config)[0])
     grad_fn = jax.jit(jax.grad(lambda o, b: total_loss(o, b, config)[0]))
     print(f"backend={jax.default_backend()} devices={jax.device_count()} Q={args.queries} M={args.max_boxes} "
-          f"D={args.dim}")
+          f"D={args.dim} description_negatives={config.description_negatives} groups={config.negative_groups}")
     print(f"{'batch':>6} {'match ms':>9} {'us/image':>9} {'loss ms':>8} {'loss+grad ms':>13}")
     rng = np.random.default_rng(0)
     for batch_size in (int(b) for b in args.batch_sizes.split(",")):
