@@ -55,18 +55,18 @@ def _record(index):
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     directory = str(tmp_path_factory.mktemp("records"))
-    features = records.features(RESOLUTION, MAX_BOXES, CONTEXT)
+    serialize = records.RecordSerializer(records.features(RESOLUTION, MAX_BOXES, CONTEXT))
     sizes, num_bytes = {}, {}
     for split, count, offset in (("train", NUM_TRAIN, 0), ("validation", NUM_VALIDATION, 1000)):
         shards = []
         for shard, indices in enumerate(np.array_split(np.arange(offset, offset + count), 2)):
             path = os.path.join(directory, f"{split}-{shard}.tmp_shard")
             num_bytes[split] = num_bytes.get(split, 0) + records.write_shard(
-                path, [features.serialize_example(_record(int(i))) for i in indices])
+                path, [serialize(_record(int(i))) for i in indices])
             shards.append(path)
         records.publish_split(directory, split, shards)
         sizes[split] = [len(s) for s in np.array_split(np.arange(count), 2)]
-    records.write_tfds_metadata(directory, features, sizes, num_bytes, "pipeline test records")
+    records.write_tfds_metadata(directory, serialize.features, sizes, num_bytes, "pipeline test records")
     return directory
 
 
@@ -258,8 +258,32 @@ def test_clear_errors(data_dir, tmp_path):
     record["boxes"] = record["boxes"].reshape(MAX_BOXES, 2, 2)
     bad_dir = str(tmp_path / "bad")
     os.makedirs(bad_dir)
-    num_bytes = records.write_shard(os.path.join(bad_dir, "shard"), [bad.serialize_example(record)])
+    num_bytes = records.write_shard(os.path.join(bad_dir, "shard"), [records.RecordSerializer(bad)(record)])
     records.publish_split(bad_dir, "train", [os.path.join(bad_dir, "shard")])
     records.write_tfds_metadata(bad_dir, bad, {"train": [1]}, {"train": num_bytes}, "bad boxes")
     with pytest.raises(ValueError, match="feature 'boxes' is float32\\[5, 2, 2\\]"):
         pipeline.make_train_iterator(_config(bad_dir), global_batch_size=1, seed=0)
+
+
+def test_prepared_texts_and_boxes_reach_the_batch(tmp_path):
+    """prepare_dataset (raw texts, xyxy regions) -> pipeline: tokens and cxcywh boxes arrive intact."""
+    from grain_jax.data import prepare, tokenizer
+
+    raw = [{"id": f"img-{i}", "image": np.full((20, 30, 3), 40 * i, np.uint8), "caption": f"caption number {i}",
+            "mllm_caption": f"a much longer mllm caption about picture {i}" if i % 2 else None,
+            "regions": [{"description": f"part {i} on the left", "box": [0.1, 0.2, 0.5, 0.6], "score": 0.9}]}
+           for i in range(4)]
+    directory = str(tmp_path / "prepared")
+    prepare.prepare_dataset({"train": raw}, directory, resolution=RESOLUTION, num_workers=0, progress=False)
+    config = _config(directory, mllm_caption_prob=1.0, caption_length=7)
+    batch = next(pipeline.make_train_iterator(config, global_batch_size=4, seed=0))
+    # Which raw example each row is: its description reads "part <i> on the left".
+    order = [int(text.split()[1]) for text in tokenizer.decode(batch["description_tokens"][:, 0])]
+    assert sorted(order) == [0, 1, 2, 3]
+    # MLLM caption where there is one, else the original; re-truncated to 7 tokens like tokenize(text, 7).
+    texts = [raw[i]["mllm_caption"] or raw[i]["caption"] for i in order]
+    np.testing.assert_array_equal(batch["caption_tokens"], tokenizer.tokenize(texts, 7))
+    np.testing.assert_array_equal(batch["description_tokens"][:, 0],
+                                  tokenizer.tokenize([raw[i]["regions"][0]["description"] for i in order], 8))
+    np.testing.assert_array_equal(batch["box_mask"], np.arange(MAX_BOXES)[None].repeat(4, 0) < 1)
+    np.testing.assert_allclose(batch["boxes"][:, 0], np.broadcast_to([0.3, 0.4, 0.4, 0.4], (4, 4)), atol=1e-6)

@@ -132,27 +132,18 @@ class _ExampleOptions:
         m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
         box_mask = np.asarray(record["box_mask"][:m], bool)
         boxes = np.asarray(record["boxes"][:m], np.float32) * box_mask[:, None]
-        descriptions = _truncate_rows(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
+        descriptions = tokenizer.truncate(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
         if flip:
             images = images[:, ::-1]
             boxes[:, 0] = np.where(box_mask, 1.0 - boxes[:, 0], 0.0)
         caption_key = "mllm_caption_tokens" if use_mllm_caption and record["has_mllm_caption"] else "caption_tokens"
         return {
             "images": np.ascontiguousarray(images),
-            "caption_tokens": _truncate_rows(record[caption_key], self.caption_length),
+            "caption_tokens": tokenizer.truncate(record[caption_key], self.caption_length),
             "description_tokens": descriptions.astype(np.int32),
             "boxes": boxes,
             "box_mask": box_mask,
         }
-
-
-def _truncate_rows(tokens: np.ndarray, length: int) -> np.ndarray:
-    """``tokenizer.truncate`` on every token row of ``tokens [..., L]`` -> ``[..., length]`` int32."""
-    tokens = np.asarray(tokens, np.int32)
-    rows = tokens.reshape(-1, tokens.shape[-1])
-    out = np.stack([np.asarray(tokenizer.truncate(row, length), np.int32) for row in rows]) if len(rows) else \
-        np.zeros((0, length), np.int32)
-    return out.reshape(tokens.shape[:-1] + (length,))
 
 
 class _TrainExample(grain.transforms.RandomMap):
