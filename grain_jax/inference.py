@@ -332,16 +332,16 @@ def load(path_or_name: str, *, mesh: Mesh | None = None, step: int | None = None
     extra_rules, rules = tuple(rules), sharding.axis_rules(rules)
     if path_or_name.startswith("random:"):
         name = path_or_name.split(":", 1)[1]
-        probe = ModelSpec(model_name=name, model_overrides=dict(model_overrides)).create_model()
+        model = ModelSpec(model_name=name, model_overrides=dict(model_overrides)).create_model()
+        text_length = min(77, int(getattr(model, "context_length", 77)))
         spec = ModelSpec(model_name=name, model_overrides=dict(model_overrides),
-                         image_size=int(model_overrides.get("image_size", getattr(probe, "image_size", 224))))
-        model = spec.create_model()
-        abstract = abstract_params(model, spec, mesh, rules)
-        shardings = jax.tree.map(lambda x: x.sharding, abstract)
-        init = jax.jit(lambda k: nn.unbox(model.init({"params": k}, *_init_inputs(spec), None)["params"]),
-                       out_shardings=shardings)
+                         image_size=int(getattr(model, "image_size", 224)), caption_length=text_length,
+                         description_length=text_length)
+        init = lambda key: nn.unbox(model.init({"params": key}, *_init_inputs(spec), None)["params"])  # noqa: E731
+        shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding,
+                                                           abstract_params(model, spec, mesh, rules))
         with nn.logical_axis_rules(rules):
-            params = init(jax.random.key(seed))
+            params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     else:
         if model_overrides:
             raise ValueError(f"model overrides {sorted(model_overrides)} only apply to random: models; a "

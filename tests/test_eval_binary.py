@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 import evaluator_fakes as fakes
-from grain_jax import evaluate, inference, visualize
+from grain_jax import checkpoints, evaluate, inference, visualize
 from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
 
 
@@ -52,3 +52,39 @@ def test_visualize_draws_a_grid(tmp_path, perfect_load):
                                            perfect_load.encode_texts(["picture 0", "picture 1", "picture 2"]))
     assert [m[0][1] for m in matches] == [0, 1, 2]  # each image's boxes match its own description
     assert all(len(m) == fakes.LabelModel.num_queries for m in matches)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A params-only checkpoint of a randomly initialised grain-tiny, and the model it came from."""
+    model = inference.load("random:grain-tiny", batch_size=4)
+    directory = str(tmp_path_factory.mktemp("tiny_ckpt"))
+    checkpoints.save_params(directory, model.params, model.spec)
+    return directory, model
+
+
+def test_load_of_a_saved_params_checkpoint_gives_the_same_embeddings(tiny_checkpoint):
+    directory, original = tiny_checkpoint
+    restored = inference.load(directory, batch_size=4)
+    assert restored.mode == "grain" and restored.spec.model_name == "grain-tiny"
+    assert (restored.spec.image_size, list(restored.spec.mean)) == (original.spec.image_size, list(original.spec.mean))
+    images = np.random.default_rng(0).integers(0, 256, (5, 30, 41, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(restored.encode_images(images), original.encode_images(images))
+    np.testing.assert_array_equal(restored.encode_texts(["a dog", "a cat"]), original.encode_texts(["a dog", "a cat"]))
+    grounding = restored.ground(images)
+    assert grounding["boxes"].shape == (5, restored.model.num_queries, 4)
+    assert np.all((grounding["boxes"] >= 0) & (grounding["boxes"] <= 1))
+
+
+def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint):
+    root = write_folder(tmp_path / "bench", per_class=2, names=["red ball", "blue cube", "green cone"],
+                        descriptor_file={"red ball": ["round"], "blue cube": ["has corners"], "green cone": ["a tip"]})
+    out = tmp_path / "results.json"
+    evaluate.main(["grain-jax-eval", f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}",
+                   f"--output={out}", "--batch_size=8", "--templates=short", "--num_threads=2"])
+    run, = json.loads(out.read_text())["runs"]
+    result = run["results"]["folder_bench"]
+    assert result["count"] == 6 and result["num_classes"] == 3
+    assert 0.0 <= result["top1"] <= 1.0 and result["top5"] == 1.0  # 3 classes: top-5 always hits
+    assert "alpha0.5/top1" in result and run["model"]["model_name"] == "grain-tiny"
+    assert out.with_suffix(".png").stat().st_size > 0
