@@ -48,7 +48,8 @@ def define_flags() -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_list("alphas", ["1.0"], "Score mixes alpha*global + (1-alpha)*region to report (GRAIN with "
                       "descriptors).", flag_values=fv)
-    flags.DEFINE_list("synthetic_alphas", ["1.0", "0.5"], "Alphas for the synthetic / folder benchmarks.", flag_values=fv)
+    flags.DEFINE_list("synthetic_alphas", ["1.0", "0.5"], "Alphas for the synthetic / folder benchmarks.",
+                      flag_values=fv)
     flags.DEFINE_bool("renormalize", False, "Re-normalise the class mean embeddings (the reference does not).",
                       flag_values=fv)
     flags.DEFINE_integer("num_threads", 8, "Image decoding threads.", flag_values=fv)
@@ -100,11 +101,9 @@ def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir
                 data = datasets_lib.classification_dataset(spec, data_dir=data_dir, descriptors=descriptors,
                                                            synthetic_dir=synthetic_dir)
                 local = spec.startswith(("synthetic:", "folder:"))
-                mixes = [float(a) for a in (synthetic_alphas if local else alphas)]
-                if model.mode != "grain" or data.descriptors is None:
-                    mixes = [1.0]  # region scoring needs GRAIN regions and descriptors
                 metrics = zeroshot.evaluate(model, data, templates=templates, renormalize=renormalize,
-                                            alphas=mixes, max_examples=max_examples, num_threads=num_threads,
+                                            alphas=synthetic_alphas if local else alphas,
+                                            max_examples=max_examples, num_threads=num_threads,
                                             progress=progress)
                 metrics["type"] = "zeroshot"
         except datasets_lib.NotPrepared as e:

@@ -23,7 +23,8 @@ def write_captioned_images(root, captions_per_image=3):
     for i in range(len(IDS)):
         Image.fromarray(fakes.label_image(i, 10 + i)).save(root / f"img{i}.png")
         entries.append({"image": f"img{i}.png",
-                        "captions": [f"picture {i}, taken outside, variant {'abc'[j]}" for j in range(captions_per_image)]})
+                        "captions": [f"picture {i}, taken outside, variant {'abc'[j]}"
+                                     for j in range(captions_per_image)]})
     return entries
 
 

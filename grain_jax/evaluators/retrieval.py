@@ -83,7 +83,8 @@ def _caption_list(cell: str, where: str) -> list[str]:
     return [c.strip() for c in captions]
 
 
-def read_caption_file(path: str, image_dir: str | None = None, split: str | None = "test") -> list[tuple[str, list[str]]]:
+def read_caption_file(path: str, image_dir: str | None = None,
+                      split: str | None = "test") -> list[tuple[str, list[str]]]:
     """[(image path, captions)] from a caption file (formats in the module docstring);
     rows with a ``split`` field other than ``split`` are dropped (``split=None`` keeps all)."""
     image_dir = image_dir or os.path.dirname(os.path.abspath(path))
@@ -104,7 +105,8 @@ def read_caption_file(path: str, image_dir: str | None = None, split: str | None
         elif isinstance(data, list):
             for i, entry in enumerate(data):
                 if not isinstance(entry, dict) or "image" not in entry or "captions" not in entry:
-                    raise ValueError(f"{path}: entry {i} must be {{'image': ..., 'captions': [...]}}, got {entry!r:.80}")
+                    raise ValueError(f"{path}: entry {i} must be {{'image': ..., 'captions': [...]}}, "
+                                     f"got {entry!r:.80}")
                 if not isinstance(entry["captions"], list) or not entry["captions"]:
                     raise ValueError(f"{path}: entry {i} ({entry['image']}): captions must be a non-empty list")
                 rows.append((entry["image"], list(entry["captions"]), entry.get("split")))
@@ -132,7 +134,8 @@ def retrieval_dataset(spec: str, *, data_dir: str | None = None, image_dir: str 
         try:
             source = tfds.data_source(spec, split=split, data_dir=data_dir, download=False)
         except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as e:
-            build = "tfds build coco_captions --file_format=array_record" + (f" --data_dir {data_dir}" if data_dir else "")
+            build = "tfds build coco_captions --file_format=array_record"
+            build += f" --data_dir {data_dir}" if data_dir else ""
             raise NotPrepared(f"coco_captions: not prepared: run {build}") from e
         return RetrievalData(spec, _CocoSource(source))
     raise ValueError(f"unknown retrieval dataset {spec!r}; use coco_captions or captions:FILE")

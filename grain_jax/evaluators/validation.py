@@ -74,6 +74,7 @@ class Evaluator:
                     sums[key] = sums.get(key, 0.0) + float(value) * valid
             total += valid
         if total == 0:
-            raise ValueError(f"validation: split {self.split or 'eval_split'} of {self.data.get('dir')} has no examples")
+            raise ValueError(f"validation: split {self.split or 'eval_split'} of {self.data.get('dir')} "
+                             "has no examples")
         for key, value in sums.items():
             yield f"val/{key}", value / total

@@ -41,8 +41,22 @@ class _Counts:
                 "mean_per_class_recall": float(np.mean(self.class_hits[present] / class_counts[present]))}
 
 
+LOCAL_ALPHAS = (1.0, 0.5)  # synthetic / folder benchmarks: where grounding matters, report the region mix too
+
+
 def alpha_key(alpha: float) -> str:
     return "" if alpha == 1.0 else f"alpha{alpha:g}/"
+
+
+def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence[float] | None) -> tuple[float, ...]:
+    """The score mixes to report: ``alphas`` (None: ``LOCAL_ALPHAS`` for ``synthetic_*`` /
+    ``folder_*`` datasets, else global only), keeping only alpha=1 where region scoring is
+    impossible (a CLIP model or a dataset without descriptors)."""
+    if alphas is None:
+        alphas = LOCAL_ALPHAS if data.name.startswith(("synthetic_", "folder_")) else (1.0,)
+    if model.mode != "grain" or data.descriptors is None:
+        return (1.0,)
+    return tuple(float(a) for a in alphas)
 
 
 def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int | None = None,
@@ -62,7 +76,7 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
 
 
 def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
-             alphas: Sequence[float] = (1.0,), max_examples: int | None = None, num_threads: int = 8,
+             alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8,
              progress: bool = False) -> dict[str, float]:
     """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset.
 
@@ -75,7 +89,7 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
     classifier = model.classifier(data.class_names, data.descriptors, templates, dataset=data.name,
                                   renormalize=renormalize)
     num_classes = len(data.class_names)
-    counts = {a: _Counts(num_classes) for a in alphas}
+    counts = {a: _Counts(num_classes) for a in usable_alphas(model, data, alphas)}
     class_counts = np.zeros(num_classes, np.int64)
     total = min(len(data), max_examples or len(data))
     bar = tqdm(total=total, desc=data.name, unit="img", disable=not progress)
@@ -86,8 +100,6 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
         labels = labels[keep]
         np.add.at(class_counts, labels, 1)
         for alpha, c in counts.items():
-            if alpha != 1.0 and region_scores is None:
-                raise ValueError(f"{data.name}: alpha={alpha} needs a GRAIN model and descriptors")
             mixed = global_scores if alpha == 1.0 else alpha * global_scores + (1 - alpha) * region_scores
             c.update(mixed[keep], labels)
         bar.update(len(keep))
@@ -128,16 +140,16 @@ class Evaluator:
       data_dir: TFDS data dir; descriptors: a descriptor file or directory;
       synthetic_dir: the synthetic benchmark's directory.
       templates: template set name or list; renormalize: re-normalise class means.
-      alphas: score mixes to report (1.0 = global only).
+      alphas: score mixes to report (1.0 = global only; None: see ``usable_alphas``).
       max_examples: evaluate a fixed random subset of each dataset.
     """
 
     def __init__(self, datasets, *, data_dir: str | None = None, descriptors: str | None = None,
                  synthetic_dir: str | None = None, templates="ref46", renormalize: bool = False,
-                 alphas: Sequence[float] = (1.0,), max_examples: int | None = None, num_threads: int = 8):
+                 alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8):
         self.specs = datasets_lib.expand(datasets)
         self.data_dir, self.descriptors, self.synthetic_dir = data_dir, descriptors, synthetic_dir
-        self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=tuple(alphas),
+        self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=alphas,
                            max_examples=max_examples, num_threads=num_threads)
         self._data: dict[str, datasets_lib.ClassificationData] = {}
 
