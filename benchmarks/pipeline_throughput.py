@@ -30,7 +30,8 @@ def raw_examples(num_records: int, size: int = 256):
         image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC))
         regions = []
         for k in range(5):
-            (x1, x2), (y1, y2) = np.sort(rng.uniform(0, 1, (2, 2)), axis=1).tolist()
+            (x1, y1), size = rng.uniform(0, 0.6, 2), rng.uniform(0.1, 0.4, 2)  # valid, inside the image
+            x2, y2 = x1 + size[0], y1 + size[1]
             regions.append({"description": f"a distinctive part number {k} with a striped pattern",
                             "box": [x1, y1, x2, y2], "score": float(rng.uniform(0.3, 1))})
         yield {"id": f"bench-{i:05d}", "image": image, "caption": f"a photo of object number {i} on a table",
