@@ -36,7 +36,7 @@ def _torch():
     return torch
 
 
-def _is_torchscript(path: str) -> bool:
+def is_torchscript(path: str) -> bool:
     if not zipfile.is_zipfile(path):
         return False
     with zipfile.ZipFile(path) as archive:
@@ -60,7 +60,7 @@ def load_checkpoint(path: str, *, allow_torchscript: bool = False) -> Any:
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
     torch = _torch()
-    if _is_torchscript(path):
+    if is_torchscript(path):
         if not allow_torchscript:
             raise ConversionError(f"{path} is a TorchScript archive; only plain state dicts are accepted here")
         logging.info("%s is a TorchScript archive: reading its state dict with torch.jit.load", path)

@@ -101,12 +101,23 @@ def load_grain_jax(model_name: str = "", pretrained: str = "", cache_dir: str | 
     return JaxClipModel(model), Transform(model.spec), Tokenizer(model.spec.caption_length)
 
 
+def _topk_accuracy(logits: torch.Tensor, target: torch.Tensor, topk=(1,)) -> list[float]:
+    """CLIP_benchmark's ``accuracy`` (fraction of rows whose target is among the top-k logits)
+    without its ``float(1-element array)``, which NumPy >= 2.3 rejects."""
+    ranked = logits.topk(max(topk), dim=1).indices  # [N, K]
+    hits = ranked.eq(target.view(-1, 1))
+    return [hits[:, :k].any(dim=1).float().mean().item() for k in topk]
+
+
 def register() -> None:
-    """Makes ``--model_type grain_jax`` known to CLIP_benchmark."""
+    """Makes ``--model_type grain_jax`` known to CLIP_benchmark (and patches its top-k
+    accuracy for NumPy 2, see ``_topk_accuracy``)."""
     from clip_benchmark import models
+    from clip_benchmark.metrics import zeroshot_classification
     models.TYPE2FUNC[MODEL_TYPE] = load_grain_jax
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # the same list object the CLI's --model_type choices use
+    zeroshot_classification.accuracy = _topk_accuracy
 
 
 def run(argv: Sequence[str] | None = None) -> None:

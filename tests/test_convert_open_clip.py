@@ -1,0 +1,97 @@
+"""open_clip / OpenAI CLIP conversion: image and text embeddings of the converted model
+equal open_clip's (random weights, fixed inputs), tokenizer ids equal open_clip's."""
+import json
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from grain_jax import inference
+from grain_jax.convert import common, main
+from grain_jax.convert import open_clip as converter
+from grain_jax.data import tokenizer
+from test_convert_torch_reference import randomize_
+
+TINY_ARCH = "grain-test-tiny-quickgelu"
+TINY_CONFIG = {"embed_dim": 128, "quick_gelu": True,
+               "vision_cfg": {"image_size": 64, "layers": 3, "width": 128, "patch_size": 8, "head_width": 32},
+               "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3}}
+TEXTS = ["a photo of a cat", "A Photo Of A CAT!!", "", "naïve café &amp; crème brûlée", "it's 3:45pm, isn't it?",
+         "emoji 🐦 bird", "  lots   of\twhitespace\n here ", "word " * 100]
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory):
+    config_dir = tmp_path_factory.mktemp("open_clip_configs")
+    (config_dir / f"{TINY_ARCH}.json").write_text(json.dumps(TINY_CONFIG))
+    open_clip.add_model_config(str(config_dir))
+    return TINY_ARCH
+
+
+def _parity(arch, model_file, output_dir, batch=2):
+    """Converts ``model_file`` with the CLI, returns (max |diff| image, text, our spec)."""
+    main.run(["open_clip", "--input", str(model_file), "--arch", arch, "--output", str(output_dir)])
+    ours = inference.load(str(output_dir))
+    size = ours.spec.image_size
+    images = np.random.default_rng(1).standard_normal((batch, size, size, 3)).astype(np.float32)
+    tokens = tokenizer.tokenize(TEXTS[:batch + 1], context_length=ours.spec.caption_length)
+    params = {"params": ours.params}
+    our_image = np.asarray(ours.model.apply(params, images, method="encode_image")["img/embedding"])
+    our_text = np.asarray(ours.model.apply(params, tokens, method="encode_text"))
+    return ours, our_image, our_text, images, tokens
+
+
+def _open_clip_outputs(model, images, tokens):
+    with torch.no_grad():
+        image = model.encode_image(torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
+        text = model.encode_text(torch.from_numpy(tokens).long()).numpy()
+    return image, text
+
+
+def test_tiny_config_parity(tiny_arch, tmp_path):
+    model = open_clip.create_model(tiny_arch, pretrained=None).eval()
+    randomize_(model, seed=5, scale=0.1)  # every weight random: zero biases would hide mapping errors
+    torch.save({"epoch": 3, "name": tiny_arch, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               tmp_path / "epoch_3.pt")
+    ours, our_image, our_text, images, tokens = _parity(tiny_arch, tmp_path / "epoch_3.pt", tmp_path / "out", batch=3)
+    image, text = _open_clip_outputs(model, images, tokens)
+    np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
+    assert ours.spec.model_overrides["vit_variant"] == "Mu/8" and tuple(ours.spec.mean) == converter.OPENAI_MEAN
+    assert ours.logit_scale == pytest.approx(float(model.logit_scale.exp()), rel=1e-6)
+
+
+def test_vit_b16_parity(tmp_path):
+    """ViT-B/16 with QuickGELU (the OpenAI weights' architecture), from a .safetensors file."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "b16.safetensors"))
+    ours, our_image, our_text, images, tokens = _parity("ViT-B-16-quickgelu", tmp_path / "b16.safetensors",
+                                                        tmp_path / "out")
+    image, text = _open_clip_outputs(model, images, tokens)
+    print(f"ViT-B-16 max |diff|: image {np.abs(our_image - image).max():.2e}, text {np.abs(our_text - text).max():.2e}")
+    np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
+    assert ours.spec.model_name == "clip-vit-b16-openai" and ours.spec.model_overrides == {}
+
+
+def test_tokenizer_ids_equal_open_clip():
+    np.testing.assert_array_equal(tokenizer.tokenize(TEXTS, context_length=77), open_clip.tokenize(TEXTS).numpy())
+
+
+def test_unsupported_and_mismatched_inputs_fail(tiny_arch):
+    model = open_clip.create_model(tiny_arch, pretrained=None)
+    state = model.state_dict()
+    with pytest.raises(common.ConversionError, match="missing key 'visual.ln_pre.bias'"):
+        converter.convert_state_dict({k: v for k, v in state.items() if k != "visual.ln_pre.bias"}, tiny_arch)
+    with pytest.raises(common.ConversionError, match=r"no place for: \['logit_bias'\]"):
+        converter.convert_state_dict(dict(state, logit_bias=torch.zeros(())), tiny_arch)
+    with pytest.raises(common.ConversionError, match="ViT-H-14: no grain_jax ViT variant"):
+        converter.model_for_arch("ViT-H-14")
+    with pytest.raises(common.ConversionError, match="do not implement"):
+        converter.model_for_arch("ViT-B-16-SigLIP")
+    # Exact-GELU architectures need a GELU text tower, which GrainModel does not offer yet.
+    with pytest.raises(common.ConversionError, match="text_activation"):
+        converter.model_for_arch("ViT-B-16")
