@@ -87,12 +87,16 @@ def test_decode_round_trips_cleaned_text():
     assert tokenizer.decode(tokenizer.tokenize(["naïve café", ""])) == ["naïve café", ""]
 
 
-def test_bpe_cache_is_used():
+def test_bpe_and_text_caches_are_used():
     tok = tokenizer.default_tokenizer()
-    tokenizer.tokenize(["zebra-striped wombats"])
+    tok.encode("zebra-striped wombats")
     hits = tok.bpe.cache_info().hits
-    tokenizer.tokenize(["zebra-striped wombats"])
+    tok.encode("Zebra-striped  wombats")
     assert tok.bpe.cache_info().hits == hits + 4  # zebra, -, striped, wombats
+    first = tokenizer.tokenize(["wombats on a zebra crossing"])
+    text_hits = tokenizer._encode_cached.cache_info().hits
+    np.testing.assert_array_equal(tokenizer.tokenize(["wombats on a zebra crossing"]), first)
+    assert tokenizer._encode_cached.cache_info().hits == text_hits + 1
 
 
 def test_bad_input_errors():

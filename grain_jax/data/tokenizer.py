@@ -134,6 +134,13 @@ def default_tokenizer() -> Tokenizer:
     return Tokenizer()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _encode_cached(text: str) -> tuple[int, ...]:
+    """Whole-text cache: region descriptions and prompts repeat a lot, and cleaning (ftfy) is
+    the costliest step once the BPE cache is warm."""
+    return tuple(default_tokenizer().encode(text))
+
+
 def _check_length(context_length: int) -> int:
     if int(context_length) != context_length or context_length < 2:
         raise ValueError(f"context_length must be an integer >= 2 (room for SOT and EOT), got {context_length!r}")
@@ -148,12 +155,11 @@ def tokenize(texts: str | Sequence[str], context_length: int = DEFAULT_CONTEXT_L
     context_length = _check_length(context_length)
     if isinstance(texts, str):
         texts = [texts]
-    tokenizer = default_tokenizer()
     out = np.zeros((len(texts), context_length), np.int32)
     for row, text in enumerate(texts):
         if not isinstance(text, str):
             raise TypeError(f"tokenize: text {row} is {type(text).__name__}, not str")
-        ids = [SOT, *tokenizer.encode(text)[:context_length - 2], EOT]
+        ids = [SOT, *_encode_cached(text)[:context_length - 2], EOT]
         out[row, :len(ids)] = ids
     return out
 
