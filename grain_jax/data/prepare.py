@@ -797,6 +797,19 @@ def _define_flags():
     return fv
 
 
+_REQUIRED_FLAGS = {"reference": ("output_dir", "captions", "images_root"), "webdataset": ("output_dir", "shards"),
+                   "synthetic": ("output_dir",)}
+_SOURCE_FLAGS = {"reference": {"captions", "mllm_captions", "boxes", "images_root"},
+                 "webdataset": {"shards", "annotations"}, "synthetic": {"num_train"}}
+# Flags a command would silently ignore: the other commands' inputs, and for synthetic the
+# settings its generator fixes itself.
+_IGNORED_FLAGS = {
+    command: set().union(*(f for other, f in _SOURCE_FLAGS.items() if other != command))
+    | ({"context_length", "jpeg_quality", "examples_per_shard", "validation_fraction", "box_canvas"}
+       if command == "synthetic" else set())
+    for command in COMMANDS}
+
+
 def main(argv: Sequence[str]) -> dict:
     """Parses `argv` (program name first) and runs one command; returns the prepare summary."""
     from absl import flags
@@ -812,20 +825,21 @@ def main(argv: Sequence[str]) -> dict:
     if len(rest) != 2 or rest[1] not in COMMANDS:
         raise SystemExit(f"grain-jax-prepare: give exactly one command of {COMMANDS}, got {rest[1:]}\n\n{usage}")
     command = rest[1]
-    required = {"reference": ("output_dir", "captions", "images_root"), "webdataset": ("output_dir", "shards"),
-                "synthetic": ("output_dir",)}[command]
-    missing = [f"--{name}" for name in required if not fv[name].value]
+    missing = [f"--{name}" for name in _REQUIRED_FLAGS[command] if not fv[name].value]
     if missing:
         raise SystemExit(f"grain-jax-prepare {command}: missing {', '.join(missing)}")
-    common = dict(max_boxes=fv.max_boxes, context_length=fv.context_length, num_workers=fv.num_workers,
-                  examples_per_shard=fv.examples_per_shard, jpeg_quality=fv.jpeg_quality)
+    foreign = [f"--{name}" for name in sorted(_IGNORED_FLAGS[command]) if fv[name].present]
+    if foreign:
+        raise SystemExit(f"grain-jax-prepare {command}: {', '.join(foreign)} do not apply to this command")
     if command == "synthetic":
         from grain_jax.data import synthetic
         sizes = {"resolution": fv.resolution if fv["resolution"].present else 64}
         if fv.num_train is not None:
             sizes["num_train"] = fv.num_train
-        synthetic.ensure_synthetic(fv.output_dir, **sizes)
+        synthetic.ensure_synthetic(fv.output_dir, max_boxes=fv.max_boxes, num_workers=fv.num_workers, **sizes)
         return records.read_info(fv.output_dir)
+    common = dict(max_boxes=fv.max_boxes, context_length=fv.context_length, num_workers=fv.num_workers,
+                  examples_per_shard=fv.examples_per_shard, jpeg_quality=fv.jpeg_quality)
     if command == "reference":
         raw_splits = reference_raw_splits(fv.captions, fv.images_root, fv.mllm_captions, fv.boxes,
                                           fv.box_canvas, fv.validation_fraction)
