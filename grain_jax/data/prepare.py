@@ -663,7 +663,8 @@ class WebDatasetSource:
     `{"description", "bbox" (or "box"): [x1,y1,x2,y2], "score" (optional)}`. Boxes are on the
     `box_canvas` canvas of the squashed image unless the annotation says otherwise.
     Tar members are read in memory, never extracted; members with absolute or `..` paths and
-    links are refused and reported.
+    links are refused and reported. Each split passes over the tars once but reads the data of
+    its own samples only (the split follows from the key in the member name).
     """
 
     def __init__(self, shards: Sequence[str], split: str, annotations: Mapping[str, Any] | None,
@@ -689,33 +690,36 @@ class WebDatasetSource:
 
     def __iter__(self) -> Iterator[dict]:
         for shard in self.shards:
-            for example in self._read_shard(shard):
-                if self._in_split(example["id"]):
-                    yield example
+            yield from self._read_shard(shard)
+
+    def _error(self, example_id: str, kind: str, message: str) -> list[dict]:
+        """A known-bad raw example, if its id belongs to this split."""
+        return [{"id": example_id, "error_kind": kind, "error": message}] if self._in_split(example_id) else []
 
     def _read_shard(self, shard: str) -> Iterator[dict]:
+        """This split's samples of one tar; other samples' data is skipped unread."""
         if not os.path.exists(shard):
-            yield {"id": shard, "error_kind": "missing_shard", "error": f"shard {shard} does not exist"}
+            yield from self._error(shard, "missing_shard", f"shard {shard} does not exist")
             return
-        key, files = None, {}
+        key, files = None, None  # files is None while the current sample belongs to another split
         try:
             with tarfile.open(shard, "r:*") as tar:
                 for member in tar:
                     if (why := _unsafe_member(member)) is not None:
-                        yield {"id": f"{os.path.basename(shard)}:{member.name}", "error_kind": "unsafe_tar_member",
-                               "error": why}
+                        yield from self._error(f"{os.path.basename(shard)}:{member.name}", "unsafe_tar_member", why)
                         continue
                     member_key, extension = _sample_key(member.name)
                     if member_key != key:  # webdataset: a sample's files are consecutive
-                        if key is not None:
+                        if files is not None:
                             yield self._example(key, files)
-                        key, files = member_key, {}
-                    files[extension] = tar.extractfile(member).read()
+                        key, files = member_key, ({} if self._in_split(member_key) else None)
+                    if files is not None:
+                        files[extension] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError, EOFError) as e:
-            yield {"id": shard, "error_kind": "corrupt_tar",
-                   "error": f"cannot read {shard} from sample {key!r} on ({e}); the samples before it are kept"}
+            yield from self._error(shard, "corrupt_tar", f"cannot read {shard} from sample {key!r} on ({e}); "
+                                                         f"the samples before it are kept")
             return
-        if key is not None:
+        if files is not None:
             yield self._example(key, files)
 
     def _example(self, key: str, files: Mapping[str, bytes]) -> dict:
