@@ -36,7 +36,8 @@ def _random_outputs(rng, batch_size, queries, max_boxes, dim, layers):
     normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)
     return {
         "img/embedding": normal(batch_size, dim), "txt/caption": normal(batch_size, dim),
-        "txt/descriptions": normal(batch_size, max_boxes, dim), "dec/region_embeddings": normal(batch_size, queries, dim),
+        "txt/descriptions": normal(batch_size, max_boxes, dim),
+        "dec/region_embeddings": normal(batch_size, queries, dim),
         "dec/boxes": jnp.asarray(boxes[-1]), "dec/layer_boxes": jnp.asarray(boxes),
         "logit_scale": jnp.float32(np.log(1 / 0.07)),
     }

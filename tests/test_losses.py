@@ -1,6 +1,5 @@
 """Contrastive and grounding losses: numpy oracles, hand cases, masking, sharding."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -9,6 +8,7 @@ from grain_jax.losses import LossConfig, contrastive, total_loss
 from grain_jax.sharding import create_mesh
 
 jit_total_loss = jax.jit(total_loss, static_argnums=2)
+jit_image_caption = jax.jit(contrastive.image_caption_loss)
 jit_region_description = jax.jit(contrastive.region_description_loss, static_argnames="negative_groups")
 
 LOG_100 = float(np.log(100.0))
@@ -73,7 +73,7 @@ def _np_region_description(regions, descriptions, mask, query_index, target_inde
 def test_image_caption_equals_numpy():
     rng = np.random.default_rng(0)
     image, caption = rng.normal(size=(2, 6, 8)).astype(np.float32)
-    loss, accuracy = contrastive.image_caption_loss(image, caption, 10.0)
+    loss, accuracy = jit_image_caption(image, caption, 10.0)
     np.testing.assert_allclose(loss, _np_image_caption(image, caption, 10.0), rtol=1e-5)
     logits = _np_normalize(image) @ _np_normalize(caption).T
     np.testing.assert_allclose(accuracy, np.mean(np.argmax(logits, 1) == np.arange(6)))
@@ -83,14 +83,14 @@ def test_image_caption_example_mask_equals_dropping_the_padding():
     rng = np.random.default_rng(1)
     image, caption = rng.normal(size=(2, 6, 8)).astype(np.float32)
     mask = np.array([True, False, True, True, False, True])
-    masked = contrastive.image_caption_loss(image, caption, 10.0, mask)
-    dropped = contrastive.image_caption_loss(image[mask], caption[mask], 10.0)
+    masked = jit_image_caption(image, caption, 10.0, mask)
+    dropped = jit_image_caption(image[mask], caption[mask], 10.0)
     np.testing.assert_allclose(masked, dropped, rtol=1e-6)
 
 
 def test_aligned_embeddings_and_large_scale_give_zero_loss():
     aligned = np.eye(4, 8, dtype=np.float32) * 3.0  # orthogonal, unnormalised
-    loss, accuracy = contrastive.image_caption_loss(aligned, aligned, 100.0)
+    loss, accuracy = jit_image_caption(aligned, aligned, 100.0)
     assert float(loss) < 1e-6 and float(accuracy) == 1.0
 
 
@@ -265,6 +265,6 @@ def test_bad_config_and_inputs_raise_clear_errors():
     rng = np.random.default_rng(11)
     outputs, batch = _random_outputs(rng), _random_batch(rng)
     with pytest.raises(KeyError, match="box_mask"):
-        total_loss(outputs, {"boxes": batch["boxes"]})
+        jit_total_loss(outputs, {"boxes": batch["boxes"]}, LossConfig())  # raised while tracing
     with pytest.raises(ValueError, match="txt/descriptions"):
-        total_loss(dict(outputs, **{"txt/descriptions": outputs["txt/descriptions"][:, :3]}), batch)
+        jit_total_loss(dict(outputs, **{"txt/descriptions": outputs["txt/descriptions"][:, :3]}), batch, LossConfig())

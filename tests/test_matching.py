@@ -1,6 +1,5 @@
 """On-device Hungarian matching against scipy's linear_sum_assignment."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
