@@ -92,6 +92,11 @@ def test_boxes_are_the_tight_boxes_of_the_drawn_pixels(train_scenes):
             ys, xs = np.nonzero(labels)
             np.testing.assert_array_equal(scene.image[ys, xs], obj.palette[labels[ys, xs]])
         assert resolution == 64
+    # Down to the smallest resolution every part of every object is drawn (boxes are never empty).
+    for scene in synthetic.generate_scenes("train", 0, 512, resolution=32, seed=5):
+        for obj in scene.objects:
+            has_base = synthetic.BASES[obj.concept.base] != "none"
+            assert set(obj.boxes) == {"object", "body", "part"} | ({"base"} if has_base else set())
 
 
 def test_texts_name_classes_and_layout_only_and_regions_ground_part_phrases(train_scenes):

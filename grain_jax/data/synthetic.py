@@ -195,8 +195,11 @@ def catalogue(seed: int = 0, num_seen_classes: int = 40, num_novel_classes: int 
 # Drawing: objects in frame coordinates (u, v in [0, 1] over a square frame of side s pixels)
 # ----------------------------------------------------------------------------------------------
 
-BODY_BOX = (0.27, 0.27, 0.73, 0.75)  # u1, v1, u2, v2 of the body inside the frame
-PART_EXTENT = (0.16, 0.25)  # side of the attached part (frame units) for small / large
+BODY_BOX = (0.3, 0.3, 0.7, 0.75)  # u1, v1, u2, v2 of the body inside the frame
+PART_EXTENT = (0.2, 0.28)  # side of the attached part (frame units) for small / large
+# Every part covers at least one pixel centre down to the smallest frame (0.375 R, R >= 32, i.e.
+# 12 px): leg / stand bars are >= 1 px wide, wheel radii and the small spike's inscribed circle
+# >= sqrt(2)/2 px.
 BASE_COLOUR = (45, 45, 45)
 # Label values of the drawn-part maps.
 BODY, BODY_MARK, PART, BASE = 1, 2, 3, 4
@@ -256,9 +259,9 @@ def _draw_objects(classes: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: np.
                       [np.abs(p - 0.5) <= q / 2, np.abs(q - 0.5) <= p / 2], np.abs(q - 0.5) <= (1 - p) / 2)
     part = np.select([kind == 0, kind == 1], [_disc(p, q), box & spike], box)
 
-    legs = (v >= bv2) & (v <= 0.95) & (((u >= 0.36) & (u <= 0.42)) | ((u >= 0.58) & (u <= 0.64)))
+    legs = (v >= bv2) & (v <= 0.95) & (((u >= 0.36) & (u <= 0.45)) | ((u >= 0.55) & (u <= 0.64)))
     wheels = ((u - 0.38) ** 2 + (v - 0.87) ** 2 <= 0.0064) | ((u - 0.62) ** 2 + (v - 0.87) ** 2 <= 0.0064)
-    stand = (u >= 0.3) & (u <= 0.7) & (v >= bv2) & (v <= 0.83)
+    stand = (u >= 0.32) & (u <= 0.68) & (v >= bv2) & (v <= 0.84)
     base_mask = np.select([base == 1, base == 2, base == 3], [legs, wheels, stand], False)
 
     labels = np.zeros((n, side, side), np.uint8)
@@ -269,8 +272,9 @@ def _draw_objects(classes: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: np.
     for k, drawn in enumerate(((labels == BODY) | (labels == BODY_MARK), labels == PART, labels == BASE)):
         cols, rows = drawn.any(1), drawn.any(2)  # [N, S]
         present = cols.any(1)
-        if k < 2 and not present.all():
-            raise ValueError(f"an object of {size[~present].min():.1f} px is too small to draw its "
+        missing = ~present & (base[:, 0, 0] > 0 if k == 2 else True)
+        if missing.any():
+            raise ValueError(f"an object of {size[missing].min():.1f} px is too small to draw its "
                              f"{PART_NAMES[k]}; use a larger resolution")
         x1, x2 = cols.argmax(1), side - cols[:, ::-1].argmax(1)
         y1, y2 = rows.argmax(1), side - rows[:, ::-1].argmax(1)
