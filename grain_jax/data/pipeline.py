@@ -24,6 +24,7 @@ description_length, max_boxes, mllm_caption_prob, mean, std, num_workers, prefet
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from typing import Any, Mapping
@@ -160,6 +161,33 @@ class _ExampleOptions:
         }
 
 
+@functools.lru_cache(maxsize=2)  # the epoch being read and, around its end, the next one
+def _epoch_order(seed: int, epoch: int, length: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(length).astype(np.uint32 if length < 2**32 else np.int64)
+
+
+class _EpochShuffle(grain.MapDataset):
+    """``parent`` in a fresh random order every epoch (epoch = index // len), like ``MapDataset.shuffle``.
+
+    Reads one numpy permutation per epoch instead of grain's per-index Feistel shuffle, which costs
+    about 0.6 ms of CPU per record here: more than decoding and normalising a 64 px image.
+    """
+
+    def __init__(self, parent: grain.MapDataset, seed: int):
+        super().__init__(parent)
+        self._seed = seed
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        length = len(self._parent)
+        epoch, position = divmod(index, length)
+        return self._parent[int(_epoch_order(self._seed, epoch, length)[position]) + epoch * length]
+
+
 class _TrainExample(grain.transforms.RandomMap):
     """Record -> example; the caption (original vs MLLM) and the flip are drawn from grain's per-index rng."""
 
@@ -278,7 +306,7 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     if len(source) < batch_size:
         raise ValueError(f"{builder.data_dir}: this process's share of the train split has {len(source)} records, "
                          f"fewer than one batch of {batch_size}")
-    dataset = (grain.MapDataset.source(source).seed(seed).shuffle()
+    dataset = (_EpochShuffle(grain.MapDataset.source(source), seed).seed(seed)
                .random_map(_TrainExample(options))
                .repeat()  # reseeds the shuffle and the caption choice every epoch
                .batch(batch_size, drop_remainder=True))
