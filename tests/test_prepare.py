@@ -421,3 +421,15 @@ def test_a_moved_folder_reads_and_resharding_replaces_the_old_shards(reference, 
         "grain_jax-train.array_record-00000-of-00001"]
     assert list(_read(moved)) == REFERENCE_KEPT
     assert sorted(os.listdir(moved / prepare.WORK_DIR)) == ["train-00000.json"]  # records are stored once
+
+
+def test_synthetic_command_writes_a_prepared_directory(tmp_path):
+    info = prepare.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path / "synthetic"),
+                         "--num_train", "8", "--resolution", "32", "--num_workers", "0"])
+    assert info["source"] == "synthetic" and info["resolution"] == 32 and info["num_skipped"] == 0
+    train = _read(tmp_path / "synthetic")
+    assert len(train) == info["splits"]["train"]["num_examples"] == 8
+    example = next(iter(train.values()))
+    assert example["image"].shape == (32, 32, 3) and example["box_mask"].any()
+    with pytest.raises(SystemExit, match="--captions do not apply"):
+        prepare.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path), "--captions", "x.csv"])
