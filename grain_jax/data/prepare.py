@@ -47,11 +47,6 @@ REFERENCE_BOX_CANVAS = 960.0  # OWLv2 boxes of the reference are on a 960x960 ca
 MIN_BOX_SIZE = 1e-3  # boxes thinner than 0.1% of the image side are degenerate (GIoU/L_rd need area)
 WORK_DIR = "shards"  # per-unit shards + reports; finished units are skipped by a resumed run
 
-# Report kinds. A record with a SKIP kind is left out; any other kind means it was repaired and kept.
-SKIP_KINDS = frozenset({"missing_image", "corrupt_image", "empty_caption", "non_utf8_caption",
-                        "unsafe_tar_member", "corrupt_tar", "missing_shard", "not_an_image_path",
-                        "corrupt_sample_json"})
-
 
 # ----------------------------------------------------------------------------------------------
 # The shared per-example path
@@ -90,7 +85,10 @@ def _safe_id(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     text = str(value)
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    try:  # bytes kept as lone surrogates by errors="surrogateescape" become replacement characters
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 class _BadText(ValueError):
@@ -550,7 +548,7 @@ def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int
 
 def is_validation(example_id: str, validation_fraction: float) -> bool:
     """Deterministic split by id: the same id always lands in the same split."""
-    digest = hashlib.sha256(example_id.encode("utf-8", "surrogateescape")).digest()
+    digest = hashlib.sha256(example_id.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:8], "big") < validation_fraction * 2.0 ** 64
 
 
