@@ -105,7 +105,8 @@ def _reference_inputs(root):
     images.mkdir()
     files = {
         "good.jpg": _encoded(), "many.jpg": _encoded(), "gray.png": _encoded("L", 128, "PNG"),
-        "rgba.png": _encoded("RGBA", (0, 0, 255, 128), "PNG"), "palette.png": _encoded("P", 3, "PNG"),
+        "rgba.png": _encoded("RGBA", (0, 0, 255, 128), "PNG"),
+        "palette.png": _encoded("P", 3, "PNG", transparency=3),  # palette transparency goes through RGBA
         "cmyk.jpg": _encoded("CMYK", (0, 255, 255, 0)), "corrupt.jpg": b"\xff\xd8 definitely not a jpeg",
         "truncated.jpg": _truncated_jpeg(), "nonutf8.jpg": _encoded(), "empty.jpg": _encoded(),
         "boxes.jpg": _encoded(), "long.jpg": _encoded(),
@@ -196,8 +197,9 @@ def test_reference_records_read_back_with_the_right_values(reference):
     np.testing.assert_array_equal(bad["description_tokens"][:2], _tokens("clipped", "good"))
     assert not bad["boxes"][2:].any() and not bad["description_tokens"][2:].any()
 
+    palette_rgb = Image.open(io.BytesIO(_encoded("P", 3, "PNG", transparency=3))).convert("RGBA").getpixel((0, 0))
     for image_id, rgb in (("img/gray.png", (128,) * 3), ("img/rgba.png", (0, 0, 255)),
-                          ("img/cmyk.jpg", (255, 0, 0))):
+                          ("img/cmyk.jpg", (255, 0, 0)), ("img/palette.png", palette_rgb[:3])):
         _assert_solid(got[image_id]["image"], rgb)
     assert not got["img/gray.png"]["has_mllm_caption"]  # its empty MLLM caption was dropped
 
