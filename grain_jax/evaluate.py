@@ -132,7 +132,7 @@ def markdown_table(runs: Sequence[dict]) -> str:
                 row = (f"{name} {key}", name, key)
                 if row not in rows:
                     rows.append(row)
-        for key in run.get("averages", {}):
+        for key in (k for k in run.get("averages", {}) if k.split("/")[-1] in ("top1", "top5")):
             row = (key, None, key)
             if row not in rows:
                 rows.append(row)

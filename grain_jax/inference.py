@@ -92,11 +92,12 @@ class Classifier:
 def _region_scores(regions: jax.Array, desc: jax.Array, desc_mask: jax.Array) -> jax.Array:
     """our_eval.py's region score: mean over queries of max over a class's descriptors.
 
-    regions [B, Q, D], desc [C, K, D] (both normalised), desc_mask [C, K] -> [B, C].
+    regions [B, Q, D], desc [C, K, D] (both normalised), desc_mask [C, K] -> [B, C]; a class
+    without descriptors scores 0.
     """
     sims = jnp.einsum("bqd,ckd->bqck", regions, desc)
-    sims = jnp.where(desc_mask[None, None], sims, -jnp.inf).max(-1)
-    return sims.mean(1)
+    sims = jnp.where(desc_mask[None, None], sims, -jnp.inf).max(-1).mean(1)
+    return jnp.where(desc_mask.any(-1)[None], sims, 0.0)
 
 
 @functools.lru_cache(maxsize=32)

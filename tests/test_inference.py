@@ -101,6 +101,17 @@ def test_class_embeddings_equal_a_plain_numpy_average(renormalize):
     np.testing.assert_allclose(clf.descriptor_embeddings[0, 0], raw / np.linalg.norm(raw), rtol=1e-5)
 
 
+def test_region_scores_follow_our_eval():
+    rng = np.random.default_rng(0)
+    regions = rng.normal(size=(2, 3, 4)).astype(np.float32)
+    desc = rng.normal(size=(3, 2, 4)).astype(np.float32)
+    mask = np.array([[True, True], [True, False], [False, False]])
+    got = np.asarray(inference._region_scores(regions, desc, mask))
+    sims = np.einsum("bqd,ckd->bqck", regions, desc)
+    expected = np.stack([sims[:, :, 0].max(-1).mean(1), sims[:, :, 1, 0].mean(1), np.zeros(2)], axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
 def test_ground_needs_a_grain_model(perfect):
     out = perfect.ground(np.stack([fakes.label_image(2)]))
     assert out["boxes"].shape == (1, 3, 4) and out["region_embeddings"].shape == (1, 3, fakes.EMBED_DIM)
