@@ -210,7 +210,8 @@ def test_flip_augmentation_flips_boxes(data_dir):
 def test_eval_pads_without_double_counting(data_dir, process_count):
     ids = []
     for process_index in range(process_count):
-        batches = list(pipeline.make_eval_iterator(_config(data_dir), global_batch_size=4 * process_count,
+        config = _config(data_dir, caption_length=CONTEXT)  # also covers the stored length, kept as is
+        batches = list(pipeline.make_eval_iterator(config, global_batch_size=4 * process_count,
                                                    process_index=process_index, process_count=process_count))
         # 1 process: 11 records -> 3 batches of 4; 2 processes: slices of 6 and 5 -> 2 batches of 4 each.
         assert len(batches) == {1: 3, 2: 2}[process_count]

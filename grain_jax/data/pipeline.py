@@ -3,13 +3,13 @@
 Training (``make_train_iterator``), per process::
 
     tfds source of this process's slice of the split (``tfds.split_for_jax_process``)
-      -> seed -> shuffle (reshuffled every epoch) -> decode + normalise + caption choice
-      -> repeat forever -> batch (global_batch_size / process_count)
+      -> shuffle (a new permutation every epoch) -> JPEG decode + normalise + caption choice
+      (+ optional flip) -> repeat forever -> batch (global_batch_size / process_count)
       -> grain worker processes (``num_workers``; 0 = in-process)
 
-Everything random is a pure function of ``seed`` and the position in the stream (grain
-folds the epoch into the shuffle seed and the record index into the ``RandomMap`` rng), so
-the same seed gives the same batches, whatever ``num_workers`` is, and the iterator state
+Everything random is a pure function of ``seed`` and the position in the stream (the epoch
+picks the permutation, the stream index seeds the ``RandomMap`` rng), so the same seed gives
+the same batches, whatever ``num_workers`` is, and the iterator state
 (``get_state``/``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` in an orbax
 Composite) resumes with the very next batch.
 
@@ -93,9 +93,9 @@ def _check_schema(directory: str, features: tfds.features.FeaturesDict) -> _Reco
             expected = dims.setdefault(want, got) if isinstance(want, str) else want
             consistent = consistent and got == expected
         if not consistent:
-            raise ValueError(f"{directory}: record schema mismatch: feature {key!r} is {got_dtype.name}{list(got_shape)}, "
-                             f"expected {np.dtype(dtype).name}{list(shape)} (R=resolution, M=max boxes, "
-                             f"L=context length; so far {dims})")
+            raise ValueError(f"{directory}: record schema mismatch: feature {key!r} is "
+                             f"{got_dtype.name}{list(got_shape)}, expected {np.dtype(dtype).name}{list(shape)} "
+                             f"(R=resolution, M=max boxes, L=context length; so far {dims})")
     return _RecordShape(resolution=dims["R"], max_boxes=dims["M"], context_length=dims["L"])
 
 
@@ -137,7 +137,8 @@ class _ExampleOptions:
         return rows.reshape(height, width, channels)
 
     def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
-        """One record -> ``images [S,S,3] f32, caption_tokens [Lc], description_tokens [M,Ld], boxes [M,4], box_mask [M]``."""
+        """One record -> ``images [S,S,3] f32``, ``caption_tokens [Lc]``, ``description_tokens [M,Ld]``,
+        ``boxes [M,4]`` cxcywh in [0,1], ``box_mask [M]`` (padded slots zero)."""
         image = np.asarray(record["image"])
         if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
             # Squash like the prepare step did; boxes are normalised so they stay valid.
@@ -147,18 +148,24 @@ class _ExampleOptions:
         m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
         box_mask = np.asarray(record["box_mask"][:m], bool)
         boxes = np.asarray(record["boxes"][:m], np.float32) * box_mask[:, None]
-        descriptions = tokenizer.truncate(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
+        descriptions = _fit_tokens(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
         if flip:
             images = images[:, ::-1]
             boxes[:, 0] = np.where(box_mask, 1.0 - boxes[:, 0], 0.0)
         caption_key = "mllm_caption_tokens" if use_mllm_caption and record["has_mllm_caption"] else "caption_tokens"
         return {
             "images": np.ascontiguousarray(images),
-            "caption_tokens": tokenizer.truncate(record[caption_key], self.caption_length),
+            "caption_tokens": _fit_tokens(record[caption_key], self.caption_length),
             "description_tokens": descriptions.astype(np.int32),
             "boxes": boxes,
             "box_mask": box_mask,
         }
+
+
+def _fit_tokens(tokens: np.ndarray, length: int) -> np.ndarray:
+    """Token rows [..., L] -> [..., length] with EOT kept last (the stored rows when length == L)."""
+    tokens = np.asarray(tokens, np.int32)
+    return tokens if tokens.shape[-1] == length else tokenizer.truncate(tokens, length)
 
 
 @functools.lru_cache(maxsize=2)  # the epoch being read and, around its end, the next one
@@ -253,7 +260,8 @@ def _example_options(data_config: Any, record: _RecordShape) -> _ExampleOptions:
                              f"(the records' context length)")
     max_boxes = int(_option(data_config, "max_boxes"))
     if not 1 <= max_boxes <= record.max_boxes:
-        raise ValueError(f"data_config.max_boxes={max_boxes} must be in [1, {record.max_boxes}] (the records' max boxes)")
+        raise ValueError(f"data_config.max_boxes={max_boxes} must be in [1, {record.max_boxes}] "
+                         f"(the records' max boxes)")
     prob = float(_option(data_config, "mllm_caption_prob"))
     if not 0.0 <= prob <= 1.0:
         raise ValueError(f"data_config.mllm_caption_prob must be in [0, 1], got {prob}")
@@ -303,12 +311,14 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     source, process_count = _process_source(builder, _option(data_config, "train_split"), process_index,
                                             process_count, drop_remainder=True)
     batch_size = _per_process_batch_size(global_batch_size, process_count)
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in [0, 2**32), got {seed}")
     if len(source) < batch_size:
         raise ValueError(f"{builder.data_dir}: this process's share of the train split has {len(source)} records, "
                          f"fewer than one batch of {batch_size}")
     dataset = (_EpochShuffle(grain.MapDataset.source(source), seed).seed(seed)
                .random_map(_TrainExample(options))
-               .repeat()  # reseeds the shuffle and the caption choice every epoch
+               .repeat()  # indices run on past the epoch: a new permutation and new caption draws
                .batch(batch_size, drop_remainder=True))
     return _to_iterator(dataset, data_config)
 
