@@ -435,3 +435,13 @@ def test_synthetic_command_writes_a_prepared_directory(tmp_path):
     assert example["image"].shape == (32, 32, 3) and example["box_mask"].any()
     with pytest.raises(SystemExit, match="--captions do not apply"):
         prepare.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path), "--captions", "x.csv"])
+
+
+def test_input_without_a_valid_record_is_an_error_with_a_full_report(tmp_path):
+    raw = {"train": [{"id": "no-image", "image": None, "caption": "text"},
+                     {"id": "no-caption", "image": _encoded(), "caption": ""}]}
+    with pytest.raises(ValueError, match="no valid record among 2 inputs"):
+        prepare.prepare_dataset(raw, tmp_path, resolution=R, num_workers=0, progress=False)
+    assert {e["id"]: e["kinds"] for e in records.read_report(tmp_path)} == {
+        "no-image": ["missing_image"], "no-caption": ["empty_caption"]}
+    assert not os.path.exists(tmp_path / records.INFO_FILE)

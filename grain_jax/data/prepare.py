@@ -490,8 +490,14 @@ def _move_to_tfds_names(output_dir: str, split: str, units: Sequence[dict]) -> N
 
 def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int],
              summaries: Mapping[tuple[str, int], dict], source: str, extra_info: Mapping[str, Any]) -> dict:
-    """Publishes the finished units under TFDS names, writes the metadata, report and info; prints a summary."""
+    """Publishes the finished units under TFDS names, writes the report, metadata and info; prints a summary.
+
+    `grain_jax_info.json` is written last: it marks a complete prepared directory.
+    """
     work_dir = os.path.join(output_dir, WORK_DIR)
+    info_path = os.path.join(output_dir, records.INFO_FILE)
+    if os.path.exists(info_path):
+        os.remove(info_path)
     shard_lengths, num_bytes, split_stats = {}, {}, {}
     report: list[dict] = []
     for split, count in num_units.items():
@@ -510,14 +516,17 @@ def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int
             "num_skipped": sum(e["action"] == "skipped" for e in split_report),
             "num_repaired": sum(e["action"] == "repaired" for e in split_report)}
 
-    records.write_tfds_metadata(
-        output_dir, _features(config), shard_lengths, num_bytes,
-        description=f"grain_jax prepared records ({source}); see {records.INFO_FILE} and {records.REPORT_FILE}")
     report_path = os.path.join(output_dir, records.REPORT_FILE)
     with open(report_path + ".tmp", "w", encoding="utf-8") as f:
         for entry in report:
             f.write(json.dumps(entry, ensure_ascii=False) + "\n")
     os.replace(report_path + ".tmp", report_path)
+    if not any(shard_lengths.values()):
+        raise ValueError(f"no valid record among {len(report)} inputs in {output_dir}; "
+                         f"each one is listed with its reason in {report_path}")
+    records.write_tfds_metadata(
+        output_dir, _features(config), shard_lengths, num_bytes,
+        description=f"grain_jax prepared records ({source}); see {records.INFO_FILE} and {records.REPORT_FILE}")
 
     kinds = collections.Counter(k for e in report for k in e["kinds"])
     summary = {
@@ -530,7 +539,7 @@ def _publish(output_dir: str, config: PrepareConfig, num_units: Mapping[str, int
         "num_repaired": sum(s["num_repaired"] for s in split_stats.values()),
         "report_kinds": dict(sorted(kinds.items())), "report": records.REPORT_FILE, **extra_info,
     }
-    records.write_json(os.path.join(output_dir, records.INFO_FILE), summary)
+    records.write_json(info_path, summary)
     per_split = ", ".join(f"{s} {v['num_examples']}" for s, v in split_stats.items())
     top_kinds = ", ".join(f"{k} {n}" for k, n in kinds.most_common())
     print(f"grain-jax-prepare: wrote {summary['num_examples']} records ({per_split}) to {output_dir}; "
