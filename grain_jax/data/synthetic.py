@@ -41,7 +41,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -64,6 +64,7 @@ BASES = ("none", "legs", "wheels", "stand")
 FACTORS = (("shape", len(SHAPES)), ("colour", len(COLOURS)), ("pattern", len(PATTERNS)),
            ("part_kind", len(PART_KINDS)), ("part_colour", len(COLOURS)), ("part_size", len(PART_SIZES)),
            ("part_side", len(PART_SIDES)), ("base", len(BASES)))
+FACTOR_INDEX = {name: i for i, (name, _) in enumerate(FACTORS)}
 # Words of the descriptor phrases: no class name may contain one (its BPE pieces would leak them).
 ATTRIBUTE_WORDS = ("round", "square", "triangular", "diamond", "body", "striped", "spotted", "checkered",
                    "plain", "disc", "spike", "block", "small", "large", "top", "left", "right", "side", "legs",
@@ -240,10 +241,10 @@ def _draw_objects(classes: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: np.
     bu1, bv1, bu2, bv2 = BODY_BOX
     p, q = (u - bu1) / (bu2 - bu1), (v - bv1) / (bv2 - bv1)
     box = _inside(p, q)
-    body = np.select([shape == 0, shape == 1, shape == 2],
+    body = np.select([shape == 0, shape == 1, shape == 2],  # round, square, triangular, else diamond
                      [_disc(p, q), box, box & (np.abs(p - 0.5) <= q / 2)],
                      box & (np.abs(p - 0.5) + np.abs(q - 0.5) <= 0.5))
-    marks = np.select([pattern == 1, pattern == 2, pattern == 3],
+    marks = np.select([pattern == 1, pattern == 2, pattern == 3],  # plain (0) has none
                       [np.floor(q * 4) % 2 == 1,                                              # stripes
                        (p * 3 % 1 - 0.5) ** 2 + (q * 3 % 1 - 0.5) ** 2 <= 0.09,              # spots
                        (np.floor(p * 4) + np.floor(q * 4)) % 2 == 1], False) & body      # checks
@@ -251,18 +252,18 @@ def _draw_objects(classes: np.ndarray, x0: np.ndarray, y0: np.ndarray, size: np.
     # Attached part: a square of side `extent` touching the body's top / left / right side.
     extent = np.asarray(PART_EXTENT, np.float32)[part_size]
     centre_v = (bv1 + bv2) / 2
-    pu = np.select([part_side == 0, part_side == 1], [0.5 - extent / 2, bu1 - extent], bu2)
+    pu = np.select([part_side == 0, part_side == 1], [0.5 - extent / 2, bu1 - extent], bu2)  # top, left, right
     pv = np.where(part_side == 0, bv1 - extent, centre_v - extent / 2)
     p, q = (u - pu) / extent, (v - pv) / extent
     box = _inside(p, q)
     spike = np.select([part_side == 0, part_side == 1],  # a triangle pointing away from the body
                       [np.abs(p - 0.5) <= q / 2, np.abs(q - 0.5) <= p / 2], np.abs(q - 0.5) <= (1 - p) / 2)
-    part = np.select([kind == 0, kind == 1], [_disc(p, q), box & spike], box)
+    part = np.select([kind == 0, kind == 1], [_disc(p, q), box & spike], box)  # disc, spike, block
 
     legs = (v >= bv2) & (v <= 0.95) & (((u >= 0.36) & (u <= 0.45)) | ((u >= 0.55) & (u <= 0.64)))
     wheels = ((u - 0.38) ** 2 + (v - 0.87) ** 2 <= 0.0064) | ((u - 0.62) ** 2 + (v - 0.87) ** 2 <= 0.0064)
     stand = (u >= 0.32) & (u <= 0.68) & (v >= bv2) & (v <= 0.84)
-    base_mask = np.select([base == 1, base == 2, base == 3], [legs, wheels, stand], False)
+    base_mask = np.select([base == 1, base == 2, base == 3], [legs, wheels, stand], False)  # 0: none
 
     labels = np.zeros((n, side, side), np.uint8)
     for value, mask in ((BODY, body), (BODY_MARK, marks), (PART, part), (BASE, base_mask)):
@@ -299,10 +300,10 @@ def _palettes(classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """uint8 [N, 5, 3] colour of each label value per object (class colours, jittered per object)."""
     colours = np.asarray(list(COLOURS.values()), np.int64)
     jitter = rng.integers(-12, 13, (len(classes), 2, 3))
-    body = colours[classes[:, 1]] + jitter[:, 0]
+    body = colours[classes[:, FACTOR_INDEX["colour"]]] + jitter[:, 0]
     palette = np.zeros((len(classes), 5, 3), np.int64)
     palette[:, BODY], palette[:, BODY_MARK] = body, body * 0.45  # pattern marks: a dark shade of the body
-    palette[:, PART] = colours[classes[:, 4]] + jitter[:, 1]
+    palette[:, PART] = colours[classes[:, FACTOR_INDEX["part_colour"]]] + jitter[:, 1]
     palette[:, BASE] = BASE_COLOUR
     return np.clip(palette, 0, 255).astype(np.uint8)
 
@@ -500,7 +501,8 @@ def raw_splits(num_train: int = 20000, num_validation: int = 1000, *, resolution
     """
     args = dict(resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
                 num_novel_classes=num_novel_classes, max_regions=max_regions)
-    return {"train": _RawExamples("train", num_train, args), "validation": _RawExamples("validation", num_validation, args)}
+    return {"train": _RawExamples("train", num_train, args),
+            "validation": _RawExamples("validation", num_validation, args)}
 
 
 # ----------------------------------------------------------------------------------------------
