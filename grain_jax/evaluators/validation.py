@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 
 class Evaluator:
@@ -61,6 +62,8 @@ class Evaluator:
             if self.max_batches is not None and index >= self.max_batches:
                 break
             valid = int(np.sum(batch["mask"]))
+            if jax.process_count() > 1:  # batches are per-process slices; losses are global means
+                valid = int(np.sum(multihost_utils.process_allgather(np.int32(valid))))
             if valid == 0:
                 continue
             with nn.logical_axis_rules(inference_model.rules):
