@@ -1,6 +1,6 @@
-"""CLIP_benchmark plug-in: `clip_benchmark eval` runs on a random grain_jax checkpoint
-over tiny local WebDataset shards, and its metrics equal the ones computed directly
-with grain_jax.inference."""
+"""CLIP_benchmark plug-in: `clip_benchmark eval` runs on a random GRAIN checkpoint (random
+reference modules, converted) over tiny local WebDataset shards, and its metrics equal
+the ones computed directly with grain_jax.inference."""
 import io
 import json
 import tarfile
@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grain_jax import checkpoints, inference
+from grain_jax import inference
+from grain_jax.convert import reference
 from grain_jax.integrations import clip_benchmark as plugin
+from grain_jax.models import create_model
+from test_convert_torch_reference import build_reference
 
 CLASSES = ["red square", "blue circle"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]
@@ -45,10 +48,14 @@ def _write_wds(root, samples, **metadata):
 
 @pytest.fixture(scope="module")
 def random_checkpoint(tmp_path_factory):
-    directory = str(tmp_path_factory.mktemp("clip_tiny"))
-    model = inference.load("random:clip-tiny", seed=3)
-    checkpoints.save_params(directory, model.params, model.spec)
-    return directory, inference.load(directory)
+    """Converted rather than randomly initialised: no init compile, and GRAIN mode (image
+    embedding from the decoder's global query) goes through the plug-in."""
+    import torch
+    backbone, decoder = build_reference(create_model("grain-tiny"), seed=3)
+    root = tmp_path_factory.mktemp("grain_tiny")
+    torch.save({"state_dict": decoder.state_dict(), "backbone_state_dict": backbone.state_dict()}, root / "ckpt.pth")
+    reference.convert_file(str(root / "ckpt.pth"), str(root / "converted"), "grain-tiny")
+    return str(root / "converted"), inference.load(str(root / "converted"))
 
 
 def _eval(tmp_path, checkpoint, dataset_root, task, *extra):

@@ -2,6 +2,7 @@
 equal open_clip's (random weights, fixed inputs), tokenizer ids equal open_clip's."""
 import json
 
+import jax
 import numpy as np
 import open_clip
 import pytest
@@ -29,17 +30,15 @@ def tiny_arch(tmp_path_factory):
     return TINY_ARCH
 
 
-def _parity(arch, model_file, output_dir, batch=2):
-    """Converts ``model_file`` with the CLI, returns (max |diff| image, text, our spec)."""
-    main.run(["open_clip", "--input", str(model_file), "--arch", arch, "--output", str(output_dir)])
-    ours = inference.load(str(output_dir))
-    size = ours.spec.image_size
+def _our_embeddings(model, params, batch, texts):
+    """Our (image [B, E], text [T, E]) embeddings on fixed random pixels, plus the inputs."""
+    size = model.image_size
     images = np.random.default_rng(1).standard_normal((batch, size, size, 3)).astype(np.float32)
-    tokens = tokenizer.tokenize(TEXTS[:batch + 1], context_length=ours.spec.caption_length)
-    params = {"params": ours.params}
-    our_image = np.asarray(ours.model.apply(params, images, method="encode_image")["img/embedding"])
-    our_text = np.asarray(ours.model.apply(params, tokens, method="encode_text"))
-    return ours, our_image, our_text, images, tokens
+    tokens = tokenizer.tokenize(texts, context_length=model.context_length)
+    encode = jax.jit(lambda p, x, t: (model.apply({"params": p}, x, method="encode_image")["img/embedding"],
+                                      model.apply({"params": p}, t, method="encode_text")))
+    image, text = encode(params, images, tokens)
+    return np.asarray(image), np.asarray(text), images, tokens
 
 
 def _open_clip_outputs(model, images, tokens):
@@ -54,27 +53,33 @@ def test_tiny_config_parity(tiny_arch, tmp_path):
     randomize_(model, seed=5, scale=0.1)  # every weight random: zero biases would hide mapping errors
     torch.save({"epoch": 3, "name": tiny_arch, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                tmp_path / "epoch_3.pt")
-    ours, our_image, our_text, images, tokens = _parity(tiny_arch, tmp_path / "epoch_3.pt", tmp_path / "out", batch=3)
+    main.run(["open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--arch", tiny_arch, "--output",
+              str(tmp_path / "out")])
+    ours = inference.load(str(tmp_path / "out"))
+    our_image, our_text, images, tokens = _our_embeddings(ours.model, ours.params, 3, TEXTS)
     image, text = _open_clip_outputs(model, images, tokens)
     np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
     np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
     assert ours.spec.model_overrides["vit_variant"] == "Mu/8" and tuple(ours.spec.mean) == converter.OPENAI_MEAN
-    assert ours.logit_scale == pytest.approx(float(model.logit_scale.exp()), rel=1e-6)
+    assert ours.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-6)
 
 
 def test_vit_b16_parity(tmp_path):
-    """ViT-B/16 with QuickGELU (the OpenAI weights' architecture), from a .safetensors file."""
+    """ViT-B/16 with QuickGELU (the OpenAI weights' architecture), from a .safetensors file;
+    converted in memory (the tiny test covers writing and loading the checkpoint)."""
     from safetensors.torch import save_file
     torch.manual_seed(0)
     model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "b16.safetensors"))
-    ours, our_image, our_text, images, tokens = _parity("ViT-B-16-quickgelu", tmp_path / "b16.safetensors",
-                                                        tmp_path / "out")
+    state = common.load_checkpoint(str(tmp_path / "b16.safetensors"))
+    params, spec, ours, unused = converter.convert_state_dict(state, "ViT-B-16-quickgelu")
+    common.check_against_model(params, common.abstract_param_shapes(ours))
+    our_image, our_text, images, tokens = _our_embeddings(ours, params, 1, TEXTS[:2])
     image, text = _open_clip_outputs(model, images, tokens)
     print(f"ViT-B-16 max |diff|: image {np.abs(our_image - image).max():.2e}, text {np.abs(our_text - text).max():.2e}")
     np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
     np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
-    assert ours.spec.model_name == "clip-vit-b16-openai" and ours.spec.model_overrides == {}
+    assert spec.model_name == "clip-vit-b16-openai" and spec.model_overrides == {} and unused == []
 
 
 def test_tokenizer_ids_equal_open_clip():

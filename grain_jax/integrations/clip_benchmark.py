@@ -15,6 +15,7 @@ command line to CLIP_benchmark's own CLI:
 """
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Sequence
 
@@ -30,6 +31,14 @@ from grain_jax.evaluators.common import fixed_size_batches
 MODEL_TYPE = "grain_jax"
 
 
+@functools.lru_cache(maxsize=8)
+def _text_encoder(model):
+    """Jitted token ids [N, L] -> unnormalised [N, E]; cached per model so every loader
+    call reuses one compilation. (CLIP_benchmark hands over ids, not strings, so
+    InferenceModel.encode_texts does not fit.)"""
+    return jax.jit(lambda params, ids: model.apply({"params": params}, ids, method="encode_text"))
+
+
 class JaxClipModel(torch.nn.Module):
     """Torch-facing wrapper: embeddings are computed by the JAX model, returned as
     float32 torch tensors (L2-normalised; CLIP_benchmark normalises again, harmlessly).
@@ -42,9 +51,7 @@ class JaxClipModel(torch.nn.Module):
         super().__init__()
         self.inference_model = model
         self.text_batch_size = text_batch_size
-        flax_model = model.model
-        # CLIP_benchmark hands us token ids, not strings, so this bypasses encode_texts.
-        self._encode_ids = jax.jit(lambda params, ids: flax_model.apply({"params": params}, ids, method="encode_text"))
+        self._encode_ids = _text_encoder(model.model)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] float, already normalised by ``transform`` -> [B, D]."""
