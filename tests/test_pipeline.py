@@ -163,15 +163,19 @@ def test_state_restore_gives_next_batch(data_dir, tmp_path):
 
 
 def test_two_processes_split_disjoint_and_complete(data_dir):
-    seen = []
+    orders = []
     for process_index in range(2):
         iterator = pipeline.make_train_iterator(_config(data_dir), global_batch_size=8, seed=0,
                                                 process_index=process_index, process_count=2)
         batches = _take(iterator, NUM_TRAIN // 8)  # one epoch: 3 batches of 4 per process
         assert all(b["images"].shape[0] == 4 for b in batches)
-        seen.append(set(np.concatenate([_record_ids(b) for b in batches]).tolist()))
+        orders.append(np.concatenate([_record_ids(b) for b in batches]))
+    seen = [set(order.tolist()) for order in orders]
     assert len(seen[0]) == len(seen[1]) == NUM_TRAIN // 2
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(NUM_TRAIN))
+    # The processes' slices are contiguous; their shuffles must differ, or the k-th records of
+    # both slices would always share a global batch.
+    assert not np.array_equal(orders[0] - orders[0].min(), orders[1] - orders[1].min())
     with pytest.raises(ValueError, match="multiple of the process count"):
         pipeline.make_train_iterator(_config(data_dir), global_batch_size=7, seed=0, process_index=0, process_count=2)
 

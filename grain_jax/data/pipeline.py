@@ -7,8 +7,8 @@ Training (``make_train_iterator``), per process::
       (+ optional flip) -> repeat forever -> batch (global_batch_size / process_count)
       -> grain worker processes (``num_workers``; 0 = in-process)
 
-Everything random is a pure function of ``seed`` and the position in the stream (the epoch
-picks the permutation, the stream index seeds the ``RandomMap`` rng), so the same seed gives
+Everything random is a pure function of ``seed``, the process index and the position in the
+stream (the epoch picks the permutation, the stream index seeds the ``RandomMap`` rng), so the same seed gives
 the same batches, whatever ``num_workers`` is, and the iterator state
 (``get_state``/``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` in an orbax
 Composite) resumes with the very next batch.
@@ -234,7 +234,10 @@ def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
 
 def _process_source(builder, split: str, process_index: int | None, process_count: int | None,
                     drop_remainder: bool):
-    """This process's contiguous slice of ``split`` as a random-access tfds source."""
+    """This process's contiguous slice of ``split`` as a random-access tfds source.
+
+    Returns ``(source, process_index, process_count)``, the last two resolved from JAX when None.
+    """
     if split not in builder.info.splits:
         raise ValueError(f"{builder.data_dir}: split {split!r} not found; available: {sorted(builder.info.splits)}")
     process_index = jax.process_index() if process_index is None else process_index
@@ -243,7 +246,7 @@ def _process_source(builder, split: str, process_index: int | None, process_coun
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
                                           drop_remainder=drop_remainder)
-    return builder.as_data_source(subsplit), process_count
+    return builder.as_data_source(subsplit), process_index, process_count
 
 
 def _example_options(data_config: Any, record: _RecordShape) -> _ExampleOptions:
@@ -308,15 +311,18 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     """
     builder = _builder(data_config)
     options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
-    source, process_count = _process_source(builder, _option(data_config, "train_split"), process_index,
-                                            process_count, drop_remainder=True)
+    source, process_index, process_count = _process_source(
+        builder, _option(data_config, "train_split"), process_index, process_count, drop_remainder=True)
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     if not 0 <= seed < 2**32:
         raise ValueError(f"seed must be in [0, 2**32), got {seed}")
+    # Each process its own stream: with one seed for all, record k of every process's slice would
+    # always land in the same global batch.
+    process_seed = int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
     if len(source) < batch_size:
         raise ValueError(f"{builder.data_dir}: this process's share of the train split has {len(source)} records, "
                          f"fewer than one batch of {batch_size}")
-    dataset = (_EpochShuffle(grain.MapDataset.source(source), seed).seed(seed)
+    dataset = (_EpochShuffle(grain.MapDataset.source(source), process_seed).seed(process_seed)
                .random_map(_TrainExample(options))
                .repeat()  # indices run on past the epoch: a new permutation and new caption draws
                .batch(batch_size, drop_remainder=True))
@@ -334,7 +340,7 @@ def make_eval_iterator(data_config: Any, split: str | None = None, *, global_bat
     builder = _builder(data_config)
     options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
     split = split or _option(data_config, "eval_split")
-    source, process_count = _process_source(builder, split, process_index, process_count, drop_remainder=False)
+    source, _, process_count = _process_source(builder, split, process_index, process_count, drop_remainder=False)
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     largest_slice = math.ceil(builder.info.splits[split].num_examples / process_count)
     padded_length = math.ceil(largest_slice / batch_size) * batch_size
