@@ -3,15 +3,18 @@
     python benchmarks/prepare_throughput.py [--num_images 300] [--source_size 640x480]
 
 Writes `num_images` JPEGs (smooth random colour fields, the size of typical web images), a
-captions CSV and a boxes JSON (5 regions each) to a temporary directory, then times
-`prepare_dataset` at 224 px and 64 px with 1 worker (in process) and with a pool of all cores.
+captions CSV and a boxes JSON (6 regions each), and the same samples as img2dataset tars, to a
+temporary directory, then times `prepare_dataset` on the reference files at 224 px and 64 px and
+on the tars at 224 px, each with 1 worker (in process) and with a pool of all cores.
 Wall-clock rates depend on how busy the machine is; CPU ms/image does much less.
 """
 import argparse
 import io
+import itertools
 import json
 import os
 import pathlib
+import tarfile
 import tempfile
 import time
 
@@ -42,6 +45,24 @@ def make_inputs(root: pathlib.Path, num_images: int, width: int, height: int) ->
     (root / "boxes.json").write_text(json.dumps(boxes))
 
 
+def make_tars(root: pathlib.Path, samples_per_tar: int = 100) -> str:
+    """The same images as img2dataset tars (KEY.jpg, KEY.txt, KEY.json with the regions); returns the pattern."""
+    rows = (root / "captions.csv").read_text().splitlines()[1:]
+    boxes = json.loads((root / "boxes.json").read_text())
+    num_tars = (len(rows) + samples_per_tar - 1) // samples_per_tar
+    for t in range(num_tars):
+        with tarfile.open(root / f"{t:05d}.tar", "w") as tar:
+            for row in rows[t * samples_per_tar:(t + 1) * samples_per_tar]:
+                path, caption = row.split(",", 1)
+                key = pathlib.Path(path).stem
+                for name, data in ((f"{key}.jpg", (root / path).read_bytes()), (f"{key}.txt", caption.encode()),
+                                   (f"{key}.json", json.dumps({"key": key, "regions": boxes[path]}).encode())):
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return f"{root}/{{00000..{num_tars - 1:05d}}}.tar"
+
+
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished worker processes (robust on a busy machine)."""
     t = os.times()
@@ -59,19 +80,26 @@ def main():
         root = pathlib.Path(tmp)
         make_inputs(root, args.num_images, width, height)
         print(f"{args.num_images} JPEGs of {width}x{height}, 6 regions each; {cores} CPU cores")
-        for resolution in (224, 64):
-            for workers in sorted({0, cores}):
-                raw = prepare.reference_raw_splits(str(root / "captions.csv"), str(root),
-                                                   boxes=str(root / "boxes.json"), validation_fraction=0.01)
-                out = root / f"out-{resolution}-{workers}"
-                start, cpu_start = time.perf_counter(), _cpu_seconds()
-                prepare.prepare_dataset(raw, out, resolution=resolution, num_workers=workers,
-                                        examples_per_shard=50, progress=False)
-                seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
-                mib = sum(f.stat().st_size for f in out.glob("grain_jax-*")) / 2 ** 20
-                print(f"resolution {resolution:3d}  workers {max(workers, 1)}: {args.num_images / seconds:7.1f} "
-                      f"images/s wall ({seconds:.1f} s incl. pool start-up), {1000 * cpu / args.num_images:.1f} "
-                      f"CPU ms/image; {mib:.1f} MiB written", flush=True)
+        pattern = make_tars(root)
+        sources = {
+            "reference": lambda: prepare.reference_raw_splits(str(root / "captions.csv"), str(root),
+                                                              boxes=str(root / "boxes.json")),
+            "webdataset": lambda: prepare.webdataset_raw_splits(pattern),
+        }
+        for (source, make_raw), resolution, workers in itertools.product(sources.items(), (224, 64),
+                                                                         sorted({0, cores})):
+            if source == "webdataset" and resolution == 64:
+                continue  # same per-image work as the reference source; one size shows the reading cost
+            raw = make_raw()
+            out = root / f"out-{source}-{resolution}-{workers}"
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            prepare.prepare_dataset(raw, out, resolution=resolution, num_workers=workers,
+                                    examples_per_shard=50, progress=False)
+            seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu_start
+            mib = sum(f.stat().st_size for f in out.glob("grain_jax-*")) / 2 ** 20
+            print(f"{source:10s} resolution {resolution:3d} workers {max(workers, 1)}: "
+                  f"{args.num_images / seconds:7.1f} images/s wall ({seconds:.1f} s incl. pool start-up), "
+                  f"{1000 * cpu / args.num_images:.1f} CPU ms/image; {mib:.1f} MiB written", flush=True)
 
 
 if __name__ == "__main__":
