@@ -551,7 +551,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
       seed: everything (classes, names, scenes) is a function of the seed and the sizes.
       num_seen_classes / num_novel_classes: catalogue size.
       max_boxes: regions per training image.
-      num_workers: prepare worker processes (default: all cores); does not change the output.
+      num_workers: prepare worker processes (default: all cores, or none for <= 2000 scenes,
+        where starting workers costs more than it saves); does not change the output.
 
     Returns:
       `directory` as a string. Writing goes to a temporary sibling directory that is renamed
@@ -575,6 +576,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
         raise ValueError(f"{directory} exists, is not empty and holds no synthetic benchmark ({MARKER_FILE}); "
                          "give an empty or new directory")
 
+    if num_workers is None and num_train + num_validation <= 2000:
+        num_workers = 0
     generator_args = dict(resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
                           num_novel_classes=num_novel_classes)
     cat = catalogue(seed, num_seen_classes, num_novel_classes)  # validates the catalogue arguments early
@@ -595,6 +598,9 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
         _replace_directory(staging, directory, arguments)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    print(f"synthetic benchmark ready in {directory}: train {num_train}, validation {num_validation}, "
+          f"zero-shot {len(cat.seen)} seen / {len(cat.novel)} novel classes x {num_test_per_class} images",
+          flush=True)
     return directory
 
 
