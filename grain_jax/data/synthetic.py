@@ -20,7 +20,8 @@ Design
   - caption (alt-text style): class names and layout only, "a dafo at top left and a mibuk at
     bottom right";
   - MLLM caption: richer wording but still holistic (names, count, layout, background), never a
-    part or attribute word, so captions teach nothing about parts;
+    part or attribute word, so captions teach nothing about parts (only the layout words top /
+    left / right also occur in part phrases, there naming the object's place in the scene);
   - regions: up to 5 of the scene's grounded phrases (each object offers its descriptors with the
     box of the part they name, plus "a <name>" with the object box), with detector-like scores.
 * **Zero-shot splits** (ImageFolder, one object per image): `seen` (the training classes) and
