@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
@@ -81,6 +82,10 @@ def _record_ids(batch):
     return np.where(first >= MLLM_ID, first - MLLM_ID, first - CAPTION_ID) * (first > 0)
 
 
+def _stream_ids(batches):
+    return np.concatenate([_record_ids(b) for b in batches])
+
+
 def _take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -124,10 +129,9 @@ def test_same_seed_same_batches_other_seed_other_order(data_dir):
     for a, b in zip(first, again):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
-    order = lambda batches: np.concatenate([_record_ids(b) for b in batches])  # noqa: E731
-    assert not np.array_equal(order(first), order(other))
+    assert not np.array_equal(_stream_ids(first), _stream_ids(other))
     # Epoch 1 (batches 0-2) and epoch 2 (batch 3 on) are each a permutation, reshuffled.
-    ids = order(first)
+    ids = _stream_ids(first)
     assert sorted(ids[:NUM_TRAIN]) == list(range(NUM_TRAIN))
     assert not np.array_equal(ids[NUM_TRAIN:], ids[:8])
 
@@ -169,7 +173,7 @@ def test_two_processes_split_disjoint_and_complete(data_dir):
                                                 process_index=process_index, process_count=2)
         batches = _take(iterator, NUM_TRAIN // 8)  # one epoch: 3 batches of 4 per process
         assert all(b["images"].shape[0] == 4 for b in batches)
-        orders.append(np.concatenate([_record_ids(b) for b in batches]))
+        orders.append(_stream_ids(batches))
     seen = [set(order.tolist()) for order in orders]
     assert len(seen[0]) == len(seen[1]) == NUM_TRAIN // 2
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(NUM_TRAIN))
@@ -256,7 +260,6 @@ def test_clear_errors(data_dir, tmp_path):
 
     # A dataset whose boxes are xyxy pairs [M, 2, 2] instead of [M, 4].
     features = records.features(RESOLUTION, MAX_BOXES, CONTEXT)
-    import tensorflow_datasets as tfds
     bad = tfds.features.FeaturesDict({**{k: features[k] for k in features.keys() if k != "boxes"},
                                       "boxes": tfds.features.Tensor(shape=(MAX_BOXES, 2, 2), dtype=np.float32)})
     record = _record(1)
