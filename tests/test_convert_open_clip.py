@@ -48,14 +48,22 @@ def _open_clip_outputs(model, images, tokens):
     return image, text
 
 
-def test_tiny_config_parity(tiny_arch, tmp_path):
+@pytest.fixture(scope="module")
+def tiny_converted(tiny_arch, tmp_path_factory):
+    """(random open_clip model, converted checkpoint dir) via the CLI, from an open_clip
+    training-style checkpoint (state dict under 'state_dict', DDP prefixes)."""
     model = open_clip.create_model(tiny_arch, pretrained=None).eval()
     randomize_(model, seed=5, scale=0.1)  # every weight random: zero biases would hide mapping errors
+    root = tmp_path_factory.mktemp("tiny_open_clip")
     torch.save({"epoch": 3, "name": tiny_arch, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               tmp_path / "epoch_3.pt")
-    main.run(["open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--arch", tiny_arch, "--output",
-              str(tmp_path / "out")])
-    ours = inference.load(str(tmp_path / "out"))
+               root / "epoch_3.pt")
+    main.run(["open_clip", "--input", str(root / "epoch_3.pt"), "--arch", tiny_arch, "--output", str(root / "out")])
+    return model, str(root / "out")
+
+
+def test_tiny_config_parity(tiny_converted):
+    model, converted = tiny_converted
+    ours = inference.load(converted)
     our_image, our_text, images, tokens = _our_embeddings(ours.model, ours.params, 3, TEXTS)
     image, text = _open_clip_outputs(model, images, tokens)
     np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
@@ -100,3 +108,4 @@ def test_unsupported_and_mismatched_inputs_fail(tiny_arch):
     # Exact-GELU architectures need a GELU text tower, which GrainModel does not offer yet.
     with pytest.raises(common.ConversionError, match="text_activation"):
         converter.model_for_arch("ViT-B-16")
+

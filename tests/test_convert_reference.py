@@ -1,6 +1,7 @@
 """Reference-checkpoint conversion: outputs of the converted Flax model equal the outputs
 of a PyTorch re-creation of the authors' modules (their key names, DDP ``module.``
 prefixes, dead weights present), fed the same inputs."""
+import jax
 import numpy as np
 import pytest
 import torch
@@ -46,7 +47,8 @@ def test_outputs_match_reference_modules(reference_checkpoint, converted):
     images = rng.standard_normal((2, spec.image_size, spec.image_size, 3)).astype(np.float32)
     tokens = tokenizer.tokenize(TEXTS[:2], context_length=spec.caption_length)
 
-    out, aux = model.model.apply({"params": model.params}, images, tokens, tokenizer.tokenize(TEXTS, 77)[None])
+    forward = jax.jit(lambda p, *inputs: model.model.apply({"params": p}, *inputs))
+    out, aux = forward(model.params, images, tokens, tokenizer.tokenize(TEXTS, 77)[None])
     with torch.no_grad():
         vision_tokens = backbone.image_tokens(torch.from_numpy(images).permute(0, 3, 1, 2))
         layer_boxes, regions, image_embedding = decoder(vision_tokens)
@@ -108,3 +110,17 @@ def test_missing_and_mismatched_keys_fail(reference_checkpoint):
         reference.convert_state_dicts(backbone_state, extra, MODEL)
     with pytest.raises(common.ConversionError, match="not a GRAIN reference checkpoint"):
         reference.split_checkpoint({"model": {}}, "x.pth")
+
+
+def test_trainer_init_from_accepts_conversion(converted):
+    """config.init_from loads every leaf of a converted checkpoint into a fresh model."""
+    from grain_jax.train import checkpointing
+    shapes = common.abstract_param_shapes(create_model(MODEL))
+    fresh = common.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = checkpointing.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh))
+    saved = common.flatten(checkpoints.restore_params(converted))
+    loaded = common.flatten(params)
+    assert loaded.keys() == saved.keys()
+    for path in saved:
+        np.testing.assert_array_equal(np.asarray(loaded[path]), saved[path], err_msg="/".join(path))
