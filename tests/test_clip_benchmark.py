@@ -8,12 +8,12 @@ import tarfile
 import numpy as np
 import pytest
 from PIL import Image
+from test_convert_torch_reference import build_reference
 
 from grain_jax import inference
 from grain_jax.convert import reference
 from grain_jax.integrations import clip_benchmark as plugin
 from grain_jax.models import create_model
-from test_convert_torch_reference import build_reference
 
 CLASSES = ["red square", "blue circle"]
 TEMPLATES = ["a photo of a {c}.", "a drawing of a {c}."]

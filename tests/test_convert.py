@@ -1,5 +1,4 @@
 """Converter plumbing: safe loading, prefix stripping, layout helpers, checking."""
-import os
 
 import numpy as np
 import pytest

@@ -7,12 +7,12 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from test_convert_torch_reference import randomize_
 
 from grain_jax import inference
 from grain_jax.convert import common, main
 from grain_jax.convert import open_clip as converter
 from grain_jax.data import tokenizer
-from test_convert_torch_reference import randomize_
 
 TINY_ARCH = "grain-test-tiny-quickgelu"
 TINY_CONFIG = {"embed_dim": 128, "quick_gelu": True,

@@ -5,12 +5,12 @@ import jax
 import numpy as np
 import pytest
 import torch
+from test_convert_torch_reference import build_reference
 
 from grain_jax import checkpoints, inference
 from grain_jax.convert import common, main, reference
 from grain_jax.data import tokenizer
 from grain_jax.models import create_model
-from test_convert_torch_reference import build_reference
 
 MODEL = "grain-tiny"
 TEXTS = ["a photo of a small red bird", "a bird which has a long beak", "x"]

@@ -14,10 +14,13 @@ an error naming every offending path.
 from __future__ import annotations
 
 import logging
+
+log = logging.getLogger(__name__)
 import os
 import pickle
 import zipfile
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -63,7 +66,7 @@ def load_checkpoint(path: str, *, allow_torchscript: bool = False) -> Any:
     if is_torchscript(path):
         if not allow_torchscript:
             raise ConversionError(f"{path} is a TorchScript archive; only plain state dicts are accepted here")
-        logging.info("%s is a TorchScript archive: reading its state dict with torch.jit.load", path)
+        log.info("%s is a TorchScript archive: reading its state dict with torch.jit.load", path)
         return dict(torch.jit.load(path, map_location="cpu").state_dict())
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -166,6 +169,7 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
 def abstract_param_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of a grain_jax model's params, without allocating them."""
     import flax.linen as nn
+
     from grain_jax.models import abstract_variables
 
     return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(abstract_variables(model)["params"])).items()}
@@ -193,7 +197,7 @@ def report_unused(source: TensorSource, expected_unused: Callable[[str], bool]) 
     if surprising:
         raise ConversionError(f"{source.name}: keys the model has no place for: {surprising}")
     for key in unused:
-        logging.info("%s: ignoring unused key %s %s", source.name, key, tuple(source.arrays[key].shape))
+        log.info("%s: ignoring unused key %s %s", source.name, key, tuple(source.arrays[key].shape))
     return unused
 
 

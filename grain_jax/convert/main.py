@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+
+log = logging.getLogger(__name__)
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,7 +48,7 @@ def run(argv: Sequence[str] | None = None) -> None:
             summary = open_clip.convert_file(args.input, args.output, arch=args.arch, quick_gelu=args.quick_gelu)
     except ConversionError as e:
         raise SystemExit(f"grain-jax-convert: {e}") from None
-    logging.info("wrote %s (%s, %d parameters, unused keys: %s)", args.output, summary["model_name"],
+    log.info("wrote %s (%s, %d parameters, unused keys: %s)", args.output, summary["model_name"],
                  summary["num_params"], summary["unused"] or "none")
 
 

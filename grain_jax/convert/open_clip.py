@@ -16,7 +16,8 @@ so feed square images for identical inputs.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from grain_jax.checkpoints import ModelSpec
 from grain_jax.convert import common, towers
@@ -74,12 +75,14 @@ def model_for_arch(arch: str, quick_gelu: bool | None = None) -> tuple[str, dict
         raise common.ConversionError(f"{arch}: no grain_jax ViT variant has width {width}, depth {depth}, "
                                      f"{heads} heads (known: {VIT_VARIANTS})")
     activation = "quick_gelu" if quick_gelu else "gelu"
-    wanted = dict(mode="clip", vit_variant=f"{variant}/{patch}", image_size=int(vision.get("image_size", 224)),
-                  vit_qk_norm=False, vit_pre_norm=True, vit_patch_bias=False, vit_ln_eps=1e-5,
-                  vit_activation=activation, embed_dim=int(config["embed_dim"]),
-                  text_width=int(text.get("width", 512)), text_heads=int(text.get("heads", 8)),
-                  text_layers=int(text.get("layers", 12)), context_length=int(text.get("context_length", 77)),
-                  vocab_size=int(text.get("vocab_size", 49408)))
+    wanted = {
+        "mode": "clip", "vit_variant": f"{variant}/{patch}", "image_size": int(vision.get("image_size", 224)),
+        "vit_qk_norm": False, "vit_pre_norm": True, "vit_patch_bias": False, "vit_ln_eps": 1e-5,
+        "vit_activation": activation, "embed_dim": int(config["embed_dim"]),
+        "text_width": int(text.get("width", 512)), "text_heads": int(text.get("heads", 8)),
+        "text_layers": int(text.get("layers", 12)), "context_length": int(text.get("context_length", 77)),
+        "vocab_size": int(text.get("vocab_size", 49408)),
+    }
     if activation != "quick_gelu":
         # The text tower is QuickGELU unless the model offers a switch.
         if "text_activation" not in {f.name for f in dataclasses.fields(GrainModel)}:

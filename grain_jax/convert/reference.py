@@ -15,7 +15,10 @@ leftovers), ``query_index`` (only built when Q == 1), and, for GRAIN, the backbo
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+
+log = logging.getLogger(__name__)
+from collections.abc import Mapping
+from typing import Any
 
 from grain_jax.checkpoints import ModelSpec
 from grain_jax.convert import common, towers
@@ -64,7 +67,7 @@ def convert_state_dicts(backbone_state: Mapping[str, Any], decoder_state: Mappin
         overrides["num_queries"] = int(decoder.arrays["query_embed.weight"].shape[0]) - 1 \
             if "query_embed.weight" in decoder else probe.num_queries
     elif decoder_state:
-        logging.info("%s is a CLIP model: the checkpoint's decoder 'state_dict' is not converted", model_name)
+        log.info("%s is a CLIP model: the checkpoint's decoder 'state_dict' is not converted", model_name)
     model = create_model(model_name, **overrides)
 
     vit = decode_variant(model.vit_variant)

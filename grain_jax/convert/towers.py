@@ -11,7 +11,12 @@ import dataclasses
 
 import numpy as np
 
-from grain_jax.convert.common import ConversionError, TensorSource, conv_kernel, linear_kernel
+from grain_jax.convert.common import (
+    ConversionError,
+    TensorSource,
+    conv_kernel,
+    linear_kernel,
+)
 
 
 @dataclasses.dataclass(frozen=True)

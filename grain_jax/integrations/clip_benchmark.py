@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
