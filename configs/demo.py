@@ -42,13 +42,14 @@ def get_config(arg=None):
     config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", synthetic_dir=None,
                                  templates="short")
 
-    if args.runlocal:
-        config.synthetic = dict(resolution=64, num_train=64)
+    if args.runlocal:  # seconds: a smaller model, 32 px, short texts, a few steps (the tests use it)
+        config.model.update(text_layers=1, decoder_layers=1)
+        config.data.update(image_size=32, caption_length=16, description_length=8)
+        config.synthetic = dict(resolution=32, num_train=64, num_test_per_class=2)
         config.global_batch_size = 8
         config.total_steps = 4
         config.warmup_steps = 1
         config.log_every_steps = 1
         config.checkpoint_every_steps = 2
         config.evals.val.max_batches = 1
-        config.evals.zeroshot.max_examples = 16
     return config

@@ -33,8 +33,8 @@ PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
 
 def measure_cpu_flops(size: int = 1024, repeats: int = 3) -> float:
     """Measured matmul FLOP/s of this host's CPU (all fake CPU devices share these cores)."""
-    a = jnp.ones((size, size), jnp.float32)
-    matmul = jax.jit(lambda x: x @ x, device=jax.local_devices(backend="cpu")[0])
+    a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices(backend="cpu")[0])
+    matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):

@@ -73,7 +73,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
         params = optax.apply_updates(state.params, updates)
         params = {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, LOGIT_SCALE_MAX)}
 
-        grad_norm, param_norm = optax.global_norm(grads), optax.global_norm(params)
+        grad_norm, param_norm = optax.tree.norm(grads), optax.tree.norm(params)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         # Keep the last good state on a non-finite step (but count the step).

@@ -86,7 +86,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
 
 
-def _train_step_compiled(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
+def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
     """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
     repl = state_lib.replicated(mesh)
     jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
@@ -186,7 +186,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batch_sh = state_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)))
-    compiled = _train_step_compiled(train_step, state, shardings, batch_sh, mesh, rules, config)
+    compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
     step = int(state.step)

@@ -1,0 +1,102 @@
+"""The train step and loop in-process on 8 fake CPU devices (runlocal demo model)."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import _train_utils
+from grain_jax import batch as batch_lib, sharding
+from grain_jax.losses import LossConfig
+from grain_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib, trainer
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def _setup(config, mesh):
+    rules = sharding.axis_rules()
+    schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
+    model = state_lib.build_model(config)
+    state, shardings, tx = state_lib.create_train_state(
+        model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
+    return model, schedule, tx, state, shardings, rules
+
+
+def _fixed_batch(config):
+    data = config.data
+    return batch_lib.fake_batch(config.global_batch_size, data.image_size, data.caption_length,
+                                data.description_length, data.max_boxes, seed=3)
+
+
+def test_loss_decreases_on_a_fixed_batch_and_bad_steps_are_skipped(tmp_path):
+    config = _train_utils.runlocal_config(str(tmp_path))
+    mesh = sharding.create_mesh((8, 1, 1))
+    model, schedule, tx, state, shardings, rules = _setup(config, mesh)
+    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule)
+    compiled = trainer.compile_train_step(train_step, state, shardings, state_lib.batch_sharding(mesh, rules),
+                                          mesh, rules, config)
+    batch_sh = state_lib.batch_sharding(mesh, rules)
+    batch = {k: jax.device_put(v, batch_sh) for k, v in _fixed_batch(config).items()}
+    rng = jax.device_put(jax.random.PRNGKey(1), state_lib.replicated(mesh))
+    losses = []
+    for _ in range(config.total_steps):
+        state, metrics = compiled(state, batch, rng)
+        losses.append(float(metrics["loss/total"]))
+        assert 0.0 <= float(state.params["logit_scale"]) <= math.log(100.0)
+    assert int(state.step) == config.total_steps
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+    before = jax.device_get(state.params)
+    poisoned = dict(batch, images=jnp.full_like(batch["images"], jnp.nan))
+    state, metrics = compiled(state, poisoned, rng)
+    assert float(metrics["finite"]) == 0.0
+    for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
+        np.testing.assert_array_equal(old, np.asarray(new))
+
+
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
+    config = _train_utils.runlocal_config(str(tmp_path), dtype="float32")
+    one_device = sharding.create_mesh((1, 1, 1), devices=jax.devices()[:1])
+    model, _, _, state, _, rules = _setup(config, one_device)
+    params = jax.device_get(state.params)
+    loss_config = LossConfig(**config.loss)
+    batch = _fixed_batch(config)
+
+    def loss_on(mesh):
+        boxed = state_lib.abstract_params(model, config)
+        params_sh = state_lib.param_shardings(boxed, mesh, rules)
+        placed = jax.device_put(params, params_sh)
+        placed_batch = jax.device_put(batch, state_lib.batch_sharding(mesh, rules))
+        fn = jax.jit(lambda p, b: step_lib.forward_loss(model, loss_config, p, b, jax.random.PRNGKey(0),
+                                                        train=False)[0])
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            return float(fn(placed, placed_batch))
+
+    np.testing.assert_allclose(loss_on(sharding.create_mesh(mesh_shape)), loss_on(one_device), rtol=2e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, monkeypatch):
+    from grain_jax.data import pipeline
+    to_global, calls = pipeline.to_global, []
+
+    def poison_third_batch(batch, batch_sharding):
+        calls.append(1)
+        if len(calls) == 3:
+            batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+        return to_global(batch, batch_sharding)
+
+    monkeypatch.setattr(pipeline, "to_global", poison_third_batch)
+    config = _train_utils.runlocal_config(data_cache, checkpoint_every_steps=2)
+    with pytest.raises(FloatingPointError, match="last good checkpoint is step 2"):
+        trainer.train_and_evaluate(config, str(tmp_path))
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    assert ckpt.latest_step() == 2
+    ckpt.close()
