@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_convert_torch_reference import randomize_
 
-from grain_jax import inference
+from grain_jax import checkpoints, inference
 from grain_jax.convert import common, main
 from grain_jax.convert import open_clip as converter
 from grain_jax.data import tokenizer
@@ -49,27 +49,41 @@ def _open_clip_outputs(model, images, tokens):
 
 
 @pytest.fixture(scope="module")
-def tiny_converted(tiny_arch, tmp_path_factory):
-    """(random open_clip model, converted checkpoint dir) via the CLI, from an open_clip
-    training-style checkpoint (state dict under 'state_dict', DDP prefixes)."""
+def tiny_model(tiny_arch):
     model = open_clip.create_model(tiny_arch, pretrained=None).eval()
     randomize_(model, seed=5, scale=0.1)  # every weight random: zero biases would hide mapping errors
-    root = tmp_path_factory.mktemp("tiny_open_clip")
+    return model
+
+
+def test_tiny_config_parity(tiny_arch, tiny_model, tmp_path):
+    """Through the CLI, from an open_clip training-style checkpoint (state dict under
+    'state_dict', DDP prefixes), then grain_jax.inference.load."""
+    model = tiny_model
     torch.save({"epoch": 3, "name": tiny_arch, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               root / "epoch_3.pt")
-    main.run(["open_clip", "--input", str(root / "epoch_3.pt"), "--arch", tiny_arch, "--output", str(root / "out")])
-    return model, str(root / "out")
-
-
-def test_tiny_config_parity(tiny_converted):
-    model, converted = tiny_converted
-    ours = inference.load(converted)
+               tmp_path / "epoch_3.pt")
+    main.run(["open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--arch", tiny_arch, "--output", str(tmp_path / "out")])
+    ours = inference.load(str(tmp_path / "out"))
     our_image, our_text, images, tokens = _our_embeddings(ours.model, ours.params, 3, TEXTS)
     image, text = _open_clip_outputs(model, images, tokens)
     np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
     np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
     assert ours.spec.model_overrides["vit_variant"] == "Mu/8" and tuple(ours.spec.mean) == converter.OPENAI_MEAN
     assert ours.logit_scale == pytest.approx(float(model.logit_scale.detach().exp()), rel=1e-6)
+
+
+def test_torchscript_archive_converts_like_the_state_dict(tiny_arch, tiny_model, tmp_path):
+    """OpenAI ships TorchScript archives; one (traced here) converts to the same params."""
+    example = (torch.zeros(1, 3, 64, 64), torch.zeros(1, 77, dtype=torch.long))
+    torch.jit.trace(tiny_model, example, check_trace=False).save(str(tmp_path / "scripted.pt"))
+    summary = converter.convert_file(str(tmp_path / "scripted.pt"), str(tmp_path / "out"), tiny_arch)
+    assert summary["unused"] == ["attn_mask"]
+    assert checkpoints.read_model_spec(str(tmp_path / "out")).create_model().vit_activation == "quick_gelu"
+    scripted = checkpoints.restore_params(str(tmp_path / "out"))
+    plain, _, _, _ = converter.convert_state_dict(tiny_model.state_dict(), tiny_arch)
+    scripted, plain = common.flatten(scripted), common.flatten(plain)
+    assert scripted.keys() == plain.keys()
+    for path in plain:
+        np.testing.assert_array_equal(scripted[path], plain[path], err_msg="/".join(path))
 
 
 def test_vit_b16_parity(tmp_path):

@@ -25,8 +25,9 @@ from grain_jax.convert import common, towers
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 BASE_MODEL = "clip-vit-b16-openai"
-# Metadata scalars OpenAI's TorchScript state dicts carry (open_clip drops them too).
-OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Not weights: metadata scalars of OpenAI's TorchScript files (open_clip drops them too), and
+# the causal-mask buffer a TorchScript export of an open_clip model carries.
+NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 # Config entries grain_jax's towers implement, with the values they support when not free.
 _VISION_FREE = {"image_size", "layers", "width", "patch_size", "head_width"}
 _TEXT_FREE = {"context_length", "vocab_size", "width", "heads", "layers"}
@@ -112,7 +113,7 @@ def convert_state_dict(state: Mapping[str, Any], arch: str, quick_gelu: bool | N
         "text": towers.openai_text(source, depth=model.text_layers, num_heads=model.text_heads),
         "logit_scale": source.take("logit_scale").reshape(()),
     }
-    unused = common.report_unused(source, common.matches_any(OPENAI_METADATA_KEYS))
+    unused = common.report_unused(source, common.matches_any(NON_WEIGHT_KEYS))
     spec = ModelSpec(model_name=model_name, model_overrides=overrides, image_size=model.image_size,
                      mean=OPENAI_MEAN, std=OPENAI_STD, caption_length=model.context_length,
                      description_length=model.context_length)
