@@ -124,3 +124,17 @@ def test_trainer_init_from_accepts_conversion(converted):
     assert loaded.keys() == saved.keys()
     for path in saved:
         np.testing.assert_array_equal(np.asarray(loaded[path]), saved[path], err_msg="/".join(path))
+
+
+def test_clip_baseline_checkpoint(reference_checkpoint, tmp_path):
+    """train_clip.py saves only 'backbone_state_dict'; its image embedding is CLS @ image_projection."""
+    _, backbone, _ = reference_checkpoint
+    torch.save({"epoch": 0, "backbone_state_dict": _ddp(backbone.state_dict())}, tmp_path / "clip.pth.tar")
+    summary = reference.convert_file(str(tmp_path / "clip.pth.tar"), str(tmp_path / "out"), "clip-tiny")
+    assert summary["unused"] == []
+    model = inference.load(str(tmp_path / "out"))
+    images = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
+    ours = model.model.apply({"params": model.params}, images, method="encode_image")["img/embedding"]
+    with torch.no_grad():
+        theirs = backbone.image_tokens(torch.from_numpy(images).permute(0, 3, 1, 2))[:, 0] @ backbone.image_projection
+    np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
