@@ -316,7 +316,7 @@ def test_sharded_apply_equals_unsharded(grain, batch):
     qkv = param_shardings["params"]["image"]["blocks_0"]["attn"]["qkv_kernel"]
     assert qkv.spec == jax.sharding.PartitionSpec("fsdp", None, "tensor", None)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-    with mesh, nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         sharded_vars = jax.device_put(variables, param_shardings)
         sharded_batch = jax.device_put(dict(batch), batch_sharding)
         sharded_out = _forward(model)(sharded_vars, sharded_batch, jax.random.key(0))
