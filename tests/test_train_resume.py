@@ -1,0 +1,60 @@
+"""Exact resume after SIGKILL and clean exit on SIGTERM, with the real ``grain-jax-train`` binary."""
+import os
+import signal
+
+import jax
+import numpy as np
+import pytest
+
+import _train_utils
+from grain_jax import checkpoints
+from grain_jax.train import trainer
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("synthetic"))
+
+
+def _wait_for(process, text: str) -> list[str]:
+    """Reads the child's output until a line contains ``text``; returns the lines read."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+    raise AssertionError(f"{text!r} never printed; output:\n{''.join(lines)}")
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_cache):
+    reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
+    trainer.train_and_evaluate(_train_utils.runlocal_config(data_cache, checkpoint_every_steps=2), reference_dir)
+
+    process = _train_utils.start(_train_utils.cli(killed_dir, data_cache, "--config.checkpoint_every_steps=2"))
+    _wait_for(process, f"step 5/{_train_utils.TOTAL_STEPS}")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    with checkpoints.manager(killed_dir, read_only=True) as mngr:
+        interrupted_at = mngr.latest_step()
+    assert interrupted_at is not None and interrupted_at < _train_utils.TOTAL_STEPS
+
+    trainer.train_and_evaluate(_train_utils.runlocal_config(data_cache, checkpoint_every_steps=2), killed_dir)
+    expected, resumed = checkpoints.restore_params(reference_dir), checkpoints.restore_params(killed_dir)
+    leaves = jax.tree_util.tree_leaves_with_path(expected)
+    for (path, want), got in zip(leaves, jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+
+
+def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path, data_cache):
+    workdir = str(tmp_path)
+    process = _train_utils.start(_train_utils.cli(workdir, data_cache, "--config.checkpoint_every_steps=1000"))
+    _wait_for(process, f"step 2/{_train_utils.TOTAL_STEPS}")
+    process.send_signal(signal.SIGTERM)
+    output = process.stdout.read()
+    assert process.wait(timeout=120) == 0, output
+    assert "preempted: saved checkpoint at step" in output, output
+    with checkpoints.manager(workdir, read_only=True) as mngr:
+        saved = mngr.latest_step()
+    assert saved is not None and 2 < saved < _train_utils.TOTAL_STEPS
+    assert f"at step {saved} in" in output
+    assert os.path.exists(os.path.join(workdir, checkpoints.MODEL_CONFIG))
