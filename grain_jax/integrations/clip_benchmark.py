@@ -41,7 +41,8 @@ def _text_encoder(model):
 
 class JaxClipModel(torch.nn.Module):
     """Torch-facing wrapper: embeddings are computed by the JAX model, returned as
-    float32 torch tensors (L2-normalised; CLIP_benchmark normalises again, harmlessly).
+    float32 torch tensors on the input's device (L2-normalised; CLIP_benchmark
+    normalises again, harmlessly).
 
     For GRAIN checkpoints the image embedding is the decoder's global query, as in the
     reference's zero-shot evaluation; for CLIP checkpoints it is the projected CLS token.
@@ -56,7 +57,9 @@ class JaxClipModel(torch.nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] float, already normalised by ``transform`` -> [B, D]."""
         pixels = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
-        return torch.from_numpy(np.ascontiguousarray(self.inference_model.encode_images(pixels)))
+        embeddings = np.ascontiguousarray(self.inference_model.encode_images(pixels))
+        # On the input's device: CLIP_benchmark keeps its classifier there (cuda when available).
+        return torch.from_numpy(embeddings).to(images.device)
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [N, L] int (from ``tokenizer``) -> [N, D]."""
@@ -66,7 +69,7 @@ class JaxClipModel(torch.nn.Module):
                  for chunk, n in fixed_size_batches(ids, self.text_batch_size)]
         embeddings = np.concatenate(parts)
         embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
-        return torch.from_numpy(embeddings)
+        return torch.from_numpy(embeddings).to(token_ids.device)
 
 
 class Tokenizer:
