@@ -74,7 +74,7 @@ def jax_one_hot(label, depth):
     return (label[..., None] == jnp.arange(depth)).astype(jnp.float32)
 
 
-def make_inference_model(class_names, *, wrong=False, mesh=None, batch_size=8):
+def make_inference_model(class_names, *, wrong=False, mode="grain", mesh=None, batch_size=8):
     """An InferenceModel around LabelModel whose class c is named ``class_names[c]``."""
     import jax
     from grain_jax.inference import InferenceModel
@@ -83,7 +83,7 @@ def make_inference_model(class_names, *, wrong=False, mesh=None, batch_size=8):
     probe = InferenceModel(LabelModel(marker_tokens=(0,)), {"logit_scale": jnp.zeros(())}, spec)
     markers = tuple(int(t[1]) for t in probe.tokenize(list(class_names)))  # the first BPE id after SOT
     assert len(set(markers)) == len(markers), "class names must start with distinct tokens"
-    model = LabelModel(marker_tokens=markers, wrong=wrong)
+    model = LabelModel(marker_tokens=markers, wrong=wrong, mode=mode)
     params = model.init(jax.random.key(0), jnp.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3)),
                         jnp.zeros((1, 32), jnp.int32))["params"]
     return InferenceModel(model, params, spec, mesh, batch_size=batch_size, text_batch_size=64)

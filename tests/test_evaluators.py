@@ -29,6 +29,18 @@ def test_perfect_model_scores_exactly_one_and_counts_every_image_once(tmp_path, 
         assert results[key] == 1.0, key
 
 
+def test_region_mix_is_reported_only_for_grain_with_descriptors(tmp_path):
+    clip = fakes.make_inference_model(NAMES, mode="clip")
+    data = datasets.folder_dataset(write_folder(tmp_path / "ds", per_class=1, descriptor_file=DESCRIPTORS))
+    assert zeroshot.usable_alphas(clip, data, None) == (1.0,)
+    results = zeroshot.evaluate(clip, data, templates="short", num_threads=2)
+    assert results["top1"] == 1.0 and not any(k.startswith("alpha") for k in results)
+    plain = datasets.folder_dataset(write_folder(tmp_path / "plain", per_class=1))
+    grain = fakes.make_inference_model(NAMES)
+    assert zeroshot.usable_alphas(grain, data, None) == (1.0, 0.5)
+    assert zeroshot.usable_alphas(grain, plain, (1.0, 0.3)) == (1.0,)
+
+
 def test_wrong_model_scores_chance(tmp_path, wrong):
     data = datasets.folder_dataset(write_folder(tmp_path / "ds", per_class=3))
     results = zeroshot.evaluate(wrong, data, templates="short", num_threads=2)
