@@ -39,10 +39,13 @@ def test_dtype_strings_are_parsed():
 BATCH, NUM_BOXES, CAPTION_LEN, DESC_LEN = 2, 3, 9, 7
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _abstract_forward(name):
-    """(out, aux, variables) of ``init_with_output`` as shapes: one trace, no allocation."""
-    model = create_model(name)
+    """(model, out, aux, variables) of ``init_with_output`` as shapes: one trace, no allocation."""
+    return _abstract_forward_of(create_model(name))
+
+
+def _abstract_forward_of(model):
     inputs = init_inputs(model, BATCH, CAPTION_LEN, DESC_LEN, max_boxes=NUM_BOXES)
     (out, aux), variables = jax.eval_shape(lambda key, *x: model.init_with_output({"params": key}, *x),
                                            jax.random.key(0), *inputs)
@@ -124,3 +127,12 @@ def test_overrides_reach_the_modules():
     assert params["decoder"]["obj_proj"].value.shape == (model.decoder_width, 32)
     assert params["image"]["pos_embed"].value.shape == (1, 1 + 3 * 3, 128)
     assert params["decoder"]["layers_0"]["self_attn"]["qkv_kernel"].value.shape == (128, 3, 2, 64)
+
+
+def test_param_dtype_reaches_every_parameter_and_bad_images_are_named():
+    model = create_model("grain-tiny", param_dtype="bfloat16", dtype="bfloat16")
+    _, _, _, variables = _abstract_forward_of(model)
+    assert {leaf.dtype for leaf in jax.tree.leaves(variables["params"])} == {jnp.dtype(jnp.bfloat16)}
+    wrong = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    with pytest.raises(ValueError, match=r"images must be \[B, 64, 64, 3\] \(model image_size=64\)"):
+        jax.eval_shape(lambda v, x: model.apply(v, x, method="encode_image"), variables, wrong)

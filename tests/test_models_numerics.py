@@ -268,7 +268,7 @@ def test_dropout_only_in_training(grain, batch):
 
 
 def test_bfloat16_compute_keeps_float32_outputs(grain, batch):
-    model, variables, _, _, out = grain
+    _, variables, _, _, out = grain
     bf16 = create_model("grain-tiny", **TINY, dtype="bfloat16")
     out16 = _forward(bf16)(variables, batch, jax.random.key(0))
     assert set(out16) == set(out)
@@ -303,8 +303,9 @@ def test_remat_policy_wraps_every_block_in_a_checkpoint(grain, batch):
                                                           batch["description_tokens"]))(variables)
         # 3 ViT blocks + 2 text blocks x (captions, descriptions) + 2 decoder layers.
         assert _count_checkpoints(jaxpr.jaxpr) == expected, policy
-        same_tree = jax.eval_shape(lambda key: remat.init({"params": key}, batch["images"], batch["caption_tokens"],
-                                                          batch["description_tokens"]), jax.random.key(0))
+        same_tree = jax.eval_shape(lambda key, m=remat: m.init({"params": key}, batch["images"],
+                                                               batch["caption_tokens"], batch["description_tokens"]),
+                                   jax.random.key(0))
         assert jax.tree.structure(same_tree) == jax.tree.structure(abstract)
 
 

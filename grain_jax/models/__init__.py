@@ -80,4 +80,4 @@ def param_counts(model: GrainModel) -> dict[str, int]:
     return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)) for name, tree in params.items()}
 
 
-__all__ = ["GrainModel", "create_model", "list_models", "param_counts", "abstract_variables", "init_inputs"]
+__all__ = ["GrainModel", "abstract_variables", "create_model", "init_inputs", "list_models", "param_counts"]
