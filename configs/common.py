@@ -58,7 +58,7 @@ def data_config(*, image_size: int, caption_length: int = 77, description_length
                 max_boxes: int = 5, dir: str | None = None) -> ml_collections.ConfigDict:  # noqa: A002
     """``config.data`` (docs/interfaces.md §6): squash resize + ImageNet normalisation, no augmentation."""
     return ml_collections.ConfigDict(dict(
-        dir=dir, train_split="train", eval_split="validation", image_size=image_size,
+        dir=ml_collections.FieldReference(dir, field_type=str), train_split="train", eval_split="validation", image_size=image_size,
         caption_length=caption_length, description_length=description_length, max_boxes=max_boxes,
         mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=0, prefetch=2, augment=False))
 
@@ -80,7 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.dtype = "bfloat16"  # compute; params and norms/softmax/losses stay fp32
     config.param_dtype = "float32"
     config.data = data_config(image_size=224)
-    config.synthetic = ml_collections.ConfigDict()  # ensure_synthetic sizes, used only when data.dir is None
+    # ensure_synthetic(**sizes) of the embedded benchmark, used when data.dir is None (demo, runlocal).
+    config.synthetic = ml_collections.FieldReference(None, field_type=dict)
     config.data_cache_dir = ml_collections.FieldReference(None, field_type=str)
     config.loss = loss_config()
 

@@ -39,7 +39,7 @@ def build(*, variant: str = "B/16", runlocal: bool = False, model: str = "grain"
                                  descriptors=None, templates="ref46", max_examples=10000)
 
     if runlocal:
-        config.data.dir = None  # the embedded synthetic benchmark, generated on first use
+        config.synthetic = dict(resolution=64, num_train=64, num_test_per_class=2)  # generated on first use
         config.global_batch_size = 8
         config.total_epochs = None
         config.warmup_epochs = None

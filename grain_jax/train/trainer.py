@@ -46,11 +46,14 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
     """
     config = ml_collections.ConfigDict(config.to_dict())
     if config.data.dir is None:
+        if config.get("synthetic") is None:
+            raise ValueError("config.data.dir is not set: pass --config.data.dir=PREPARED_DIR "
+                             "(a directory written by grain-jax-prepare)")
         from grain_jax.data.synthetic import ensure_synthetic
         cache = config.get("data_cache_dir") or os.path.join(workdir, "data")
         # Every process generates (deterministically) into its own local disk, or process 0 into a
         # shared one; ensure_synthetic is a no-op once the directory is complete.
-        config.data.dir = ensure_synthetic(cache, **config.get("synthetic", {}))
+        config.data.dir = ensure_synthetic(cache, **config.synthetic)
     for evaluator in config.get("evals", {}).values():
         if "synthetic_dir" in evaluator and evaluator.synthetic_dir is None:
             evaluator.synthetic_dir = config.data.dir

@@ -1,0 +1,101 @@
+"""Every config file with every documented argument loads and validates; the binary rejects unknown keys."""
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+import _train_utils
+from grain_jax.models import list_models
+from grain_jax.train import optimizer, trainer
+
+CONFIGS = os.path.join(_train_utils.REPO, "configs")
+VARIANTS = ["variant=S/16", "variant=B/16", "variant=L/14", "runlocal", "variant=L/14,runlocal"]
+ABLATION_BASES = ["", "dataset=cc3m", "variant=S/16,runlocal"]
+CASES = (
+    [("demo.py", a) for a in ["", "model=grain", "model=clip", "runlocal", "model=clip,runlocal"]]
+    + [(name, a) for name in ("grain_cc12m.py", "grain_cc3m.py", "clip_cc12m.py") for a in [""] + VARIANTS]
+    + [(f"ablations/{name}.py", a) for name in ("noloc", "no_word", "per_device_negatives", "box_factor")
+       for a in ABLATION_BASES]
+    + [("ablations/num_queries.py", f"n={n}") for n in (1, 3, 5, 10)]
+    + [("ablations/num_queries.py", "10"), ("ablations/box_factor.py", "factor=1.0,dataset=cc3m"),
+       ("ablations/per_device_negatives.py", "groups=8")]
+)
+
+
+def _load(path):
+    spec = importlib.util.spec_from_file_location(f"config_{path.replace('/', '_')[:-3]}", os.path.join(CONFIGS, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_config_file_is_covered():
+    files = {os.path.relpath(os.path.join(root, f), CONFIGS) for root, _, names in os.walk(CONFIGS)
+             for f in names if f.endswith(".py") and f not in ("common.py", "_base.py")}
+    assert files == {path for path, _ in CASES}
+
+
+@pytest.mark.parametrize("path,arg", CASES)
+def test_config_loads_and_validates(path, arg):
+    config = _load(path).get_config(arg or None)
+    trainer.validate_config(config, num_devices=8)
+    assert config.model_name in list_models()
+    # Durations: exactly one total, positive; converting them works for a plausible dataset.
+    steps = optimizer.steps_from_duration(config, "total", num_train_examples=10_000_000,
+                                          global_batch_size=config.global_batch_size)
+    warmup = optimizer.steps_from_duration(config, "warmup", num_train_examples=10_000_000,
+                                           global_batch_size=config.global_batch_size, default=0)
+    assert 0 <= warmup < steps
+    loss = config.loss.to_dict()
+    assert loss["description_negatives"] in ("global", "per_device")
+    if loss["description_negatives"] == "per_device":
+        assert config.global_batch_size % loss["negative_groups"] == 0
+    # Only the demo and the runlocal smoke variants read the embedded synthetic data; the
+    # others need --config.data.dir.
+    assert (path == "demo.py" or "runlocal" in arg) == (config.synthetic is not None)
+    assert config.data.dir is None
+
+
+def test_arguments_change_what_they_say():
+    assert _load("grain_cc12m.py").get_config("variant=L/14").model_name == "grain-vit-l14"
+    assert _load("clip_cc12m.py").get_config("S/16").model_name == "clip-vit-s16"
+    assert _load("demo.py").get_config("model=clip").model_name == "clip-tiny"
+    assert _load("ablations/num_queries.py").get_config("n=3").model.num_queries == 3
+    assert _load("ablations/noloc.py").get_config(None).loss.box_l1 == 0.0
+    assert _load("ablations/no_word.py").get_config(None).loss.region_description == 0.0
+    assert _load("ablations/box_factor.py").get_config(None).loss.box_factor == 1.5
+    cc12m = _load("grain_cc12m.py").get_config(None)
+    assert (cc12m.global_batch_size, cc12m.total_epochs, cc12m.warmup_epochs) == (2048, 35.0, 1.0)
+    assert (cc12m.lr_start, cc12m.lr, cc12m.lr_end) == (1e-6, 1e-3, 1e-5)
+
+
+@pytest.mark.parametrize("arg,message", [("varient=B/16", "unknown config argument 'varient'"),
+                                         ("variant=B/17", "variant must be one of"),
+                                         ("runlocal=maybe", "must be a boolean")])
+def test_bad_arguments_fail_naming_them(arg, message):
+    with pytest.raises(ValueError, match=message):
+        _load("grain_cc12m.py").get_config(arg)
+
+
+def test_validation_names_the_bad_key():
+    config = _load("demo.py").get_config(None)
+    config.global_batch_size = 12
+    with pytest.raises(ValueError, match="global_batch_size=12"):
+        trainer.validate_config(config, num_devices=8)
+
+
+def test_missing_data_dir_is_named(tmp_path):
+    with pytest.raises(ValueError, match="--config.data.dir="):
+        trainer.resolve_data(_load("grain_cc12m.py").get_config(None), str(tmp_path))
+
+
+def test_binary_rejects_an_unknown_config_key(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "grain_jax.main", f"--config={CONFIGS}/demo.py:runlocal", f"--workdir={tmp_path}",
+         "--config.totl_steps=5"], cwd=_train_utils.REPO, env=_train_utils.subprocess_env(),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "totl_steps" in result.stderr
+    assert not os.listdir(tmp_path)  # failed before doing anything
