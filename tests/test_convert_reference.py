@@ -134,7 +134,8 @@ def test_clip_baseline_checkpoint(reference_checkpoint, tmp_path):
     assert summary["unused"] == []
     model = inference.load(str(tmp_path / "out"))
     images = np.random.default_rng(2).standard_normal((2, 64, 64, 3)).astype(np.float32)
-    ours = model.model.apply({"params": model.params}, images, method="encode_image")["img/embedding"]
+    ours = jax.jit(lambda p, x: model.model.apply({"params": p}, x, method="encode_image"))(model.params, images)
+    ours = ours["img/embedding"]
     with torch.no_grad():
         theirs = backbone.image_tokens(torch.from_numpy(images).permute(0, 3, 1, 2))[:, 0] @ backbone.image_projection
     np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-4)
