@@ -50,11 +50,15 @@ def test_durations_convert_to_steps(key, value, expected):
     assert steps == expected
 
 
+def test_steps_override_epochs_then_examples():
+    sizes = dict(num_train_examples=1000, global_batch_size=64)
+    assert optimizer.steps_from_duration(_config(total_steps=10, total_epochs=2.0), "total", **sizes) == 10
+    assert optimizer.steps_from_duration(_config(total_examples=640, total_epochs=2.0), "total", **sizes) == 10
+
+
 def test_durations_errors_name_the_keys():
     sizes = dict(num_train_examples=1000, global_batch_size=64)
-    with pytest.raises(ValueError, match="total_steps=10, total_epochs=2"):
-        optimizer.steps_from_duration(_config(total_steps=10, total_epochs=2.0), "total", **sizes)
-    with pytest.raises(ValueError, match="total_steps, total_epochs, total_examples"):
+    with pytest.raises(ValueError, match="total_steps, total_examples, total_epochs"):
         optimizer.steps_from_duration(_config(), "total", **sizes)
     with pytest.raises(ValueError, match="number of training records"):
         optimizer.steps_from_duration(_config(total_epochs=1.0), "total", num_train_examples=None,

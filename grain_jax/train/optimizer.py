@@ -6,7 +6,7 @@ Config keys read here (all top level):
 |---|---|
 | `lr`, `lr_start`, `lr_end` | peak, warmup-start and final learning rate (reference 1e-3, 1e-6, 1e-5) |
 | `warmup_steps` / `warmup_epochs` / `warmup_examples` | at most one set; none = no warmup |
-| `total_steps` / `total_epochs` / `total_examples` | exactly one set |
+| `total_steps` / `total_epochs` / `total_examples` | one set (if several: steps, then examples, then epochs win) |
 | `weight_decay`, `wd_rule` | decoupled decay (0.1) and which parameters get it (`"default"` or `"reference"`) |
 | `adam` | `{b1: 0.9, b2: 0.98, eps: 1e-8}` |
 | `grad_clip_norm` | global-norm clipping threshold, None = off |
@@ -18,34 +18,35 @@ from typing import Any, Callable
 
 import jax
 import optax
+from absl import logging
 from flax import traverse_util
 
-DURATION_UNITS = ("steps", "epochs", "examples")
+DURATION_UNITS = ("steps", "examples", "epochs")  # precedence order
 
 
 def steps_from_duration(config: Any, prefix: str, *, num_train_examples: int | None, global_batch_size: int,
                         default: int | None = None) -> int:
-    """Converts ``config.{prefix}_{steps|epochs|examples}`` into optimizer steps.
+    """Converts ``config.{prefix}_{steps|examples|epochs}`` into optimizer steps.
 
-    The one place durations are converted (big_vision's ``u.steps``). An epoch is
-    ``num_train_examples // global_batch_size`` steps (the last partial batch is
-    dropped, like the reference's ``drop_last``); fractional epochs round to the
-    nearest step.
+    The one place durations are converted (big_vision's ``u.steps``). If several are set,
+    the first of steps, examples, epochs wins (with a warning), so ``--config.total_steps=100``
+    shortens an epoch-based config from the command line. An epoch is
+    ``num_train_examples // global_batch_size`` steps (the last partial batch is dropped, like
+    the reference's ``drop_last``); fractional epochs round to the nearest step.
 
     Raises:
-      ValueError: naming the keys if more than one (or, without ``default``, none) is set,
-        or if epochs are asked for without knowing the number of training records.
+      ValueError: naming the keys if none is set (and there is no ``default``), if a value is
+        negative, or if epochs are asked for without knowing the number of training records.
     """
     given = {unit: config.get(f"{prefix}_{unit}") for unit in DURATION_UNITS}
     given = {unit: value for unit, value in given.items() if value is not None}
-    if len(given) > 1:
-        keys = ", ".join(f"{prefix}_{unit}={value}" for unit, value in given.items())
-        raise ValueError(f"set only one of {keys} (e.g. override the others with --config.{prefix}_<unit>=None)")
     if not given:
         if default is None:
             raise ValueError(f"config needs one of {', '.join(f'{prefix}_{u}' for u in DURATION_UNITS)}")
         return default
-    (unit, value), = given.items()
+    if len(given) > 1:
+        logging.warning("several durations set (%s); using %s_%s", given, prefix, next(iter(given)))
+    unit, value = next(iter(given.items()))
     if value < 0:
         raise ValueError(f"{prefix}_{unit} must be >= 0, got {value}")
     if unit == "steps":
