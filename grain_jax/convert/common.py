@@ -14,8 +14,6 @@ an error naming every offending path.
 from __future__ import annotations
 
 import logging
-
-log = logging.getLogger(__name__)
 import os
 import pickle
 import zipfile
@@ -23,6 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 Params = dict  # nested {name: dict | np.ndarray}
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-
-log = logging.getLogger(__name__)
 import sys
 from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -15,13 +15,13 @@ leftovers), ``query_index`` (only built when Q == 1), and, for GRAIN, the backbo
 from __future__ import annotations
 
 import logging
-
-log = logging.getLogger(__name__)
 from collections.abc import Mapping
 from typing import Any
 
 from grain_jax.checkpoints import ModelSpec
 from grain_jax.convert import common, towers
+
+log = logging.getLogger(__name__)
 
 DEAD_DECODER_KEYS = ("class_embed.", "pos_embed", "temporal_embed", "query_index.")
 DEAD_GRAIN_BACKBONE_KEYS = ("image_projection",)
@@ -64,8 +64,8 @@ def convert_state_dicts(backbone_state: Mapping[str, Any], decoder_state: Mappin
         if decoder_state is None:
             raise common.ConversionError(f"{model_name} is a GRAIN model but the checkpoint has no decoder 'state_dict'")
         decoder = common.TensorSource(common.state_dict_arrays(decoder_state), "state_dict (decoder)")
-        overrides["num_queries"] = int(decoder.arrays["query_embed.weight"].shape[0]) - 1 \
-            if "query_embed.weight" in decoder else probe.num_queries
+        if "query_embed.weight" in decoder:  # (a missing one is reported by the mapping below)
+            overrides["num_queries"] = int(decoder.arrays["query_embed.weight"].shape[0]) - 1
     elif decoder_state:
         log.info("%s is a CLIP model: the checkpoint's decoder 'state_dict' is not converted", model_name)
     model = create_model(model_name, **overrides)
