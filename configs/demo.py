@@ -8,7 +8,7 @@ benchmark's seen and *novel* concepts) takes about 5 minutes on 2 CPU cores.
     grain-jax-train --config configs/demo.py:model=clip --workdir /tmp/clip_demo   # the CLIP baseline
     grain-jax-train --config configs/demo.py:runlocal --workdir /tmp/demo_smoke    # a few steps, seconds
 
-Arguments: ``model`` (grain|clip), ``runlocal``.
+Arguments: ``model`` (grain|clip), ``runlocal``, ``evals`` (false: train only).
 """
 import os
 import sys
@@ -20,7 +20,7 @@ MODELS = {"grain": "grain-tiny", "clip": "clip-tiny"}
 
 
 def get_config(arg=None):
-    args = common.parse_arg(arg, model="grain", runlocal=False)
+    args = common.parse_arg(arg, model="grain", runlocal=False, evals=True)
     if args.model not in MODELS:
         raise ValueError(f"model must be one of {sorted(MODELS)}, got {args.model!r}")
     config = common.base_config()
@@ -38,9 +38,6 @@ def get_config(arg=None):
     config.log_every_steps = 25
     config.checkpoint_every_steps = 100
     config.keep_checkpoints = 2
-    config.evals.val = dict(type="validation", every_steps=0, data=config.data, loss=config.loss, max_batches=8)
-    config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", synthetic_dir=None,
-                                 templates="short")
 
     if args.runlocal:  # seconds: a smaller model, 32 px, short texts, a few steps (the tests use it)
         config.model.update(text_layers=1, decoder_layers=1)
@@ -51,5 +48,10 @@ def get_config(arg=None):
         config.warmup_steps = 1
         config.log_every_steps = 1
         config.checkpoint_every_steps = 2
-        config.evals.val.max_batches = 1
+
+    if args.evals:  # at the end of training: validation losses, zero-shot on seen and novel concepts
+        config.evals.val = dict(type="validation", every_steps=0, data=config.data, loss=config.loss,
+                                max_batches=1 if args.runlocal else 8)
+        config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", synthetic_dir=None,
+                                     templates="short")
     return config

@@ -1,7 +1,8 @@
 r"""The training binary: ``grain-jax-train --config configs/X.py[:args] --workdir DIR [--config.key=value ...]``.
 
-Multi-process launches (TPU pods, SLURM, ``JAX_COORDINATOR_ADDRESS`` set) call
-``jax.distributed.initialize()`` first, which reads the topology from the environment.
+Multi-process launches call ``jax.distributed.initialize()`` first: on TPU pods and under
+SLURM it finds the coordinator and process ids itself; elsewhere set ``JAX_COORDINATOR_ADDRESS``
+(host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID`` on every process.
 """
 import os
 
@@ -28,7 +29,9 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     import jax
     if _is_multi_process():
-        jax.distributed.initialize()
+        explicit = {key: int(os.environ[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                                 ("process_id", "JAX_PROCESS_ID")) if name in os.environ}
+        jax.distributed.initialize(**explicit)
     logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
     from grain_jax.train.trainer import train_and_evaluate

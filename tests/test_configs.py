@@ -14,7 +14,7 @@ CONFIGS = os.path.join(_train_utils.REPO, "configs")
 VARIANTS = ["variant=S/16", "variant=B/16", "variant=L/14", "runlocal", "variant=L/14,runlocal"]
 ABLATION_BASES = ["", "dataset=cc3m", "variant=S/16,runlocal"]
 CASES = (
-    [("demo.py", a) for a in ["", "model=grain", "model=clip", "runlocal", "model=clip,runlocal"]]
+    [("demo.py", a) for a in ["", "model=grain", "model=clip", "runlocal", "model=clip,runlocal", "runlocal,evals=false"]]
     + [(name, a) for name in ("grain_cc12m.py", "grain_cc3m.py", "clip_cc12m.py") for a in [""] + VARIANTS]
     + [(f"ablations/{name}.py", a) for name in ("noloc", "no_word", "per_device_negatives", "box_factor")
        for a in ABLATION_BASES]
