@@ -21,6 +21,10 @@ CORE = [
     "numpy>=2",
 ]
 TEST = ["pytest>=8", "pytest-xdist>=3", "scipy>=1.12", "portpicker>=1.6"]
+# Checkpoint import (grain-jax-convert): PyTorch stays out of the default install.
+CONVERT = ["torch>=2.4", "torchvision", "open_clip_torch>=3.3,<4", "timm>=1.0.31,<2", "safetensors>=0.8"]
+# CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
+BENCHMARK = ["clip_benchmark==1.6.2"]
 
 setuptools.setup(
     name="grain_jax",
@@ -30,7 +34,7 @@ setuptools.setup(
     package_data={"grain_jax.data": ["*.txt.gz"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"test": TEST},
+    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK},
     entry_points={
         "console_scripts": [
             "grain-jax-train=grain_jax.main:run",
