@@ -8,6 +8,7 @@ balanced dataset).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 
@@ -100,3 +101,22 @@ def write_folder(root, per_class=2, names=NAMES, descriptor_file=None):
         with open(os.path.join(root, "descriptors.json"), "w") as f:
             json.dump(descriptor_file, f)
     return str(root)
+
+
+def png(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_prepared_tfds(directory, features, examples, split) -> str:
+    """A TFDS-prepared ArrayRecord directory (what ``tfds build --file_format=array_record`` leaves),
+    written without TensorFlow through grain_jax.data.records."""
+    from grain_jax.data import records
+
+    os.makedirs(directory)
+    shard = os.path.join(directory, f"{split}.tmp_shard")
+    num_bytes = records.write_shard(shard, [features.serialize_example(e) for e in examples])
+    records.publish_split(directory, split, [shard])
+    records.write_tfds_metadata(directory, features, {split: [len(examples)]}, {split: num_bytes}, "test data")
+    return str(directory)

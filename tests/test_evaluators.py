@@ -73,6 +73,19 @@ def test_tfds_catalog_path_with_mock_data(tmp_path, perfect):
     assert results["count"] == 13 and results["top1"] == 1.0
 
 
+def test_tfds_catalog_dataset_from_a_prepared_directory(tmp_path, perfect):
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "label": tfds.features.ClassLabel(names=["background_google"] + NAMES)})
+    examples = [{"image": fakes.png(fakes.label_image(i % 10, 14)), "label": 1 + i % 10} for i in range(12)]
+    examples.append({"image": fakes.png(fakes.label_image(0, 14)), "label": 0})  # not a caltech101 class
+    fakes.write_prepared_tfds(tmp_path / "caltech101" / "3.0.2", features, examples, "test")
+    data = datasets.classification_dataset("caltech101", data_dir=str(tmp_path))
+    assert data.class_names == NAMES and len(data) == 13
+    results = zeroshot.evaluate(perfect, data, templates="short", num_threads=2)
+    assert results["count"] == 12 and results["top1"] == 1.0  # the background example is not counted
+
+
 def test_tfds_dataset_not_prepared_says_how_to_build(tmp_path):
     with pytest.raises(datasets.NotPrepared, match=r"cifar10: not prepared: run tfds build cifar10 "
                                                    r"--file_format=array_record --data_dir"):

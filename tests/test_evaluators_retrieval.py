@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 import evaluator_fakes as fakes
@@ -48,6 +49,19 @@ def test_evaluator_from_config_yields_namespaced_metrics(tmp_path, perfect):
                  "num_threads": 2}})
     metrics = dict(evaluator.run(perfect))
     assert metrics["retrieval/flickr/img2txt_R@1"] == 1.0 and len(metrics) == 6
+
+
+def test_coco_captions_from_a_prepared_tfds_directory(tmp_path, perfect):
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+        "captions": tfds.features.Sequence({"text": tfds.features.Text()})})
+    examples = [{"image": fakes.png(fakes.label_image(i, 12)), "captions": {"text": [f"picture {i}", f"a {i}, b"]}}
+                for i in range(len(IDS))]
+    fakes.write_prepared_tfds(tmp_path / "coco_captions" / "2014" / "1.1.0", features, examples, "test")
+    # coco_captions' builder code imports TensorFlow: the prepared directory is read from its metadata.
+    data = retrieval.retrieval_dataset("coco_captions", data_dir=str(tmp_path))
+    results = retrieval.evaluate(perfect, data, num_threads=2)
+    assert results["num_captions"] == 16 and results["img2txt_R@1"] == results["txt2img_R@1"] == 1.0
 
 
 def test_recall_matches_brute_force_oracle():

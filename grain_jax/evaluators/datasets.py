@@ -2,9 +2,9 @@
 
 Dataset specs (what ``--evals`` and ``zeroshot.Evaluator(datasets=...)`` take):
 
-* a TFDS name from ``CATALOG`` (``imagenet2012``, ``cifar10``, ...), read with
-  ``tfds.data_source`` from ``data_dir`` (build once with
-  ``tfds build <name> --data_dir DIR --file_format=array_record``; no TensorFlow needed);
+* a TFDS name from ``CATALOG`` (``imagenet2012``, ``cifar10``, ...), read as an ArrayRecord
+  data source from ``data_dir`` (build once with
+  ``tfds build <name> --data_dir DIR --file_format=array_record``; reading needs no TensorFlow);
 * ``folder:PATH``: ImageFolder layout ``PATH/<class name>/*.jpg`` (classes = sorted
   sub-folder names), descriptors from ``PATH/descriptors.json`` or
   ``PATH/../descriptors_<folder name>.json`` when present;
@@ -18,6 +18,7 @@ background class), which is never counted.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 from typing import Sequence
 
@@ -37,19 +38,22 @@ class CatalogEntry:
       names_are_ids: TFDS label names are opaque ids (WordNet ids, "0".."199"): the
         descriptor file supplies the class names and only the class count is checked.
       ignore_labels: TFDS labels left out of the evaluation (not among the reference's classes).
+      config: the TFDS builder config to read when several are prepared.
     """
     split: str
     descriptor_files: tuple[str, ...]
     names_are_ids: bool = False
     ignore_labels: tuple[str, ...] = ()
+    config: str | None = None
 
 
 CATALOG: dict[str, CatalogEntry] = {
     "imagenet2012": CatalogEntry("validation", ("descriptors_imagenet.json",), names_are_ids=True),
-    "imagenet_v2": CatalogEntry("test", ("descriptors_imagenet.json",), names_are_ids=True),
+    "imagenet_v2": CatalogEntry("test", ("descriptors_imagenet.json",), names_are_ids=True,
+                                config="matched-frequency"),
     "cifar10": CatalogEntry("test", ("descriptors_cifar10.json",)),
     "cifar100": CatalogEntry("test", ("descriptors_cifar100.json",)),
-    "sun397": CatalogEntry("test", ("descriptors_sun.json", "descriptors_sun397.json")),
+    "sun397": CatalogEntry("test", ("descriptors_sun.json", "descriptors_sun397.json"), config="standard-part1-120k"),
     "cars196": CatalogEntry("test", ("descriptors_cars.json", "descriptors_cars196.json")),
     "dtd": CatalogEntry("test", ("descriptors_dtd.json",)),
     "oxford_iiit_pet": CatalogEntry("test", ("descriptors_pets.json", "descriptors_oxford_iiit_pet.json")),
@@ -178,20 +182,54 @@ def synthetic_dataset(split: str, synthetic_dir: str | None) -> ClassificationDa
     return folder_dataset(os.path.join(synthetic_dir, "zeroshot", split), name=f"synthetic_{split}")
 
 
-def tfds_dataset(name: str, *, data_dir: str | None, descriptors: str | None = None) -> ClassificationData:
-    """A ``CATALOG`` dataset via ``tfds.data_source`` (raises NotPrepared if not built)."""
+def default_data_dir(data_dir: str | None) -> str:
+    return data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+
+
+def prepared_directory(name: str, data_dir: str | None, config: str | None = None) -> str | None:
+    """The newest ``DATA_DIR/<name>[/<config>]/<version>`` holding ``dataset_info.json``, or None."""
+    root = os.path.join(default_data_dir(data_dir), name)
+    found = [os.path.dirname(p) for depth in ("*", "*/*")
+             for p in glob.glob(os.path.join(root, depth, "dataset_info.json"))]
+    if config:
+        found = [d for d in found if os.path.basename(os.path.dirname(d)) == config] or found
+
+    def version(directory):
+        return tuple(int(x) if x.isdigit() else -1 for x in os.path.basename(directory).split("."))
+    return max(found, key=version) if found else None
+
+
+def open_tfds(name: str, split: str, data_dir: str | None, config: str | None = None):
+    """(random-access source, builder) of a prepared TFDS dataset, without TensorFlow.
+
+    A prepared directory is opened from its metadata (``tfds.builder_from_directory``) so the
+    dataset's builder code, which may import TensorFlow, is never loaded; otherwise the
+    catalog builder is asked (this is also what ``tfds.testing.mock_data`` intercepts).
+    Raises NotPrepared with the build command when neither works.
+    """
     import tensorflow_datasets as tfds
 
+    build = f"tfds build {name} --file_format=array_record" + (f" --data_dir {data_dir}" if data_dir else "")
+    directory = prepared_directory(name, data_dir, config)
+    try:
+        if directory:
+            builder = tfds.builder_from_directory(directory)
+        else:
+            builder = tfds.builder(name if not config else f"{name}/{config}", data_dir=data_dir)
+        return builder.as_data_source(split), builder
+    except (AssertionError, FileNotFoundError, NotImplementedError, ValueError, ImportError, KeyError) as e:
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise NotPrepared(f"{name}: not prepared: run {build}  ({reason})") from e
+
+
+def tfds_dataset(name: str, *, data_dir: str | None, descriptors: str | None = None) -> ClassificationData:
+    """A ``CATALOG`` dataset (raises NotPrepared if it is not built under ``data_dir``)."""
     if name not in CATALOG:
         raise ValueError(f"unknown zero-shot dataset {name!r}; known: {sorted(CATALOG)}, folder:PATH, "
                          "synthetic:seen|novel")
     entry = CATALOG[name]
-    build = f"tfds build {name} --file_format=array_record" + (f" --data_dir {data_dir}" if data_dir else "")
-    try:
-        source = tfds.data_source(name, split=entry.split, data_dir=data_dir, download=False)
-    except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as e:
-        raise NotPrepared(f"{name}: not prepared: run {build}  ({type(e).__name__}: {str(e).splitlines()[0]})") from e
-    label_names = list(tfds.builder(name, data_dir=data_dir).info.features["label"].names)
+    source, builder = open_tfds(name, entry.split, data_dir, entry.config)
+    label_names = list(builder.info.features["label"].names)
     kept = [n for n in label_names if n not in entry.ignore_labels]
     label_to_class = np.full(len(label_names), -1, np.int64)
     label_to_class[[label_names.index(n) for n in kept]] = np.arange(len(kept))

@@ -129,14 +129,8 @@ def retrieval_dataset(spec: str, *, data_dir: str | None = None, image_dir: str 
         name = os.path.splitext(os.path.basename(path))[0]
         return RetrievalData(name, _CaptionFileSource(read_caption_file(path, image_dir, split)))
     if spec == "coco_captions":
-        import tensorflow_datasets as tfds
-        from grain_jax.evaluators.datasets import NotPrepared
-        try:
-            source = tfds.data_source(spec, split=split, data_dir=data_dir, download=False)
-        except (AssertionError, FileNotFoundError, NotImplementedError, ValueError) as e:
-            build = "tfds build coco_captions --file_format=array_record"
-            build += f" --data_dir {data_dir}" if data_dir else ""
-            raise NotPrepared(f"coco_captions: not prepared: run {build}") from e
+        from grain_jax.evaluators.datasets import open_tfds
+        source, _ = open_tfds(spec, split, data_dir)
         return RetrievalData(spec, _CocoSource(source))
     raise ValueError(f"unknown retrieval dataset {spec!r}; use coco_captions or captions:FILE")
 
