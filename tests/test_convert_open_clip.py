@@ -87,21 +87,22 @@ def test_torchscript_archive_converts_like_the_state_dict(tiny_arch, tiny_model,
 
 
 def test_vit_b16_parity(tmp_path):
-    """ViT-B/16 with QuickGELU (the OpenAI weights' architecture), from a .safetensors file;
-    converted in memory (the tiny test covers writing and loading the checkpoint)."""
+    """open_clip's ViT-B-16 (exact GELU in both towers), from a .safetensors file; converted in
+    memory (the tiny test covers writing and loading the checkpoint; it is QuickGELU like OpenAI's)."""
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    model = open_clip.create_model("ViT-B-16-quickgelu", pretrained=None).eval()
+    model = open_clip.create_model("ViT-B-16", pretrained=None).eval()
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "b16.safetensors"))
     state = common.load_checkpoint(str(tmp_path / "b16.safetensors"))
-    params, spec, ours, unused = converter.convert_state_dict(state, "ViT-B-16-quickgelu")
+    params, spec, ours, unused = converter.convert_state_dict(state, "ViT-B-16")
     common.check_against_model(params, common.abstract_param_shapes(ours))
     our_image, our_text, images, tokens = _our_embeddings(ours, params, 1, TEXTS[:2])
     image, text = _open_clip_outputs(model, images, tokens)
     print(f"ViT-B-16 max |diff|: image {np.abs(our_image - image).max():.2e}, text {np.abs(our_text - text).max():.2e}")
     np.testing.assert_allclose(our_image, image, atol=1e-4, rtol=0)
     np.testing.assert_allclose(our_text, text, atol=1e-4, rtol=0)
-    assert spec.model_name == "clip-vit-b16-openai" and spec.model_overrides == {} and unused == []
+    assert spec.model_name == "clip-vit-b16-openai" and unused == []
+    assert spec.model_overrides == {"vit_activation": "gelu", "text_activation": "gelu"}
 
 
 def test_tokenizer_ids_equal_open_clip():
@@ -119,7 +120,4 @@ def test_unsupported_and_mismatched_inputs_fail(tiny_arch):
         converter.model_for_arch("ViT-H-14")
     with pytest.raises(common.ConversionError, match="do not implement"):
         converter.model_for_arch("ViT-B-16-SigLIP")
-    # Exact-GELU architectures need a GELU text tower, which GrainModel does not offer yet.
-    with pytest.raises(common.ConversionError, match="text_activation"):
-        converter.model_for_arch("ViT-B-16")
 

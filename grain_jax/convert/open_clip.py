@@ -79,18 +79,11 @@ def model_for_arch(arch: str, quick_gelu: bool | None = None) -> tuple[str, dict
     wanted = {
         "mode": "clip", "vit_variant": f"{variant}/{patch}", "image_size": int(vision.get("image_size", 224)),
         "vit_qk_norm": False, "vit_pre_norm": True, "vit_patch_bias": False, "vit_ln_eps": 1e-5,
-        "vit_activation": activation, "embed_dim": int(config["embed_dim"]),
+        "vit_activation": activation, "text_activation": activation, "embed_dim": int(config["embed_dim"]),
         "text_width": int(text.get("width", 512)), "text_heads": int(text.get("heads", 8)),
         "text_layers": int(text.get("layers", 12)), "context_length": int(text.get("context_length", 77)),
         "vocab_size": int(text.get("vocab_size", 49408)),
     }
-    if activation != "quick_gelu":
-        # The text tower is QuickGELU unless the model offers a switch.
-        if "text_activation" not in {f.name for f in dataclasses.fields(GrainModel)}:
-            raise common.ConversionError(
-                f"{arch} uses exact GELU, but grain_jax's text tower only implements QuickGELU (GrainModel has no "
-                "'text_activation' option); convert a -quickgelu / OpenAI architecture instead")
-        wanted["text_activation"] = activation
     base = create_model(BASE_MODEL)
     return BASE_MODEL, {k: v for k, v in wanted.items() if getattr(base, k) != v}
 

@@ -44,6 +44,7 @@ class GrainModel(nn.Module):
     text_layers: int = 12
     context_length: int = 77
     vocab_size: int = 49408
+    text_activation: str = "quick_gelu"  # OpenAI CLIP; open_clip's LAION architectures use "gelu"
     # Grounding decoder (GRAIN mode only).
     num_queries: int = 5
     decoder_width: int = 512
@@ -66,7 +67,8 @@ class GrainModel(nn.Module):
             patch_bias=self.vit_patch_bias, activation=self.vit_activation, ln_eps=self.vit_ln_eps, **common)
         self.text = TextTransformer(
             width=self.text_width, depth=self.text_layers, num_heads=self.text_heads,
-            context_length=self.context_length, vocab_size=self.vocab_size, embed_dim=self.embed_dim, **common)
+            context_length=self.context_length, vocab_size=self.vocab_size, embed_dim=self.embed_dim,
+            activation=self.text_activation, **common)
         if self.mode == "grain":
             self.decoder = GroundingDecoder(
                 num_queries=self.num_queries, width=self.decoder_width, num_heads=self.decoder_heads,

@@ -1,6 +1,7 @@
 """Text tower: OpenAI CLIP's causal text transformer (clip/custom_models.py `CLIP.encode_text`).
 
-token embedding + learned positional embedding -> pre-LN blocks (causal mask, QuickGELU MLP 4x,
+token embedding + learned positional embedding -> pre-LN blocks (causal mask, QuickGELU MLP 4x (``activation``
+"gelu" for open_clip's exact-GELU architectures),
 LayerNorm eps 1e-5) -> final LayerNorm -> feature at the EOT position (argmax of the ids, EOT being
 the largest id) -> ``text_projection`` (no bias).
 
@@ -34,6 +35,7 @@ class TextTransformer(nn.Module):
     context_length: int = 77
     vocab_size: int = 49408
     embed_dim: int = 512
+    activation: str = "quick_gelu"
     remat_policy: str = "none"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -63,7 +65,7 @@ class TextTransformer(nn.Module):
             zero_attn_bias=True)
         block_cls = layers.remat(layers.EncoderBlock, self.remat_policy)
         for i in range(self.depth):
-            x = block_cls(self.num_heads, 4 * self.width, activation="quick_gelu", ln_eps=1e-5, causal=True,
+            x = block_cls(self.num_heads, 4 * self.width, activation=self.activation, ln_eps=1e-5, causal=True,
                           init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
         features = layers.layer_norm(1e-5, self.param_dtype, name="ln_final")(x)
 
