@@ -23,9 +23,9 @@ def runlocal_config(data_cache_dir: str, **overrides) -> ml_collections.ConfigDi
     return config
 
 
-def cli(workdir: str, data_cache_dir: str, *flags: str) -> list[str]:
+def cli(workdir: str, data_cache_dir: str, *flags: str, config_args: str = "runlocal") -> list[str]:
     """The ``grain-jax-train`` command line for the same config as ``runlocal_config``."""
-    return [sys.executable, "-m", "grain_jax.main", f"--config={REPO}/configs/demo.py:runlocal",
+    return [sys.executable, "-m", "grain_jax.main", f"--config={REPO}/configs/demo.py:{config_args}",
             f"--workdir={workdir}", f"--config.data_cache_dir={data_cache_dir}",
             f"--config.total_steps={TOTAL_STEPS}", *flags]
 
