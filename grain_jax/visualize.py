@@ -47,15 +47,20 @@ def _draw(image: np.ndarray, matches, descriptions: Sequence[str], min_side: int
     pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BICUBIC)
     draw = ImageDraw.Draw(pil)
     width, height = pil.size
+    labels = []
     for rank, (box, index, score) in enumerate(matches):
         cx, cy, w, h = box  # fractions of the (squashed) image = fractions of the original
         x0, y0, x1, y1 = (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
         colour = PALETTE[rank % len(PALETTE)]
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-        label = f"{descriptions[index]} ({score:.2f})"
-        text_box = draw.textbbox((x0 + 2, y0 + 2), label)
-        draw.rectangle(text_box, fill=colour)
-        draw.text((x0 + 2, y0 + 2), label, fill=(255, 255, 255))
+        labels.append((rank, x0, y0, f"{descriptions[index]} ({score:.2f})", colour))
+    # Labels after all boxes, stacked by rank and kept inside the image, so none hides another.
+    for rank, x0, y0, label, colour in labels:
+        left, top, right, bottom = draw.textbbox((0, 0), label)
+        x = min(max(0.0, x0 + 2), max(0.0, width - (right - left) - 2))
+        y = min(max(0.0, y0 + 2 + rank * (bottom - top + 4)), max(0.0, height - (bottom - top) - 2))
+        draw.rectangle(draw.textbbox((x, y), label), fill=colour)
+        draw.text((x, y), label, fill=(255, 255, 255))
     return pil
 
 
