@@ -5,3 +5,6 @@
 * ``retrieval``: image<->text Recall@1/5/10.
 * ``validation``: the training losses on a prepared eval split.
 """
+from grain_jax.evaluators.common import from_config
+
+__all__ = ["from_config"]
