@@ -76,40 +76,61 @@ def checkpoint_label(checkpoint: str) -> str:
     return checkpoint if checkpoint.startswith("random:") else os.path.basename(os.path.normpath(checkpoint))
 
 
+def is_retrieval(spec: str) -> bool:
+    return spec == "coco_captions" or spec.startswith("captions:")
+
+
+def resolve_datasets(evals: Sequence[str] | str, *, data_dir: str | None = None, descriptors: str | None = None,
+                     synthetic_dir: str | None = None, image_dir: str | None = None) -> tuple[dict, list[str]]:
+    """Opens every dataset before anything is evaluated, so a bad descriptor file fails in seconds,
+    not after hours; unprepared TFDS datasets are reported (one line each) and left out.
+
+    Returns:
+      ({spec: ClassificationData | RetrievalData}, [specs not prepared]).
+    """
+    resolved, not_prepared = {}, []
+    for spec in datasets_lib.expand(evals):
+        try:
+            if is_retrieval(spec):
+                resolved[spec] = retrieval.retrieval_dataset(spec, data_dir=data_dir, image_dir=image_dir)
+            else:
+                resolved[spec] = datasets_lib.classification_dataset(
+                    spec, data_dir=data_dir, descriptors=descriptors, synthetic_dir=synthetic_dir)
+        except datasets_lib.NotPrepared as e:
+            print(str(e).split("  (")[0], flush=True)
+            not_prepared.append(spec)
+    return resolved, not_prepared
+
+
 def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir: str | None = None,
                         templates: str = "ref46", descriptors: str | None = None, synthetic_dir: str | None = None,
                         image_dir: str | None = None, batch_size: int = 64, max_examples: int | None = None,
                         alphas: Sequence[float] = (1.0,), synthetic_alphas: Sequence[float] = (1.0, 0.5),
                         renormalize: bool = False, num_threads: int = 8, progress: bool = True,
-                        mesh=None) -> dict:
-    """Evaluates one checkpoint; returns its run record (what the results JSON lists)."""
+                        mesh=None, resolved: tuple[dict, list[str]] | None = None) -> dict:
+    """Evaluates one checkpoint; returns its run record (what the results JSON lists).
+
+    ``resolved``: the output of ``resolve_datasets`` (to share it between checkpoints).
+    """
     from grain_jax import inference
 
     start = time.perf_counter()
+    datasets, not_prepared = resolved or resolve_datasets(evals, data_dir=data_dir, descriptors=descriptors,
+                                                          synthetic_dir=synthetic_dir, image_dir=image_dir)
     model = inference.load(checkpoint, mesh=mesh, batch_size=batch_size)
     run = {"checkpoint": checkpoint, "label": checkpoint_label(checkpoint), "model": dataclasses.asdict(model.spec),
-           "mode": model.mode, "results": {}, "not_prepared": []}
-    specs = datasets_lib.expand(evals)
-    for spec in specs:
-        try:
-            if spec == "coco_captions" or spec.startswith("captions:"):
-                data = retrieval.retrieval_dataset(spec, data_dir=data_dir, image_dir=image_dir)
-                metrics = retrieval.evaluate(model, data, max_images=max_examples, num_threads=num_threads,
-                                             progress=progress)
-                metrics["type"] = "retrieval"
-            else:
-                data = datasets_lib.classification_dataset(spec, data_dir=data_dir, descriptors=descriptors,
-                                                           synthetic_dir=synthetic_dir)
-                local = spec.startswith(("synthetic:", "folder:"))
-                metrics = zeroshot.evaluate(model, data, templates=templates, renormalize=renormalize,
-                                            alphas=synthetic_alphas if local else alphas,
-                                            max_examples=max_examples, num_threads=num_threads,
-                                            progress=progress)
-                metrics["type"] = "zeroshot"
-        except datasets_lib.NotPrepared as e:
-            print(str(e).split("  (")[0], flush=True)
-            run["not_prepared"].append(spec)
-            continue
+           "mode": model.mode, "results": {}, "not_prepared": list(not_prepared)}
+    for spec, data in datasets.items():
+        if is_retrieval(spec):
+            metrics = retrieval.evaluate(model, data, max_images=max_examples, num_threads=num_threads,
+                                         progress=progress)
+            metrics["type"] = "retrieval"
+        else:
+            local = spec.startswith(("synthetic:", "folder:"))
+            metrics = zeroshot.evaluate(model, data, templates=templates, renormalize=renormalize,
+                                        alphas=synthetic_alphas if local else alphas, max_examples=max_examples,
+                                        num_threads=num_threads, progress=progress)
+            metrics["type"] = "zeroshot"
         run["results"][data.name] = metrics
     zeroshot_results = {k: v for k, v in run["results"].items() if v["type"] == "zeroshot"}
     run["averages"] = zeroshot.averages(zeroshot_results)
@@ -186,11 +207,12 @@ def main(argv: Sequence[str]) -> None:
     mesh = sharding.create_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
     config = {k: fv[k].value for k in ("evals", "data_dir", "templates", "descriptors", "synthetic_dir",
                                        "batch_size", "max_examples", "alphas", "synthetic_alphas", "renormalize")}
+    resolved = resolve_datasets(fv.evals, data_dir=fv.data_dir, descriptors=fv.descriptors,
+                                synthetic_dir=fv.synthetic_dir, image_dir=fv.image_dir) if checkpoints else None
     for checkpoint in checkpoints:
         print(f"evaluating {checkpoint} on {fv.evals}", flush=True)
         run = evaluate_checkpoint(
-            checkpoint, fv.evals, data_dir=fv.data_dir, templates=fv.templates, descriptors=fv.descriptors,
-            synthetic_dir=fv.synthetic_dir, image_dir=fv.image_dir, batch_size=fv.batch_size,
+            checkpoint, fv.evals, resolved=resolved, templates=fv.templates, batch_size=fv.batch_size,
             max_examples=fv.max_examples, alphas=[float(a) for a in fv.alphas],
             synthetic_alphas=[float(a) for a in fv.synthetic_alphas], renormalize=fv.renormalize,
             num_threads=fv.num_threads, mesh=mesh)

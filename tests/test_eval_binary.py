@@ -40,6 +40,15 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
     assert len(json.loads(both.read_text())["runs"]) == 4 and both.with_suffix(".png").exists()
 
 
+def test_binary_checks_every_dataset_before_loading_a_model(tmp_path, monkeypatch):
+    good = write_folder(tmp_path / "good", per_class=1)
+    bad = write_folder(tmp_path / "bad", per_class=1, descriptor_file={"zebra": ["stripes"]})
+    monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("model loaded before the data was checked"))
+    with pytest.raises(ValueError, match="not in the dataset: \\['zebra'\\]"):
+        evaluate.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{good},folder:{bad}",
+                       f"--output={tmp_path / 'r.json'}"])
+
+
 def test_visualize_draws_a_grid(tmp_path, perfect_load):
     for i in range(3):
         Image.fromarray(fakes.label_image(i, 20 + i)).save(tmp_path / f"{i}.png")
