@@ -26,8 +26,8 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
-from tqdm import tqdm
 from PIL import Image
+from tqdm import tqdm
 
 KS = (1, 5, 10)
 
