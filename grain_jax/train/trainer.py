@@ -259,6 +259,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
             json.dump({"step": step, **last}, f, indent=2)
+    headline = {k: v for k, v in last.items()
+                 if k == "loss/total" or (k.startswith("eval/") and k.endswith(("/top1", "/loss/total"))
+                                          and "/alpha" not in k)}
+    _say("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items()))
     _say(f"done: {step} steps. Results: {os.path.join(workdir, 'final_metrics.json')} and "
          f"{writer.jsonl_path}; TensorBoard: tensorboard --logdir {writer.tensorboard_dir}; "
          f"checkpoint: {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
