@@ -65,10 +65,9 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the config before anything expensive runs; raises ValueError naming the key."""
     num_devices = jax.device_count() if num_devices is None else num_devices
-    mesh_shape = sharding.resolve_mesh_shape(config.mesh_shape, num_devices // int(np.prod(
-        config.get("dcn_mesh_shape") or (1,))))
     dcn = tuple(config.get("dcn_mesh_shape") or (1, 1, 1))
-    batch_shards = mesh_shape[0] * mesh_shape[1] * dcn[0] * dcn[1]
+    per_slice = sharding.resolve_mesh_shape(config.mesh_shape, num_devices // int(np.prod(dcn)))
+    batch_shards = per_slice[0] * per_slice[1] * dcn[0] * dcn[1]
     accum = int(config.get("grad_accum_steps", 1))
     if config.global_batch_size <= 0 or config.global_batch_size % (batch_shards * accum):
         raise ValueError(f"global_batch_size={config.global_batch_size} must be a positive multiple of the "
@@ -85,6 +84,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.model.num_queries must be >= 1, got {config.model.num_queries}")
     if config.data.max_boxes < 1:
         raise ValueError(f"config.data.max_boxes must be >= 1, got {config.data.max_boxes}")
+    groups = config.loss.get("negative_groups", 1)
+    if config.loss.get("description_negatives") == "per_device" and config.global_batch_size % groups:
+        raise ValueError(f"config.loss.negative_groups={groups} must divide global_batch_size="
+                         f"{config.global_batch_size}")
     if config.wd_rule not in optimizer.WD_RULES:
         raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
 
