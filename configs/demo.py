@@ -50,8 +50,9 @@ def get_config(arg=None):
         config.checkpoint_every_steps = 2
 
     if args.evals:  # at the end of training: validation losses, zero-shot on seen and novel concepts
+        # Same batch size as training, so the contrastive losses are comparable to the train ones.
         config.evals.val = dict(type="validation", every_steps=0, data=config.data, loss=config.loss,
-                                max_batches=1 if args.runlocal else 8)
+                                batch_size=config.global_batch_size, max_batches=1 if args.runlocal else 16)
         config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", synthetic_dir=None,
                                      templates="short")
     return config

@@ -34,7 +34,8 @@ def build(*, variant: str = "B/16", runlocal: bool = False, model: str = "grain"
     config.global_batch_size = 2048
     config.log_every_steps = 50
     config.checkpoint_every_steps = 2000
-    config.evals.val = dict(type="validation", every_steps=2000, data=config.data, loss=config.loss, max_batches=50)
+    config.evals.val = dict(type="validation", every_steps=2000, data=config.data, loss=config.loss,
+                            batch_size=config.global_batch_size, max_batches=10)
     config.evals.zeroshot = dict(type="zeroshot", every_steps=10000, datasets="all", data_dir=None,
                                  descriptors=None, templates="ref46", max_examples=10000)
 
@@ -47,7 +48,7 @@ def build(*, variant: str = "B/16", runlocal: bool = False, model: str = "grain"
         config.warmup_steps = 1
         config.log_every_steps = 1
         config.checkpoint_every_steps = 2
-        config.evals.val.max_batches = 1
+        config.evals.val.update(batch_size=8, max_batches=1)
         config.evals.val.every_steps = 0
         config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic:novel", synthetic_dir=None,
                                      templates="short", max_examples=16)
