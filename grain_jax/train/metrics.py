@@ -13,7 +13,6 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against
 # ``jax.Device.device_kind`` in order, so more specific names come first.

@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-import jax
 import optax
 from absl import logging
 from flax import traverse_util

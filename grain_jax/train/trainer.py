@@ -16,7 +16,6 @@ import contextlib
 import json
 import os
 import time
-from typing import Any
 
 import flax.linen as nn
 import jax
