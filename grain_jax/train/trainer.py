@@ -22,6 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
@@ -182,6 +183,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, shardings, tx = state_lib.create_train_state(
         model, lambda params: optimizer.make_optimizer(config, params, schedule), config, mesh, rules, init_rng)
     _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
+    parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
+                                              jax_logging_process=0)
 
     data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                                  seed=config.seed)
