@@ -21,6 +21,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
 from jax.sharding import Mesh
@@ -195,6 +196,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)))
     compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
+    if jax.process_count() > 1:
+        # Processes finish compiling at different times, and the first cross-process collective
+        # (gloo on CPU) only waits 30 s for the others; a coordination-service barrier waits longer.
+        ocp.multihost.sync_global_processes("grain_jax_train_step_compiled", timeout=3600,
+                                            processes=set(range(jax.process_count())))
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
     step = int(state.step)
