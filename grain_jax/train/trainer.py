@@ -155,7 +155,7 @@ def _run_evaluators(evaluators, inference_model, step: int, writer: metrics_lib.
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics."""
     from grain_jax.data import pipeline
-    from grain_jax.evaluators.common import from_config
+    from grain_jax.evaluators import from_config
     from grain_jax.inference import InferenceModel
     from grain_jax.losses import LossConfig
 
