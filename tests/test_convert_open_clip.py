@@ -121,3 +121,28 @@ def test_unsupported_and_mismatched_inputs_fail(tiny_arch):
     with pytest.raises(common.ConversionError, match="do not implement"):
         converter.model_for_arch("ViT-B-16-SigLIP")
 
+
+
+def test_grain_init_from_clip_towers(tiny_arch, tiny_model, tmp_path):
+    """The trainer's init_from starts a GRAIN model (OpenAI-style ViT options) from converted CLIP
+    towers: towers loaded, the decoder kept fresh (dont_load), the CLIP-only image_projection ignored."""
+    from flax import traverse_util
+
+    from grain_jax.models import OPENAI_VIT, create_model
+    from grain_jax.train import checkpointing
+    torch.save(tiny_model.state_dict(), tmp_path / "tiny.pt")
+    converted = str(tmp_path / "converted")
+    converter.convert_file(str(tmp_path / "tiny.pt"), converted, tiny_arch)
+    clip_model = checkpoints.read_model_spec(converted).create_model()
+    towers = ("vit_variant", "image_size", "embed_dim", "text_width", "text_heads", "text_layers", *OPENAI_VIT)
+    grain = create_model("grain-tiny", **{k: getattr(clip_model, k) for k in towers})
+    fresh = common.unflatten({p: np.full(s, 7.0, np.float32) for p, s in common.abstract_param_shapes(grain).items()})
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = checkpointing.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh),
+                                            dont_load=["decoder/.*"])
+    saved = traverse_util.flatten_dict(checkpoints.restore_params(converted))
+    for path, value in common.flatten(params).items():
+        if path[0] == "decoder":
+            assert np.all(np.asarray(value) == 7.0), path
+        else:
+            np.testing.assert_array_equal(np.asarray(value), saved[path], err_msg="/".join(path))

@@ -120,7 +120,8 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
     fresh = traverse_util.flatten_dict(params, sep="/")
     target_shardings = traverse_util.flatten_dict(shardings, sep="/")
     with ocp.CheckpointManager(os.path.join(os.path.abspath(init_from), checkpoints.CHECKPOINTS),
-                               item_handlers={"params": ocp.StandardCheckpointHandler()},
+                               # PyTree (not Standard) handler: only it accepts PLACEHOLDER leaves.
+                               item_handlers={"params": ocp.PyTreeCheckpointHandler()},
                                options=ocp.CheckpointManagerOptions(read_only=True)) as mngr:
         step = mngr.latest_step()
         if step is None:
@@ -140,9 +141,10 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
             raise ValueError(f"cannot initialise from {init_from!r} (add the paths to config.dont_load to keep them "
                              "freshly initialised):\n  " + "\n  ".join(problems))
         # Leaves we do not want are skipped with orbax's PLACEHOLDER (never read).
-        abstract = {path: wanted.get(path, ocp.PLACEHOLDER) for path in saved}
-        loaded = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(
-            traverse_util.unflatten_dict(abstract, sep="/"))))["params"]
+        abstract = traverse_util.unflatten_dict({path: wanted.get(path, ocp.PLACEHOLDER) for path in saved}, sep="/")
+        restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+        loaded = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=restore_args)))["params"]
     loaded = traverse_util.flatten_dict(loaded, sep="/")
     merged = {path: loaded[path] if path in wanted else leaf for path, leaf in fresh.items()}
     logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh", init_from, step, len(wanted),
