@@ -67,7 +67,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
     """``LossConfig`` fields (docs/interfaces.md §5); the reference's box factor is 1.5, the paper's 1."""
     return ml_collections.ConfigDict(dict(
         image_caption=1.0, box_l1=1.0, box_giou=1.0, box_factor=1.0, region_description=1.0,
-        match_l1=5.0, match_giou=2.0, aux_loss=False, description_negatives="global", negative_groups=1,
+        match_l1=5.0, match_giou=2.0, aux_loss=False, description_negatives="global", negative_groups=1, match_similarity=0.0,
         **overrides))
 
 
@@ -76,7 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model_name = "grain-vit-b16"
-    config.model = ml_collections.ConfigDict()  # create_model overrides
+    # create_model overrides; keys beyond these (e.g. vit_* tower options) are added in a config file.
+    config.model = ml_collections.ConfigDict(dict(remat_policy="none"))
     config.dtype = "bfloat16"  # compute; params and norms/softmax/losses stay fp32
     config.param_dtype = "float32"
     config.data = data_config(image_size=224)

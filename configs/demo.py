@@ -4,9 +4,9 @@ The data is generated on first use into ``--config.data_cache_dir`` (default ``W
 and reused afterwards. Training plus evaluation (validation loss and zero-shot accuracy on the
 benchmark's seen and *novel* concepts) takes about 5 minutes on 2 CPU cores.
 
-    grain-jax-train --config configs/demo.py --workdir /tmp/grain_demo
-    grain-jax-train --config configs/demo.py:model=clip --workdir /tmp/clip_demo   # the CLIP baseline
-    grain-jax-train --config configs/demo.py:runlocal --workdir /tmp/demo_smoke    # a few steps, seconds
+    grain-jax-train --config configs/demo.py --workdir workdirs/grain_demo
+    grain-jax-train --config configs/demo.py:model=clip --workdir workdirs/clip_demo   # the CLIP baseline
+    grain-jax-train --config configs/demo.py:runlocal --workdir workdirs/demo_smoke    # a few steps, seconds
 
 Arguments: ``model`` (grain|clip), ``runlocal``, ``evals`` (false: train only).
 """

@@ -4,9 +4,10 @@ ViT-B/16 image tower (``:variant=S/16|B/16|L/14``), 5 region queries + 1 global 
 global batch 2048 (16 GPUs x 128 in the reference), 35 epochs, AdamW (0.9, 0.98, 1e-8,
 wd 0.1), lr 1e-6 -> 1e-3 over 1 warmup epoch, cosine to 1e-5.
 
-    grain-jax-train --config configs/grain_cc12m.py:variant=B/16 --workdir gs://BUCKET/grain_b16 \
-        --config.data.dir=gs://BUCKET/cc12m_prepared
-    grain-jax-train --config configs/grain_cc12m.py:runlocal --workdir /tmp/grain_smoke   # smoke test
+    grain-jax-train --config configs/grain_cc12m.py:variant=B/16 --workdir /shared/runs/grain_b16 \
+        --config.data.dir=/shared/cc12m_prepared --config.evals.zeroshot.descriptors=/shared/descriptors \
+        --config.evals.zeroshot.data_dir=/shared/tfds
+    grain-jax-train --config configs/grain_cc12m.py:runlocal --workdir workdirs/grain_smoke   # smoke test
 
 Arguments: ``variant`` (S/16, B/16, L/14), ``runlocal`` (tiny batch and steps on the embedded
 synthetic data, the real model: a smoke test that runs anywhere).
@@ -36,8 +37,11 @@ def build(*, variant: str = "B/16", runlocal: bool = False, model: str = "grain"
     config.checkpoint_every_steps = 2000
     config.evals.val = dict(type="validation", every_steps=2000, data=config.data, loss=config.loss,
                             batch_size=config.global_batch_size, max_batches=10)
-    config.evals.zeroshot = dict(type="zeroshot", every_steps=10000, datasets="all", data_dir=None,
-                                 descriptors=None, templates="ref46", max_examples=10000)
+    # Datasets not prepared under data_dir are skipped with a warning; set data_dir / descriptors with
+    # --config.evals.zeroshot.descriptors=DIR --config.evals.zeroshot.data_dir=DIR ("" = none given;
+    # strings, not None, so that both can be overridden from the command line).
+    config.evals.zeroshot = dict(type="zeroshot", every_steps=10000, datasets="all", data_dir="",
+                                 descriptors="", templates="ref46", max_examples=10000)
 
     if runlocal:
         config.synthetic = dict(resolution=64, num_train=64, num_test_per_class=2)  # generated on first use

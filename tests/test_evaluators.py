@@ -190,6 +190,18 @@ def test_from_config_and_run_yield_prefixed_metric_names(tmp_path, perfect):
         common.from_config({"zs": {"type": "zeroshot", "datasets": "synthetic:novel", "bogus": 1}})
 
 
+def test_in_training_evaluator_skips_datasets_not_prepared(tmp_path, perfect):
+    """A TFDS dataset missing under data_dir is skipped (warning); the prepared ones still run."""
+    root = write_folder(tmp_path / "ds", per_class=1)
+    evaluator = zeroshot.Evaluator(["cifar10", f"folder:{root}"], data_dir=str(tmp_path / "tfds"),
+                                   templates="short", num_threads=2)
+    for _ in range(2):  # the second run does not retry the missing dataset
+        metrics = dict(evaluator.run(perfect))
+        assert metrics["0shot/folder_ds/top1"] == 1.0
+        assert not any("cifar10" in name for name in metrics)
+    assert evaluator._not_prepared == {"cifar10"}
+
+
 def test_fixed_size_batches_pad_without_duplicates():
     x = np.arange(11)[:, None]
     chunks = list(common.fixed_size_batches(x, 4))

@@ -8,6 +8,7 @@ GRAIN + descriptors only). Metrics are fractions in [0, 1] named
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Iterator, Sequence
 
@@ -148,10 +149,13 @@ class Evaluator:
                  synthetic_dir: str | None = None, templates="ref46", renormalize: bool = False,
                  alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8):
         self.specs = datasets_lib.expand(datasets)
-        self.data_dir, self.descriptors, self.synthetic_dir = data_dir, descriptors, synthetic_dir
+        # "" (a config's "not given", overridable from the command line) means None.
+        self.data_dir, self.descriptors = data_dir or None, descriptors or None
+        self.synthetic_dir = synthetic_dir
         self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=alphas,
                            max_examples=max_examples, num_threads=num_threads)
         self._data: dict[str, datasets_lib.ClassificationData] = {}
+        self._not_prepared: set[str] = set()
 
     def _dataset(self, spec: str) -> datasets_lib.ClassificationData:
         if spec not in self._data:  # built lazily, once (scans folders / opens TFDS files)
@@ -162,7 +166,14 @@ class Evaluator:
     def run(self, model) -> Iterator[tuple[str, float]]:
         results = {}
         for spec in self.specs:
-            data = self._dataset(spec)
+            if spec in self._not_prepared:
+                continue
+            try:
+                data = self._dataset(spec)
+            except datasets_lib.NotPrepared as e:  # as in grain-jax-eval: one line, the others still run
+                logging.warning("zero-shot evaluator skips %s: %s", spec, e)
+                self._not_prepared.add(spec)
+                continue
             metrics = evaluate(model, data, **self.kwargs)
             results[data.name] = metrics
             for key, value in metrics.items():
