@@ -467,7 +467,7 @@ def prepare_dataset(raw_splits: Mapping[str, Iterable[Mapping[str, Any]]], outpu
 
 
 def _move_to_tfds_names(output_dir: str, split: str, units: Sequence[dict]) -> None:
-    """Moves the shards of `units` (in order) to `grain_jax-<split>.array_record-XXXXX-of-YYYYY`.
+    """Moves the shards of `units` (in order) to `grain_jax-<split>.array_record-NNNNN-of-MMMMM`.
 
     A previous run may have published a shard under another `-of-YYYYY` name, so every shard is
     first gathered back into the work directory. Each unit's JSON names its new place before

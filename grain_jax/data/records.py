@@ -16,7 +16,7 @@ M = max_boxes, L = context_length):
 | `box_scores`          | float32 [M]          | detector score of each kept region (descending), 0 padding |
 
 A prepared directory is a TFDS dataset folder (`tfds.builder_from_directory(DIR)`,
-splits `train` / `validation`, files `grain_jax-<split>.array_record-XXXXX-of-YYYYY`)
+splits `train` / `validation`, files `grain_jax-<split>.array_record-NNNNN-of-MMMMM`)
 that also holds `prepare_report.jsonl` (one JSON object per skipped or repaired
 record) and `grain_jax_info.json` (counts, resolution, tokenizer, the report summary).
 """
@@ -76,7 +76,7 @@ class RecordSerializer:
 
 
 def filename_template(output_dir: str | os.PathLike, split: str) -> naming.ShardedFileTemplate:
-    """TFDS's default file naming, `grain_jax-<split>.array_record-XXXXX-of-YYYYY`."""
+    """TFDS's default file naming, `grain_jax-<split>.array_record-NNNNN-of-MMMMM`."""
     return naming.ShardedFileTemplate(data_dir=os.fspath(output_dir), dataset_name=DATASET_NAME,
                                       split=split, filetype_suffix=FILE_FORMAT)
 

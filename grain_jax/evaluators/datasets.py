@@ -217,6 +217,8 @@ def open_tfds(name: str, split: str, data_dir: str | None, config: str | None = 
         else:
             builder = tfds.builder(name if not config else f"{name}/{config}", data_dir=data_dir)
         return builder.as_data_source(split), builder
+    # What tfds raises for "not built here" varies: missing files, no ArrayRecord shards
+    # (NotImplementedError for other file formats), unknown configs, builder code needing TF.
     except (AssertionError, FileNotFoundError, NotImplementedError, ValueError, ImportError, KeyError) as e:
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         raise NotPrepared(f"{name}: not prepared: run {build}  ({reason})") from e
