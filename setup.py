@@ -37,12 +37,12 @@ setuptools.setup(
     extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK},
     entry_points={
         "console_scripts": [
-            "grain-jax-train=grain_jax.main:run",
-            "grain-jax-prepare=grain_jax.data.prepare:run",
-            "grain-jax-eval=grain_jax.evaluate:run",
-            "grain-jax-visualize=grain_jax.visualize:run",
-            "grain-jax-convert=grain_jax.convert.main:run",
-            "grain-jax-clip-benchmark=grain_jax.integrations.clip_benchmark:run",
+            "grain-jax-train=grain_jax.cli.train:run",
+            "grain-jax-prepare=grain_jax.cli.prepare:run",
+            "grain-jax-eval=grain_jax.cli.eval:run",
+            "grain-jax-visualize=grain_jax.cli.visualize:run",
+            "grain-jax-convert=grain_jax.cli.convert:run",
+            "grain-jax-clip-benchmark=grain_jax.cli.clip_benchmark:run",
         ]
     },
 )

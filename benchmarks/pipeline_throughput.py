@@ -24,7 +24,7 @@ RESOLUTIONS = (64, 224)
 
 
 def raw_examples(num_records: int, size: int = 256):
-    """Generated raw examples (prepare.py's contract) at ``size`` px; prepare squashes them."""
+    """Generated raw examples (``grain_jax.data.prepare``'s contract) at ``size`` px; prepare squashes them."""
     rng = np.random.default_rng(0)
     for i in range(num_records):
         coarse = rng.integers(0, 255, (6, 6, 3), np.uint8)  # upsampled: compresses like a photo

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from grain_jax.data import prepare
+from grain_jax.data.prepare import sources as prepare_sources
 
 
 def make_inputs(root: pathlib.Path, num_images: int, width: int, height: int) -> None:
@@ -82,9 +83,9 @@ def main():
         print(f"{args.num_images} JPEGs of {width}x{height}, 6 regions each; {cores} CPU cores")
         pattern = make_tars(root)
         sources = {
-            "reference": lambda: prepare.reference_raw_splits(str(root / "captions.csv"), str(root),
-                                                              boxes=str(root / "boxes.json")),
-            "webdataset": lambda: prepare.webdataset_raw_splits(pattern),
+            "reference": lambda: prepare_sources.reference_raw_splits(str(root / "captions.csv"), str(root),
+                                                                      boxes=str(root / "boxes.json")),
+            "webdataset": lambda: prepare_sources.webdataset_raw_splits(pattern),
         }
         for (source, make_raw), resolution, workers in itertools.product(sources.items(), (224, 64),
                                                                          sorted({0, cores})):

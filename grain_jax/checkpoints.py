@@ -16,13 +16,12 @@ import json
 import os
 from typing import Any, Sequence
 
-import jax
 import orbax.checkpoint as ocp
+
+from grain_jax.data import transforms
 
 MODEL_CONFIG = "model_config.json"
 CHECKPOINTS = "checkpoints"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclasses.dataclass
@@ -31,8 +30,8 @@ class ModelSpec:
     model_name: str
     model_overrides: dict = dataclasses.field(default_factory=dict)
     image_size: int = 224
-    mean: Sequence[float] = IMAGENET_MEAN
-    std: Sequence[float] = IMAGENET_STD
+    mean: Sequence[float] = transforms.IMAGENET_MEAN
+    std: Sequence[float] = transforms.IMAGENET_STD
     caption_length: int = 77
     description_length: int = 77
 

@@ -1,7 +1,4 @@
-"""grain-jax-visualize: draw GRAIN's predicted boxes with their best-matching descriptions.
-
-    grain-jax-visualize --checkpoint workdir --images img1.jpg,img2.jpg \
-        --descriptions "a red ball;a blue cube;a striped tail" --output grounding.png
+"""Draw GRAIN's predicted boxes with their best-matching descriptions (``grain-jax-visualize``).
 
 Each region query's box is drawn with the given description whose embedding is closest
 to the region embedding (cosine in brackets); images are laid out in a PNG grid.
@@ -11,11 +8,9 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 from typing import Sequence
 
 import numpy as np
-from absl import flags
 from PIL import Image, ImageDraw
 
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),
@@ -106,44 +101,3 @@ def read_descriptions(spec: str) -> list[str]:
         with open(spec[1:]) as f:
             return [line.strip() for line in f if line.strip()]
     return [d.strip() for d in spec.split(";") if d.strip()]
-
-
-def define_flags() -> flags.FlagValues:
-    """The binary's flags, in their own FlagValues (importing this module defines none)."""
-    fv = flags.FlagValues()
-    flags.DEFINE_string("checkpoint", None, "Checkpoint dir or random:<model name> (a GRAIN model).", flag_values=fv)
-    flags.DEFINE_string("images", None, "Comma list of image files, globs or directories.", flag_values=fv)
-    flags.DEFINE_string("descriptions", None, "';'-separated descriptions, or @file with one per line.",
-                        flag_values=fv)
-    flags.DEFINE_string("output", "grounding.png", "Output PNG.", flag_values=fv)
-    flags.DEFINE_integer("max_boxes", 5, "Boxes per image (best-matching first).", flag_values=fv)
-    flags.DEFINE_integer("columns", 4, "Grid columns.", flag_values=fv)
-    return fv
-
-
-def main(argv: Sequence[str]) -> None:
-    """Runs the binary on ``argv`` (program name first)."""
-    from grain_jax import inference
-    from grain_jax.evaluate import parse_argv
-
-    fv = parse_argv(define_flags(), argv)
-    for name in ("checkpoint", "images", "descriptions"):
-        if not fv[name].value:
-            sys.exit(f"--{name} is required")
-    model = inference.load(fv.checkpoint)
-    images = []
-    for path in image_paths(fv.images):
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
-    draw_grounding(model, images, read_descriptions(fv.descriptions), max_boxes=fv.max_boxes,
-                   columns=fv.columns, output=fv.output)
-    print(f"wrote {fv.output}")
-
-
-def run() -> None:
-    """Console-script entry point (``grain-jax-visualize``)."""
-    main(sys.argv)
-
-
-if __name__ == "__main__":
-    run()

@@ -25,7 +25,7 @@ remote="set -euo pipefail
 if [ ! -d grain_jax ]; then git clone --branch $(quote "$branch") $(quote "$repo") grain_jax; fi
 cd grain_jax && git fetch -q origin && git checkout -q $(quote "$branch") && git pull -q
 python3 -m pip install -q -U 'jax[tpu]>=0.10.2,<0.11' && python3 -m pip install -q -e .
-python3 -m grain_jax.main --config $(quote "$config") --workdir $(quote "$workdir") $(quote "$@")"
+python3 -m grain_jax.cli.train --config $(quote "$config") --workdir $(quote "$workdir") $(quote "$@")"
 
 # shellcheck disable=SC2086
 exec gcloud compute tpus tpu-vm ssh "$tpu" --zone="$zone" $project_flag --worker=all --command="$remote"

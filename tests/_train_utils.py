@@ -5,9 +5,9 @@ import sys
 
 import ml_collections
 
+from grain_jax.configs import demo
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import demo  # noqa: E402
 
 # Identical in every trainer test (in-process and subprocess) so the train step compiles once
 # per session (persistent compilation cache): the schedule's constants are part of the program.
@@ -25,7 +25,7 @@ def runlocal_config(data_cache_dir: str, **overrides) -> ml_collections.ConfigDi
 
 def cli(workdir: str, data_cache_dir: str, *flags: str, config_args: str = "runlocal") -> list[str]:
     """The ``grain-jax-train`` command line for the same config as ``runlocal_config``."""
-    return [sys.executable, "-m", "grain_jax.main", f"--config={REPO}/configs/demo.py:{config_args}",
+    return [sys.executable, "-m", "grain_jax.cli.train", f"--config={REPO}/grain_jax/configs/demo.py:{config_args}",
             f"--workdir={workdir}", f"--config.data_cache_dir={data_cache_dir}",
             f"--config.total_steps={TOTAL_STEPS}", *flags]
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
+from grain_jax.checkpoints import ModelSpec
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NAMES = [str(i) for i in range(10)]  # digits: one BPE token each, absent from templates
 DESCRIPTORS = {n: ["whiskers", "a long tail", "has stripes"][: 1 + int(n) % 3] for n in NAMES}

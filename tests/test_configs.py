@@ -10,7 +10,7 @@ import _train_utils
 from grain_jax.models import list_models
 from grain_jax.train import optimizer, trainer
 
-CONFIGS = os.path.join(_train_utils.REPO, "configs")
+CONFIGS = os.path.join(_train_utils.REPO, "grain_jax", "configs")
 VARIANTS = ["variant=S/16", "variant=B/16", "variant=L/14", "runlocal", "variant=L/14,runlocal"]
 ABLATION_BASES = ["", "dataset=cc3m", "variant=S/16,runlocal"]
 CASES = (
@@ -33,7 +33,7 @@ def _load(path):
 
 def test_every_config_file_is_covered():
     files = {os.path.relpath(os.path.join(root, f), CONFIGS) for root, _, names in os.walk(CONFIGS)
-             for f in names if f.endswith(".py") and f not in ("common.py", "_base.py")}
+             for f in names if f.endswith(".py") and f not in ("__init__.py", "common.py", "_base.py")}
     assert files == {path for path, _ in CASES}
 
 
@@ -93,7 +93,8 @@ def test_missing_data_dir_is_named(tmp_path):
 
 def test_binary_rejects_an_unknown_config_key(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "grain_jax.main", f"--config={CONFIGS}/demo.py:runlocal", f"--workdir={tmp_path}",
+        # The repository-root path of the README (``configs/`` links to grain_jax/configs/).
+        [sys.executable, "-m", "grain_jax.cli.train", "--config=configs/demo.py:runlocal", f"--workdir={tmp_path}",
          "--config.totl_steps=5"], cwd=_train_utils.REPO, env=_train_utils.subprocess_env(),
         capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

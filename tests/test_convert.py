@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from grain_jax.convert import common, main
+from grain_jax.cli import convert as convert_cli
+from grain_jax.convert import common
 
 
 class _CreatesFileWhenUnpickled:
@@ -27,7 +28,7 @@ def test_pickled_callable_is_refused_without_running(tmp_path):
         common.load_checkpoint(str(ckpt))
     assert not marker.exists()
     with pytest.raises(SystemExit, match="Nothing from it was executed"):
-        main.run(["reference", "--input", str(ckpt), "--output", str(tmp_path / "out")])
+        convert_cli.run(["reference", "--input", str(ckpt), "--output", str(tmp_path / "out")])
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 

@@ -10,7 +10,8 @@ import torch
 from test_convert_torch_reference import randomize_
 
 from grain_jax import checkpoints, inference
-from grain_jax.convert import common, main
+from grain_jax.cli import convert as convert_cli
+from grain_jax.convert import common
 from grain_jax.convert import open_clip as converter
 from grain_jax.data import tokenizer
 
@@ -61,7 +62,7 @@ def test_tiny_config_parity(tiny_arch, tiny_model, tmp_path):
     model = tiny_model
     torch.save({"epoch": 3, "name": tiny_arch, "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
                tmp_path / "epoch_3.pt")
-    main.run(["open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--arch", tiny_arch, "--output", str(tmp_path / "out")])
+    convert_cli.run(["open_clip", "--input", str(tmp_path / "epoch_3.pt"), "--arch", tiny_arch, "--output", str(tmp_path / "out")])
     ours = inference.load(str(tmp_path / "out"))
     our_image, our_text, images, tokens = _our_embeddings(ours.model, ours.params, 3, TEXTS)
     image, text = _open_clip_outputs(model, images, tokens)
@@ -129,7 +130,7 @@ def test_grain_init_from_clip_towers(tiny_arch, tiny_model, tmp_path):
     from flax import traverse_util
 
     from grain_jax.models import OPENAI_VIT, create_model
-    from grain_jax.train import checkpointing
+    from grain_jax.train import resume
     torch.save(tiny_model.state_dict(), tmp_path / "tiny.pt")
     converted = str(tmp_path / "converted")
     converter.convert_file(str(tmp_path / "tiny.pt"), converted, tiny_arch)
@@ -138,7 +139,7 @@ def test_grain_init_from_clip_towers(tiny_arch, tiny_model, tmp_path):
     grain = create_model("grain-tiny", **{k: getattr(clip_model, k) for k in towers})
     fresh = common.unflatten({p: np.full(s, 7.0, np.float32) for p, s in common.abstract_param_shapes(grain).items()})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpointing.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh),
+    params = resume.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh),
                                             dont_load=["decoder/.*"])
     saved = traverse_util.flatten_dict(checkpoints.restore_params(converted))
     for path, value in common.flatten(params).items():

@@ -8,7 +8,8 @@ import torch
 from test_convert_torch_reference import build_reference
 
 from grain_jax import checkpoints, inference
-from grain_jax.convert import common, main, reference
+from grain_jax.cli import convert as convert_cli
+from grain_jax.convert import common, reference
 from grain_jax.data import tokenizer
 from grain_jax.models import create_model
 
@@ -35,7 +36,7 @@ def reference_checkpoint(tmp_path_factory):
 def converted(reference_checkpoint, tmp_path_factory):
     path, _, _ = reference_checkpoint
     output = str(tmp_path_factory.mktemp("converted"))
-    main.run(["reference", "--input", path, "--output", output, "--model", MODEL])
+    convert_cli.run(["reference", "--input", path, "--output", output, "--model", MODEL])
     return output
 
 
@@ -114,11 +115,11 @@ def test_missing_and_mismatched_keys_fail(reference_checkpoint):
 
 def test_trainer_init_from_accepts_conversion(converted):
     """config.init_from loads every leaf of a converted checkpoint into a fresh model."""
-    from grain_jax.train import checkpointing
+    from grain_jax.train import resume
     shapes = common.abstract_param_shapes(create_model(MODEL))
     fresh = common.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = checkpointing.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh))
+    params = resume.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh))
     saved = common.flatten(checkpoints.restore_params(converted))
     loaded = common.flatten(params)
     assert loaded.keys() == saved.keys()

@@ -6,7 +6,9 @@ import pytest
 from PIL import Image
 
 import evaluator_fakes as fakes
-from grain_jax import checkpoints, evaluate, inference, visualize
+from grain_jax import checkpoints, inference, visualize
+from grain_jax.cli import eval as eval_cli
+from grain_jax.cli import visualize as visualize_cli
 from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
 
 
@@ -21,7 +23,7 @@ def perfect_load(monkeypatch):
 def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfect_load, capsys):
     root = write_folder(tmp_path / "bench", descriptor_file=DESCRIPTORS)
     out = tmp_path / "out" / "results.json"
-    evaluate.main(["grain-jax-eval", "--checkpoint", "ckpt_a,ckpt_b", f"--evals=folder:{root},cifar10",
+    eval_cli.main(["grain-jax-eval", "--checkpoint", "ckpt_a,ckpt_b", f"--evals=folder:{root},cifar10",
                    f"--data_dir={tmp_path / 'tfds'}", f"--output={out}", "--batch_size=8", "--num_threads=2"])
     printed = capsys.readouterr().out
     assert "cifar10: not prepared: run tfds build cifar10 --file_format=array_record" in printed
@@ -36,7 +38,7 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
 
     # --compare re-plots earlier results without evaluating.
     both = tmp_path / "both.json"
-    evaluate.main(["grain-jax-eval", f"--compare={out},{out}", f"--output={both}"])
+    eval_cli.main(["grain-jax-eval", f"--compare={out},{out}", f"--output={both}"])
     assert len(json.loads(both.read_text())["runs"]) == 4 and both.with_suffix(".png").exists()
 
 
@@ -45,7 +47,7 @@ def test_binary_checks_every_dataset_before_loading_a_model(tmp_path, monkeypatc
     bad = write_folder(tmp_path / "bad", per_class=1, descriptor_file={"zebra": ["stripes"]})
     monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("model loaded before the data was checked"))
     with pytest.raises(ValueError, match="not in the dataset: \\['zebra'\\]"):
-        evaluate.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{good},folder:{bad}",
+        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{good},folder:{bad}",
                        f"--output={tmp_path / 'r.json'}"])
 
 
@@ -53,7 +55,7 @@ def test_visualize_draws_a_grid(tmp_path, perfect_load):
     for i in range(3):
         Image.fromarray(fakes.label_image(i, 20 + i)).save(tmp_path / f"{i}.png")
     out = tmp_path / "grid.png"
-    visualize.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
+    visualize_cli.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
                     "--descriptions=picture 0, round;picture 1;picture 2", f"--output={out}", "--columns=2"])
     grid = Image.open(out)
     assert grid.size == (2 * 256, 2 * 256)
@@ -89,7 +91,7 @@ def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint
     root = write_folder(tmp_path / "bench", per_class=2, names=["red ball", "blue cube", "green cone"],
                         descriptor_file={"red ball": ["round"], "blue cube": ["has corners"], "green cone": ["a tip"]})
     out = tmp_path / "results.json"
-    evaluate.main(["grain-jax-eval", f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}",
+    eval_cli.main(["grain-jax-eval", f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}",
                    f"--output={out}", "--batch_size=8", "--templates=short", "--num_threads=2"])
     run, = json.loads(out.read_text())["runs"]
     result = run["results"]["folder_bench"]

@@ -7,7 +7,8 @@ import tensorflow_datasets as tfds
 
 import evaluator_fakes as fakes
 from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
-from grain_jax.evaluators import common, datasets, descriptors, prompts, zeroshot
+from grain_jax.evaluators import common, datasets, zeroshot
+from grain_jax.inference import batching, descriptors, prompts
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_in_training_evaluator_skips_datasets_not_prepared(tmp_path, perfect):
 
 def test_fixed_size_batches_pad_without_duplicates():
     x = np.arange(11)[:, None]
-    chunks = list(common.fixed_size_batches(x, 4))
+    chunks = list(batching.fixed_size_batches(x, 4))
     assert [n for _, n in chunks] == [4, 4, 3]
     assert all(c.shape == (4, 1) for c, _ in chunks)
     assert np.concatenate([c[:n] for c, n in chunks]).ravel().tolist() == list(range(11))

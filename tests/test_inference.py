@@ -8,8 +8,10 @@ from PIL import Image
 
 import evaluator_fakes as fakes
 from grain_jax import inference, sharding
-from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD, ModelSpec
-from grain_jax.evaluators import descriptors, prompts
+from grain_jax.checkpoints import ModelSpec
+from grain_jax.data import pipeline
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.inference import classifier, descriptors, prompts
 
 NAMES = fakes.NAMES
 
@@ -24,7 +26,7 @@ def test_preprocess_squash_resizes_bicubic_and_normalises():
     image = np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)
     expected = np.asarray(Image.fromarray(image).resize((8, 8), Image.BICUBIC), np.float32) / 255
     expected = (expected - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    np.testing.assert_allclose(inference.preprocess_image(image, spec), expected, rtol=1e-6)
+    np.testing.assert_allclose(inference.preprocess_image(image, spec), expected, rtol=1e-6, atol=1e-6)
     grey = inference.preprocess_images([image[..., 0], image], spec)  # any sizes, greyscale -> RGB
     assert grey.shape == (2, 8, 8, 3) and np.allclose(grey[0, ..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0],
                                                      grey[0, ..., 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1])
@@ -32,6 +34,18 @@ def test_preprocess_squash_resizes_bicubic_and_normalises():
     np.testing.assert_array_equal(inference.preprocess_images(normalised, spec), normalised)  # passed through
     with pytest.raises(ValueError, match=r"float images must be normalised \[N, 8, 8, 3\]"):
         inference.preprocess_images(np.zeros((2, 9, 9, 3), np.float32), spec)
+
+
+def test_serving_sees_the_pixels_training_sees():
+    spec = ModelSpec(model_name="x", image_size=8)
+    image = np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)
+    options = pipeline._ExampleOptions(image_size=8, mean=IMAGENET_MEAN, std=IMAGENET_STD, caption_length=4,
+                                       description_length=4, max_boxes=1, mllm_caption_prob=0.0, augment=False)
+    record = {"image": image, "caption_tokens": np.zeros(4, np.int32), "has_mllm_caption": False,
+              "description_tokens": np.zeros((1, 4), np.int32), "boxes": np.zeros((1, 4), np.float32),
+              "box_mask": np.zeros(1, bool)}
+    trained_on = options.example(record, use_mllm_caption=False, flip=False)["images"]
+    np.testing.assert_array_equal(inference.preprocess_image(image, spec), trained_on)
 
 
 def test_padded_batches_return_every_row_once(perfect):
@@ -106,7 +120,7 @@ def test_region_scores_follow_our_eval():
     regions = rng.normal(size=(2, 3, 4)).astype(np.float32)
     desc = rng.normal(size=(3, 2, 4)).astype(np.float32)
     mask = np.array([[True, True], [True, False], [False, False]])
-    got = np.asarray(inference._region_scores(regions, desc, mask))
+    got = np.asarray(classifier.region_scores(regions, desc, mask))
     sims = np.einsum("bqd,ckd->bqck", regions, desc)
     expected = np.stack([sims[:, :, 0].max(-1).mean(1), sims[:, :, 1, 0].mean(1), np.zeros(2)], axis=1)
     np.testing.assert_allclose(got, expected, rtol=1e-5)

@@ -14,7 +14,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from grain_jax.cli import prepare as prepare_cli
 from grain_jax.data import prepare, records, tokenizer
+from grain_jax.data.prepare import sources, writer
 
 R = 32  # prepared resolution
 LENGTH = 77
@@ -145,7 +147,7 @@ def _reference_argv(root, out, *extra):
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("reference")
     _reference_inputs(root)
-    summary = prepare.main(_reference_argv(root, root / "out"))
+    summary = prepare_cli.main(_reference_argv(root, root / "out"))
     return root, root / "out", summary
 
 
@@ -217,7 +219,7 @@ def test_reference_layout_is_tfds_and_shards_follow_the_input_order(reference):
     assert [source[i]["id"].decode() for i in range(len(source))] == REFERENCE_KEPT
     # Shards with records are moved out of the work directory, not copied; the two empty ones stay.
     assert num_shards == 2
-    assert sorted(n for n in os.listdir(out / prepare.WORK_DIR) if n.endswith(".array_record")) == [
+    assert sorted(n for n in os.listdir(out / writer.WORK_DIR) if n.endswith(".array_record")) == [
         "train-00002.array_record", "train-00003.array_record"]
 
 
@@ -229,28 +231,28 @@ def test_rerun_skips_finished_shards_and_rewrites_the_same_bytes(reference, monk
         raise AssertionError(f"finished shard {unit.split}-{unit.index} was processed again")
 
     with monkeypatch.context() as patch:
-        patch.setattr(prepare, "_run_unit", must_not_run)
-        assert prepare.main(_reference_argv(root, out)) == summary
+        patch.setattr(writer, "_run_unit", must_not_run)
+        assert prepare_cli.main(_reference_argv(root, out)) == summary
     assert _shard_bytes(out) == before
 
     # An interrupted run: one shard never finished. Only that shard is processed again.
-    os.remove(out / prepare.WORK_DIR / "train-00001.json")  # shard 1 (published as 00001-of-00002)
+    os.remove(out / writer.WORK_DIR / "train-00001.json")  # shard 1 (published as 00001-of-00002)
     processed = []
 
     def counting(unit):
         processed.append(unit.index)
         return real_run_unit(unit)
 
-    real_run_unit = prepare._run_unit
-    monkeypatch.setattr(prepare, "_run_unit", counting)
-    assert prepare.main(_reference_argv(root, out)) == summary
+    real_run_unit = writer._run_unit
+    monkeypatch.setattr(writer, "_run_unit", counting)
+    assert prepare_cli.main(_reference_argv(root, out)) == summary
     assert processed == [1]
     assert _shard_bytes(out) == before
 
 
 def test_output_is_the_same_with_a_process_pool(reference, tmp_path):
     root, out, _ = reference
-    raw_splits = prepare.reference_raw_splits(f"{root}/captions.csv", str(root), f"{root}/mllm.json",
+    raw_splits = sources.reference_raw_splits(f"{root}/captions.csv", str(root), f"{root}/mllm.json",
                                               f"{root}/boxes.json", validation_fraction=0)
     prepare.prepare_dataset(raw_splits, tmp_path, resolution=R, num_workers=2, examples_per_shard=4,
                             progress=False)
@@ -325,7 +327,7 @@ def webdataset(tmp_path_factory):
         "101": {"regions": [{"description": "top", "bbox": [0, 0, 1, 0.5]}], "normalized": True,
                 "mllm_caption": "side mllm"}}))
     out = root / "out"
-    summary = prepare.main(["grain-jax-prepare", "webdataset", "--shards", f"{root}/{{00000..00002}}.tar",
+    summary = prepare_cli.main(["grain-jax-prepare", "webdataset", "--shards", f"{root}/{{00000..00002}}.tar",
                             "--annotations", f"{root}/side.json", "--output_dir", str(out), "--resolution", str(R),
                             "--num_workers", "0", "--validation_fraction", "0.5"])
     return root, out, summary
@@ -349,10 +351,10 @@ def test_webdataset_splits_by_id_hash_and_reads_back(webdataset):
     got = {**_read(out, "train"), **_read(out, "validation")}
     assert sorted(got) == WEBDATASET_KEPT
     validation = set(_read(out, "validation"))
-    assert validation == {i for i in WEBDATASET_KEPT if prepare.is_validation(i, 0.5)}
+    assert validation == {i for i in WEBDATASET_KEPT if sources.is_validation(i, 0.5)}
     assert summary["splits"]["validation"]["num_examples"] == len(validation)
     for entry in records.read_report(out):  # bad records are reported in the split their id hashes to
-        assert entry["split"] == ("validation" if prepare.is_validation(entry["id"], 0.5) else "train")
+        assert entry["split"] == ("validation" if sources.is_validation(entry["id"], 0.5) else "train")
 
     first = got["000"]
     _assert_solid(first["image"], (200, 30, 30))
@@ -376,9 +378,9 @@ def test_webdataset_splits_by_id_hash_and_reads_back(webdataset):
 # ------------------------------------------------------------------------------------------------
 
 def test_expand_braces():
-    assert prepare.expand_braces("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
-    assert prepare.expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
-    assert prepare.expand_braces("plain.tar") == ["plain.tar"]
+    assert sources.expand_braces("d/{00008..00011}.tar") == [f"d/{i:05d}.tar" for i in range(8, 12)]
+    assert sources.expand_braces("{a,b}/{1..2}") == ["a/1", "a/2", "b/1", "b/2"]
+    assert sources.expand_braces("plain.tar") == ["plain.tar"]
 
 
 def test_array_images_and_explicit_splits_through_prepare_dataset(tmp_path):
@@ -400,14 +402,14 @@ def test_array_images_and_explicit_splits_through_prepare_dataset(tmp_path):
 
 def test_command_line_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(SystemExit, match="give exactly one command"):
-        prepare.main(["grain-jax-prepare", "--output_dir", str(tmp_path)])
+        prepare_cli.main(["grain-jax-prepare", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="missing --captions, --images_root"):
-        prepare.main(["grain-jax-prepare", "reference", "--output_dir", str(tmp_path)])
+        prepare_cli.main(["grain-jax-prepare", "reference", "--output_dir", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="no webdataset shard"):
-        prepare.main(["grain-jax-prepare", "webdataset", "--shards", f"{tmp_path}/{{0..3}}.tar",
+        prepare_cli.main(["grain-jax-prepare", "webdataset", "--shards", f"{tmp_path}/{{0..3}}.tar",
                       "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit) as exit_info:
-        prepare.main(["grain-jax-prepare", "--help"])
+        prepare_cli.main(["grain-jax-prepare", "--help"])
     assert exit_info.value.code == 0 and "--validation_fraction" in capsys.readouterr().out
 
 
@@ -416,16 +418,16 @@ def test_a_moved_folder_reads_and_resharding_replaces_the_old_shards(reference, 
     moved = tmp_path / "moved"
     shutil.copytree(out, moved)
     assert list(_read(moved)) == REFERENCE_KEPT
-    summary = prepare.main(_reference_argv(root, moved, "--examples_per_shard", "100"))
+    summary = prepare_cli.main(_reference_argv(root, moved, "--examples_per_shard", "100"))
     assert summary["splits"]["train"]["num_shards"] == 1
     assert sorted(n for n in os.listdir(moved) if ".array_record" in n) == [
         "grain_jax-train.array_record-00000-of-00001"]
     assert list(_read(moved)) == REFERENCE_KEPT
-    assert sorted(os.listdir(moved / prepare.WORK_DIR)) == ["train-00000.json"]  # records are stored once
+    assert sorted(os.listdir(moved / writer.WORK_DIR)) == ["train-00000.json"]  # records are stored once
 
 
 def test_synthetic_command_writes_a_prepared_directory(tmp_path):
-    info = prepare.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path / "synthetic"),
+    info = prepare_cli.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path / "synthetic"),
                          "--num_train", "8", "--resolution", "32", "--num_workers", "0"])
     assert info["source"] == "synthetic" and info["resolution"] == 32 and info["num_skipped"] == 0
     train = _read(tmp_path / "synthetic")
@@ -433,7 +435,7 @@ def test_synthetic_command_writes_a_prepared_directory(tmp_path):
     example = next(iter(train.values()))
     assert example["image"].shape == (32, 32, 3) and example["box_mask"].any()
     with pytest.raises(SystemExit, match="--captions do not apply"):
-        prepare.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path), "--captions", "x.csv"])
+        prepare_cli.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path), "--captions", "x.csv"])
 
 
 def test_input_without_a_valid_record_is_an_error_with_a_full_report(tmp_path):

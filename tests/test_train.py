@@ -10,7 +10,7 @@ import pytest
 import _train_utils
 from grain_jax import batch as batch_lib, sharding
 from grain_jax.losses import LossConfig
-from grain_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib, trainer
+from grain_jax.train import resume, optimizer, state as state_lib, step as step_lib, trainer
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +97,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     config = _train_utils.runlocal_config(data_cache, checkpoint_every_steps=2)
     with pytest.raises(FloatingPointError, match="last good checkpoint is step 2"):
         trainer.train_and_evaluate(config, str(tmp_path))
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=2)
     assert ckpt.latest_step() == 2
     ckpt.close()
 
 
 def test_gradient_accumulation_averages_micro_batches_clip(tmp_path):
     """k=2 micro-batches (rows j::2): the step's loss is the mean of the two micro-batch losses."""
-    from configs import demo
+    from grain_jax.configs import demo
     config = demo.get_config("model=clip,runlocal,evals=false")
     config.update(total_steps=_train_utils.TOTAL_STEPS, grad_accum_steps=2, dtype="float32")
     mesh = sharding.create_mesh((2, 2, 1), devices=jax.devices()[:4])  # 4 batch shards x 2 micro-batches

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax import checkpoints, sharding
-from grain_jax.train import checkpointing
+from grain_jax.train import resume
 from grain_jax.train.state import TrainState
 
 
@@ -31,7 +31,7 @@ def _iterator():
 
 
 def _save_steps(workdir, mesh, steps):
-    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    ckpt = resume.Checkpointer(workdir, keep=5)
     state, _ = _state(mesh)
     it = _iterator()
     for step in steps:
@@ -52,13 +52,13 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, capsys):
             if not name.startswith("_"):
                 open(os.path.join(root, name), "wb").close()
 
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=5)
     fresh, shardings = _state(mesh, seed=1)
     it = _iterator()
     state, rng = ckpt.restore(fresh, shardings, it)
     assert int(state.step) == 2
     assert "checkpoint step 4 is unreadable" in capsys.readouterr().out
-    assert (tmp_path / checkpointing.CORRUPT_DIR / "4").is_dir()
+    assert (tmp_path / resume.CORRUPT_DIR / "4").is_dir()
     assert ckpt.latest_step() == 2
     np.testing.assert_array_equal(rng, np.asarray(jax.random.PRNGKey(7)))
     assert next(it) == 1  # the data iterator resumes after the one element consumed before step 2
@@ -69,7 +69,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     saved = _save_steps(str(tmp_path), sharding.create_mesh((8, 1, 1)), [3])
     other = sharding.create_mesh((2, 2, 2), devices=jax.devices()[:8])
     fresh, shardings = _state(other, seed=1)
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=5)
     state, _ = ckpt.restore(fresh, shardings, _iterator())
     ckpt.close()
     assert state.params["w"].sharding == NamedSharding(other, P("fsdp", None))
@@ -79,7 +79,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 def test_restore_without_checkpoints_returns_none(tmp_path):
     fresh, shardings = _state(sharding.create_mesh((8, 1, 1)))
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=2)
     assert ckpt.restore(fresh, shardings, _iterator()) is None
     ckpt.close()
 
@@ -90,9 +90,9 @@ def test_init_from_loads_all_but_dont_load(tmp_path):
     checkpoints.save_params(str(tmp_path), {"w": source.params["w"]},
                             checkpoints.ModelSpec(model_name="toy"))
     fresh, shardings = _state(mesh, seed=1)
-    merged = checkpointing.load_init_params(str(tmp_path), fresh.params, shardings.params, dont_load=["b"])
+    merged = resume.load_init_params(str(tmp_path), fresh.params, shardings.params, dont_load=["b"])
     np.testing.assert_array_equal(merged["w"], source.params["w"])
     np.testing.assert_array_equal(merged["b"], fresh.params["b"])
     assert merged["w"].sharding == shardings.params["w"]
     with pytest.raises(ValueError, match="b is missing from the checkpoint"):
-        checkpointing.load_init_params(str(tmp_path), fresh.params, shardings.params)
+        resume.load_init_params(str(tmp_path), fresh.params, shardings.params)

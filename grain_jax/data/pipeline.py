@@ -34,10 +34,8 @@ import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from PIL import Image
 
-from grain_jax.checkpoints import IMAGENET_MEAN, IMAGENET_STD
-from grain_jax.data import tokenizer
+from grain_jax.data import tokenizer, transforms
 
 DEFAULTS: Mapping[str, Any] = {
     "train_split": "train",
@@ -47,8 +45,8 @@ DEFAULTS: Mapping[str, Any] = {
     "description_length": 77,
     "max_boxes": 5,
     "mllm_caption_prob": 0.5,
-    "mean": IMAGENET_MEAN,
-    "std": IMAGENET_STD,
+    "mean": transforms.IMAGENET_MEAN,
+    "std": transforms.IMAGENET_STD,
     "num_workers": 0,
     "prefetch": 2,
     "augment": False,
@@ -122,28 +120,11 @@ class _ExampleOptions:
             "box_mask": np.zeros((m,), bool),
         }
 
-    def normalise(self, image: np.ndarray) -> np.ndarray:
-        """uint8 [H,W,3] -> float32 (x / 255 - mean) / std.
-
-        Computed in place on [H, W*3] rows against the per-channel factors tiled W times:
-        numpy broadcasting over a trailing axis of 3 is about 7x slower, and at 224 px this
-        is most of the per-record cost.
-        """
-        height, width, channels = image.shape
-        std = np.asarray(self.std, np.float32)
-        rows = image.astype(np.float32).reshape(height, width * channels)
-        rows *= np.tile(1.0 / (255.0 * std), width)
-        rows += np.tile(-np.asarray(self.mean, np.float32) / std, width)
-        return rows.reshape(height, width, channels)
-
     def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
         """One record -> ``images [S,S,3] f32``, ``caption_tokens [Lc]``, ``description_tokens [M,Ld]``,
         ``boxes [M,4]`` cxcywh in [0,1], ``box_mask [M]`` (padded slots zero)."""
-        image = np.asarray(record["image"])
-        if image.shape[0] != self.image_size or image.shape[1] != self.image_size:
-            # Squash like the prepare step did; boxes are normalised so they stay valid.
-            image = np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BICUBIC))
-        images = self.normalise(image)
+        # Squashed like the prepare step did (boxes are normalised, so they stay valid).
+        images = transforms.preprocess(np.asarray(record["image"]), self.image_size, self.mean, self.std)
 
         m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
         box_mask = np.asarray(record["box_mask"][:m], bool)

@@ -1,4 +1,4 @@
-"""The evaluator contract (big_vision's ``config.evals``) and shared padding helpers.
+"""The evaluator contract (big_vision's ``config.evals``).
 
 Each entry of ``config.evals`` is ``name -> {type, every_steps, prefix, **kwargs}``::
 
@@ -16,9 +16,7 @@ type's namespace (``0shot/synthetic_novel/top1``, ``retrieval/coco_captions/img2
 from __future__ import annotations
 
 import importlib
-from typing import Any, Iterator, Mapping
-
-import numpy as np
+from typing import Any, Mapping
 
 TYPES = {
     "zeroshot": "grain_jax.evaluators.zeroshot",
@@ -50,23 +48,3 @@ def from_config(evals_config: Mapping[str, Mapping[str, Any]] | None) -> list[tu
             raise ValueError(f"config.evals[{name!r}] ({eval_type}): {e}") from e
         evaluators.append((name, evaluator, every_steps, prefix))
     return evaluators
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def pad_to(x: np.ndarray, size: int) -> np.ndarray:
-    """Pads axis 0 of ``x`` with zeros up to ``size`` (a no-op when already that long)."""
-    if x.shape[0] > size:
-        raise ValueError(f"cannot pad {x.shape[0]} rows down to {size}")
-    if x.shape[0] == size:
-        return x
-    return np.concatenate([x, np.zeros((size - x.shape[0],) + x.shape[1:], x.dtype)])
-
-
-def fixed_size_batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[np.ndarray, int]]:
-    """Yields ``(chunk padded to batch_size, number of real rows)`` so jit sees one shape."""
-    for start in range(0, x.shape[0], batch_size):
-        chunk = x[start:start + batch_size]
-        yield pad_to(chunk, batch_size), chunk.shape[0]

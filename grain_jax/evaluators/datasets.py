@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from grain_jax.evaluators import descriptors as descriptors_lib
+from grain_jax.inference import descriptors as descriptors_lib
 
 
 @dataclasses.dataclass(frozen=True)

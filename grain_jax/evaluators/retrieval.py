@@ -29,6 +29,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from grain_jax.inference import preprocess_image
+
 KS = (1, 5, 10)
 
 
@@ -163,7 +165,6 @@ def recall_at_k(similarity: np.ndarray, caption_image: np.ndarray, ks: Sequence[
 def evaluate(model, data: RetrievalData, *, max_images: int | None = None, num_threads: int = 8,
              progress: bool = False) -> dict[str, float]:
     """Recall@K of ``model`` (an InferenceModel) plus counts and timing."""
-    from grain_jax.inference import preprocess_image
 
     start = time.perf_counter()
     ds = grain.MapDataset.source(data.source)

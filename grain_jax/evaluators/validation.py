@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from grain_jax.inference import to_host
+
 
 class Evaluator:
     """In-training validation evaluator (``type="validation"`` in ``config.evals``).
@@ -51,7 +53,6 @@ class Evaluator:
 
     def run(self, inference_model) -> Iterator[tuple[str, float]]:
         from grain_jax.data import pipeline
-        from grain_jax.inference import to_host
 
         step = self._step_fn(inference_model.model)
         mesh = inference_model.mesh

@@ -17,6 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grain_jax.evaluators import datasets as datasets_lib
+from grain_jax.inference import preprocess_image
 
 METRICS = ("top1", "top5", "mean_per_class_recall")
 
@@ -65,8 +66,6 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
     """(normalised images [b, S, S, 3], class indices [b]) in model-sized batches,
     decoded and resized by ``num_threads`` grain threads; ``max_examples`` takes a fixed
     random subset (for quick in-training evaluation)."""
-    from grain_jax.inference import preprocess_image
-
     ds = grain.MapDataset.source(data.source)
     if max_examples is not None and max_examples < len(ds):
         ds = ds.seed(seed).shuffle()[:max_examples]

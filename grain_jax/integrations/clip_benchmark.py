@@ -2,9 +2,9 @@
 
 CLIP_benchmark loads a model through a function returning ``(model, transform,
 tokenizer)``; the model needs ``encode_image`` / ``encode_text`` returning torch tensors.
-``load_grain_jax`` provides that on top of our JAX model, and ``run()`` (console script
-``grain-jax-clip-benchmark``) registers it as model type ``grain_jax`` and hands the
-command line to CLIP_benchmark's own CLI:
+``load_grain_jax`` provides that on top of our JAX model, and ``register()`` makes it
+CLIP_benchmark's model type ``grain_jax``; the console script ``grain-jax-clip-benchmark``
+(``grain_jax.cli.clip_benchmark``) registers it and hands the command line to CLIP_benchmark's CLI:
 
     grain-jax-clip-benchmark eval --pretrained CHECKPOINT_DIR --model grain \\
         --dataset wds/mydata --dataset_root /data/mydata --task zeroshot_classification
@@ -16,7 +16,6 @@ command line to CLIP_benchmark's own CLI:
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Sequence
 
 import jax
@@ -26,7 +25,7 @@ from PIL import Image
 
 from grain_jax import inference
 from grain_jax.data import tokenizer as tokenizer_lib
-from grain_jax.evaluators.common import fixed_size_batches
+from grain_jax.inference.batching import fixed_size_batches
 
 MODEL_TYPE = "grain_jax"
 
@@ -128,17 +127,3 @@ def register() -> None:
     if MODEL_TYPE not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(MODEL_TYPE)  # the same list object the CLI's --model_type choices use
     zeroshot_classification.accuracy = _topk_accuracy
-
-
-def run(argv: Sequence[str] | None = None) -> None:
-    """Console script: CLIP_benchmark's CLI with our model type registered (and default)."""
-    try:
-        from clip_benchmark import cli
-    except ImportError as e:
-        raise SystemExit("grain-jax-clip-benchmark needs CLIP_benchmark: pip install clip_benchmark") from e
-    register()
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "eval" and not any(a == "--model_type" or a.startswith("--model_type=") for a in args):
-        args += ["--model_type", MODEL_TYPE]
-    sys.argv = [sys.argv[0]] + args
-    cli.main()

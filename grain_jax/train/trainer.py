@@ -27,7 +27,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
-from grain_jax.train import checkpointing, metrics as metrics_lib, optimizer, state as state_lib, step as step_lib
+from grain_jax.train import resume, metrics as metrics_lib, optimizer, state as state_lib, step as step_lib
 
 
 def _say(message: str) -> None:
@@ -129,7 +129,7 @@ def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng
         _say(f"resumed from {os.path.join(workdir, checkpoints.CHECKPOINTS)} at step {int(state.step)}")
         return state, jax.device_put(rng_data, state_lib.replicated(shardings.step.mesh))
     if config.get("init_from"):
-        params = checkpointing.load_init_params(config.init_from, state.params, shardings.params,
+        params = resume.load_init_params(config.init_from, state.params, shardings.params,
                                                 config.get("dont_load") or ())
         _say(f"initialised parameters from {config.init_from} (kept fresh: {list(config.get('dont_load') or [])})")
         return state.replace(params=params), train_rng
@@ -189,7 +189,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                                  seed=config.seed)
-    ckpt = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+    ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
 
     batch_sh = state_lib.batch_sharding(mesh, rules)
@@ -237,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     multi_process = jax.process_count() > 1
     # One process: our own SIGTERM handler. Several: JAX's preemption service owns SIGTERM
     # and `reached_preemption` tells every process the same step to stop at.
-    sigterm = contextlib.nullcontext(None) if multi_process else checkpointing.SigtermFlag()
+    sigterm = contextlib.nullcontext(None) if multi_process else resume.SigtermFlag()
     with sigterm as flag:
         while step < total_steps:
             batch = pipeline.to_global(next(data_iterator), batch_sh)

@@ -5,11 +5,7 @@ r"""The CLIP baseline on CC12M: CLS-token image embedding, image-caption loss on
 Arguments: as ``grain_cc12m.py`` (``variant``, ``runlocal``). Descriptions and boxes in the
 records are simply not used (the loss only has the image-caption term for CLIP outputs).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common, grain_cc12m  # noqa: E402
+from grain_jax.configs import common, grain_cc12m
 
 
 def get_config(arg=None):

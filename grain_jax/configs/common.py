@@ -1,15 +1,13 @@
 """Shared config pieces: the typed ``parse_arg`` and the defaults every experiment starts from.
 
-Config files are loaded by path (``--config configs/X.py:args``), so they import this
-module as ``configs.common`` when run from the repository root, or by file path
-otherwise (see ``load_common`` in the config files).
+Config files are loaded by path (``--config grain_jax/configs/X.py:args``, or ``configs/X.py``
+from the repository root, which links here) and import this module as ``grain_jax.configs.common``.
 """
 from __future__ import annotations
 
 import ml_collections
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 

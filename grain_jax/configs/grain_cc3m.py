@@ -4,11 +4,7 @@ r"""GRAIN on CC3M: the CC12M experiment on the smaller corpus (same model, batch
 
 Arguments: as ``grain_cc12m.py`` (``variant``, ``runlocal``).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common, grain_cc12m  # noqa: E402
+from grain_jax.configs import common, grain_cc12m
 
 
 def get_config(arg=None):

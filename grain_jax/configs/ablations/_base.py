@@ -1,9 +1,5 @@
 """What every ablation shares: the base experiment's arguments and the GRAIN config they modify."""
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configs import common, grain_cc3m, grain_cc12m  # noqa: E402
+from grain_jax.configs import common, grain_cc3m, grain_cc12m
 
 DATASETS = {"cc12m": grain_cc12m, "cc3m": grain_cc3m}
 

@@ -14,7 +14,6 @@ sharded over ``("data", "fsdp")`` and parameters follow the model's logical part
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Mapping, Sequence
 
@@ -24,19 +23,20 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from PIL import Image
 
 from grain_jax import checkpoints, sharding
 from grain_jax.checkpoints import ModelSpec
-from grain_jax.evaluators import descriptors as descriptors_lib
-from grain_jax.evaluators import prompts
-from grain_jax.evaluators.common import fixed_size_batches, round_up
+from grain_jax.data import tokenizer, transforms
+from grain_jax.inference import classifier as classifier_lib
+from grain_jax.inference.batching import fixed_size_batches, round_up
+from grain_jax.inference.classifier import Classifier
 
 BATCH_AXES = ("data", "fsdp")
 
 
 def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """uint8 [H, W, C] (C in 1, 3, 4, or [H, W]) -> float32 [S, S, 3] normalised like training."""
+    """uint8 [H, W, C] (C in 1, 3, 4, or [H, W]) -> float32 [S, S, 3], the pixels training sees
+    (``grain_jax.data.transforms.preprocess``)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype} {image.shape}")
@@ -45,11 +45,7 @@ def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an image [H, W, 1|3|4], got {image.shape}")
     image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-    size = spec.image_size
-    if image.shape[:2] != (size, size):  # squash, aspect ratio not kept (as in training)
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
-    pixels = image.astype(np.float32) / 255.0
-    return (pixels - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return transforms.preprocess(np.ascontiguousarray(image), spec.image_size, spec.mean, spec.std)
 
 
 def preprocess_images(images, spec: ModelSpec) -> np.ndarray:
@@ -69,35 +65,6 @@ def preprocess_images(images, spec: ModelSpec) -> np.ndarray:
 def _l2_normalize(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.float32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-@dataclasses.dataclass
-class Classifier:
-    """Zero-shot class embeddings (reusable across ``classify`` calls).
-
-    Attributes:
-      class_names: [C] names used in the prompts.
-      embeddings: [C, D] mean of the L2-normalised prompt embeddings (re-normalised only
-        if ``renormalize``; the reference does not).
-      descriptor_embeddings: [C, K, D] L2-normalised raw descriptors (zero padded), for
-        region scoring; None without descriptors.
-      descriptor_mask: [C, K] bool, True for real descriptors.
-    """
-    class_names: list[str]
-    embeddings: np.ndarray
-    descriptor_embeddings: np.ndarray | None = None
-    descriptor_mask: np.ndarray | None = None
-
-
-def _region_scores(regions: jax.Array, desc: jax.Array, desc_mask: jax.Array) -> jax.Array:
-    """our_eval.py's region score: mean over queries of max over a class's descriptors.
-
-    regions [B, Q, D], desc [C, K, D] (both normalised), desc_mask [C, K] -> [B, C]; a class
-    without descriptors scores 0.
-    """
-    sims = jnp.einsum("bqd,ckd->bqck", regions, desc)
-    sims = jnp.where(desc_mask[None, None], sims, -jnp.inf).max(-1).mean(1)
-    return jnp.where(desc_mask.any(-1)[None], sims, 0.0)
 
 
 @functools.lru_cache(maxsize=32)
@@ -120,7 +87,7 @@ def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple):
         global_scores = image_out["image_embedding"] @ class_embeddings.T
         if desc is None or "region_embeddings" not in image_out:
             return global_scores, None
-        return global_scores, _region_scores(image_out["region_embeddings"], desc, desc_mask)
+        return global_scores, classifier_lib.region_scores(image_out["region_embeddings"], desc, desc_mask)
 
     return jax.jit(encode_image), jax.jit(encode_text), jax.jit(scores)
 
@@ -200,7 +167,6 @@ class InferenceModel:
     # ----------------------------------------------------------------- texts
     def tokenize(self, texts: Sequence[str]) -> np.ndarray:
         """CLIP BPE ids [N, spec.caption_length] (over-long texts are truncated, EOT kept)."""
-        from grain_jax.data import tokenizer
         if isinstance(texts, str):
             raise TypeError("encode_texts expects a list of strings, got a single str")
         return tokenizer.tokenize(list(texts), context_length=self.spec.caption_length)
@@ -228,51 +194,11 @@ class InferenceModel:
         Args:
           class_names: [C] names, in label order.
           descriptors: optional ``{class_name: [descriptor, ...]}`` (keys = class_names).
-          templates: a template-set name (see ``evaluators.prompts``) or a list.
+          templates: a template-set name (see ``inference.prompts``) or a list.
           dataset: picks the set when ``templates="per_dataset"``.
         """
-        class_names = list(class_names)
-        templates = prompts.get_templates(templates, dataset)
-        if descriptors is not None:
-            missing = [c for c in class_names if c not in descriptors]
-            if missing:
-                raise ValueError(f"descriptors lack classes {missing[:20]}")
-        per_class = [descriptors_lib.class_prompts(c, descriptors[c] if descriptors else None, templates)
-                     for c in class_names]
-        embeddings = self._mean_embeddings(per_class, chunk_prompts)
-        if renormalize:
-            embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
-        clf = Classifier(class_names, embeddings)
-        if descriptors is not None:
-            raw = [list(descriptors[c]) for c in class_names]
-            k = max(1, max(len(r) for r in raw))
-            flat = self.encode_texts([d for r in raw for d in r])
-            clf.descriptor_embeddings = np.zeros((len(raw), k, flat.shape[-1]), np.float32)
-            clf.descriptor_mask = np.zeros((len(raw), k), bool)
-            offset = 0
-            for c, r in enumerate(raw):
-                clf.descriptor_embeddings[c, :len(r)] = flat[offset:offset + len(r)]
-                clf.descriptor_mask[c, :len(r)] = True
-                offset += len(r)
-        return clf
-
-    def _mean_embeddings(self, per_class: list[list[str]], chunk_prompts: int) -> np.ndarray:
-        """Mean of the normalised embeddings of each class's prompts, encoding a few
-        thousand prompts at a time (ImageNet x ref46 x descriptors is ~300k prompts)."""
-        sums, start = None, 0
-        while start < len(per_class):
-            stop, count = start, 0
-            while stop < len(per_class) and (count == 0 or count + len(per_class[stop]) <= chunk_prompts):
-                count += len(per_class[stop])
-                stop += 1
-            flat = self.encode_texts([p for ps in per_class[start:stop] for p in ps])
-            if sums is None:
-                sums = np.zeros((len(per_class), flat.shape[-1]), np.float64)
-            owner = np.repeat(np.arange(start, stop), [len(ps) for ps in per_class[start:stop]])
-            np.add.at(sums, owner, flat)
-            start = stop
-        counts = np.asarray([len(ps) for ps in per_class], np.float64)[:, None]
-        return (sums / counts).astype(np.float32)
+        return classifier_lib.build(self.encode_texts, class_names, descriptors, templates, dataset=dataset,
+                                    renormalize=renormalize, chunk_prompts=chunk_prompts)
 
     def score_parts(self, images, classifier: Classifier) -> tuple[np.ndarray, np.ndarray | None]:
         """(global scores [N, C] = image embedding . class embedding, region scores [N, C]

@@ -12,11 +12,7 @@ wd 0.1), lr 1e-6 -> 1e-3 over 1 warmup epoch, cosine to 1e-5.
 Arguments: ``variant`` (S/16, B/16, L/14), ``runlocal`` (tiny batch and steps on the embedded
 synthetic data, the real model: a smoke test that runs anywhere).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `configs` from any cwd
-from configs import common  # noqa: E402
+from grain_jax.configs import common
 
 VARIANTS = {"S/16": "vit-s16", "B/16": "vit-b16", "L/14": "vit-l14"}
 

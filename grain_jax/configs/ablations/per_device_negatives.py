@@ -7,11 +7,7 @@ batch reproduce that on any topology. The default configs use the global batch i
 
 Arguments: ``groups`` (default 16), ``dataset`` (cc12m|cc3m), ``variant``, ``runlocal``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from grain_jax.configs.ablations import _base
 
 
 def get_config(arg=None):

@@ -10,11 +10,7 @@ benchmark's seen and *novel* concepts) takes about 5 minutes on 2 CPU cores.
 
 Arguments: ``model`` (grain|clip), ``runlocal``, ``evals`` (false: train only).
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configs import common  # noqa: E402
+from grain_jax.configs import common
 
 MODELS = {"grain": "grain-tiny", "clip": "clip-tiny"}
 

@@ -4,11 +4,7 @@ r"""GRAIN without the region-description loss ("no_word"): captions + boxes only
 
 Arguments: ``dataset`` (cc12m|cc3m), ``variant``, ``runlocal``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from grain_jax.configs.ablations import _base
 
 
 def get_config(arg=None):

@@ -4,11 +4,7 @@ r"""Number of region queries (the paper uses 5, plus the global query).
 
 Arguments: ``n`` (documented: 1, 3, 5, 10), ``dataset`` (cc12m|cc3m), ``variant``, ``runlocal``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from grain_jax.configs.ablations import _base
 
 
 def get_config(arg=None):

@@ -4,11 +4,7 @@ r"""The reference code's box-loss factor 1.5 (``/(len(weight_dict)/3)`` in its b
 
 Arguments: ``factor`` (default 1.5), ``dataset`` (cc12m|cc3m), ``variant``, ``runlocal``.
 """
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _base  # noqa: E402
+from grain_jax.configs.ablations import _base
 
 
 def get_config(arg=None):

@@ -1,0 +1,118 @@
+"""grain-jax-prepare: turn annotated image-text data into prepared grain_jax records.
+
+Usage:
+  grain-jax-prepare reference --captions captions_pooled.csv --mllm_captions captions.json \\
+      --boxes boxes.json --images_root DIR --output_dir OUT [--resolution 224] [--max_boxes 5]
+  grain-jax-prepare webdataset --shards 'DIR/{00000..00099}.tar' [--annotations side.json] --output_dir OUT
+  grain-jax-prepare synthetic --output_dir OUT [--num_train N] [--resolution 64]
+
+See ``grain_jax.data.prepare`` for what is written and how bad records are reported.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+from absl import flags
+
+from grain_jax.data import records, synthetic
+from grain_jax.data.prepare import sources
+from grain_jax.data.prepare.writer import prepare_dataset
+
+
+COMMANDS = ("reference", "webdataset", "synthetic")
+
+
+def _define_flags():
+    """The CLI flags, on their own FlagValues so importing this module defines no global flag."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("output_dir", None, "Where the prepared dataset is written.", flag_values=fv)
+    flags.DEFINE_integer("resolution", 224, "Square image side (synthetic: 64 unless given).", flag_values=fv)
+    flags.DEFINE_integer("max_boxes", 5, "Regions kept per image (top by score).", flag_values=fv)
+    flags.DEFINE_integer("context_length", 77, "Tokens per caption / description.", flag_values=fv)
+    flags.DEFINE_integer("num_workers", os.cpu_count(), "Worker processes (0/1: in this process).",
+                         flag_values=fv)
+    flags.DEFINE_float("validation_fraction", 0.01, "Fraction of ids (by hash) put in 'validation'.",
+                       flag_values=fv)
+    flags.DEFINE_integer("examples_per_shard", 1000, "Input examples per output shard.", flag_values=fv)
+    flags.DEFINE_integer("jpeg_quality", 95, "JPEG quality of the stored images.", flag_values=fv)
+    flags.DEFINE_float("box_canvas", sources.REFERENCE_BOX_CANVAS, "Pixel side of the canvas the input boxes are on.",
+                       flag_values=fv)
+    flags.DEFINE_string("captions", None, "reference: captions_pooled.csv (image_path, caption).",
+                        flag_values=fv)
+    flags.DEFINE_string("mllm_captions", None, "reference: JSON {image_path: MLLM caption}.", flag_values=fv)
+    flags.DEFINE_string("boxes", None, "reference: JSON {image_path: [{description, bbox, score}]}.",
+                        flag_values=fv)
+    flags.DEFINE_string("images_root", None, "reference: directory the CSV image paths are relative to.",
+                        flag_values=fv)
+    flags.DEFINE_string("shards", None, "webdataset: tar files, brace pattern like 'DIR/{00000..00099}.tar'.",
+                        flag_values=fv)
+    flags.DEFINE_string("annotations", None, "webdataset: side JSON {sample key: regions or annotation}.",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_train", None, "synthetic: training images (default: the generator's).",
+                         flag_values=fv)
+    return fv
+
+
+_REQUIRED_FLAGS = {"reference": ("output_dir", "captions", "images_root"), "webdataset": ("output_dir", "shards"),
+                   "synthetic": ("output_dir",)}
+_SOURCE_FLAGS = {"reference": {"captions", "mllm_captions", "boxes", "images_root"},
+                 "webdataset": {"shards", "annotations"}, "synthetic": {"num_train"}}
+# Flags a command would silently ignore: the other commands' inputs, and for synthetic the
+# settings its generator fixes itself.
+_IGNORED_FLAGS = {
+    command: set().union(*(f for other, f in _SOURCE_FLAGS.items() if other != command))
+    | ({"context_length", "jpeg_quality", "examples_per_shard", "validation_fraction", "box_canvas"}
+       if command == "synthetic" else set())
+    for command in COMMANDS}
+
+
+def main(argv: Sequence[str]) -> dict:
+    """Parses `argv` (program name first) and runs one command; returns the prepare summary."""
+    fv = _define_flags()
+    usage = f"{__doc__}\nFlags:\n{fv.get_help()}"
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        print(usage)
+        raise SystemExit(0)
+    try:
+        rest = fv(list(argv))
+    except flags.Error as e:
+        raise SystemExit(f"grain-jax-prepare: {e}\n\n{usage}") from None
+    if len(rest) != 2 or rest[1] not in COMMANDS:
+        raise SystemExit(f"grain-jax-prepare: give exactly one command of {COMMANDS}, got {rest[1:]}\n\n{usage}")
+    command = rest[1]
+    missing = [f"--{name}" for name in _REQUIRED_FLAGS[command] if not fv[name].value]
+    if missing:
+        raise SystemExit(f"grain-jax-prepare {command}: missing {', '.join(missing)}")
+    foreign = [f"--{name}" for name in sorted(_IGNORED_FLAGS[command]) if fv[name].present]
+    if foreign:
+        raise SystemExit(f"grain-jax-prepare {command}: {', '.join(foreign)} do not apply to this command")
+    if command == "synthetic":
+        sizes = {"resolution": fv.resolution if fv["resolution"].present else 64}
+        if fv.num_train is not None:
+            sizes["num_train"] = fv.num_train
+        synthetic.ensure_synthetic(fv.output_dir, max_boxes=fv.max_boxes, num_workers=fv.num_workers, **sizes)
+        return records.read_info(fv.output_dir)
+    common = dict(max_boxes=fv.max_boxes, context_length=fv.context_length, num_workers=fv.num_workers,
+                  examples_per_shard=fv.examples_per_shard, jpeg_quality=fv.jpeg_quality)
+    if command == "reference":
+        raw_splits = sources.reference_raw_splits(fv.captions, fv.images_root, fv.mllm_captions, fv.boxes,
+                                          fv.box_canvas, fv.validation_fraction)
+        inputs = {"captions": fv.captions, "mllm_captions": fv.mllm_captions, "boxes": fv.boxes,
+                  "images_root": fv.images_root}
+    else:
+        raw_splits = sources.webdataset_raw_splits(fv.shards, fv.annotations, fv.box_canvas, fv.validation_fraction)
+        inputs = {"shards": fv.shards, "annotations": fv.annotations}
+    return prepare_dataset(raw_splits, fv.output_dir, resolution=fv.resolution, source=command,
+                           extra_info={"inputs": inputs, "validation_fraction": fv.validation_fraction}, **common)
+
+
+def run() -> None:
+    """Console script `grain-jax-prepare`."""
+    flags.FLAGS.mark_as_parsed()  # libraries (grain) read global absl flags; ours live on their own FlagValues
+    main(sys.argv)
+
+
+if __name__ == "__main__":
+    run()

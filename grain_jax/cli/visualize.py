@@ -1,0 +1,57 @@
+"""grain-jax-visualize: draw GRAIN's predicted boxes with their best-matching descriptions.
+
+    grain-jax-visualize --checkpoint workdir --images img1.jpg,img2.jpg \
+        --descriptions "a red ball;a blue cube;a striped tail" --output grounding.png
+
+See ``grain_jax.visualize`` for the drawing.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from grain_jax import inference
+from grain_jax.cli import parse_argv
+from grain_jax.visualize import draw_grounding, image_paths, read_descriptions
+
+
+def define_flags() -> flags.FlagValues:
+    """The binary's flags, in their own FlagValues (importing this module defines none)."""
+    fv = flags.FlagValues()
+    flags.DEFINE_string("checkpoint", None, "Checkpoint dir or random:<model name> (a GRAIN model).", flag_values=fv)
+    flags.DEFINE_string("images", None, "Comma list of image files, globs or directories.", flag_values=fv)
+    flags.DEFINE_string("descriptions", None, "';'-separated descriptions, or @file with one per line.",
+                        flag_values=fv)
+    flags.DEFINE_string("output", "grounding.png", "Output PNG.", flag_values=fv)
+    flags.DEFINE_integer("max_boxes", 5, "Boxes per image (best-matching first).", flag_values=fv)
+    flags.DEFINE_integer("columns", 4, "Grid columns.", flag_values=fv)
+    return fv
+
+
+def main(argv: Sequence[str]) -> None:
+    """Runs the binary on ``argv`` (program name first)."""
+    fv = parse_argv(define_flags(), argv)
+    for name in ("checkpoint", "images", "descriptions"):
+        if not fv[name].value:
+            sys.exit(f"--{name} is required")
+    model = inference.load(fv.checkpoint)
+    images = []
+    for path in image_paths(fv.images):
+        with Image.open(path) as im:
+            images.append(np.asarray(im.convert("RGB")))
+    draw_grounding(model, images, read_descriptions(fv.descriptions), max_boxes=fv.max_boxes,
+                   columns=fv.columns, output=fv.output)
+    print(f"wrote {fv.output}")
+
+
+def run() -> None:
+    """Console-script entry point (``grain-jax-visualize``)."""
+    main(sys.argv)
+
+
+if __name__ == "__main__":
+    run()
