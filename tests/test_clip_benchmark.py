@@ -11,6 +11,7 @@ from PIL import Image
 from test_convert_torch_reference import build_reference
 
 from grain_jax import inference
+from grain_jax.cli import clip_benchmark as clip_benchmark_cli
 from grain_jax.convert import reference
 from grain_jax.integrations import clip_benchmark as plugin
 from grain_jax.models import create_model
@@ -60,9 +61,9 @@ def random_checkpoint(tmp_path_factory):
 
 def _eval(tmp_path, checkpoint, dataset_root, task, *extra):
     output = tmp_path / f"{task}.json"
-    plugin.run(["eval", "--dataset", "wds/tiny", "--dataset_root", str(dataset_root), "--pretrained", checkpoint,
-                "--model", "grain", "--task", task, "--output", str(output), "--num_workers", "0",
-                "--batch_size", "4", "--no_amp", "--quiet", *extra])
+    clip_benchmark_cli.run(["eval", "--dataset", "wds/tiny", "--dataset_root", str(dataset_root),
+                            "--pretrained", checkpoint, "--model", "grain", "--task", task, "--output", str(output),
+                            "--num_workers", "0", "--batch_size", "4", "--no_amp", "--quiet", *extra])
     return json.loads(output.read_text())["metrics"]
 
 

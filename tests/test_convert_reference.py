@@ -10,7 +10,7 @@ from test_convert_torch_reference import build_reference
 from grain_jax import checkpoints, inference
 from grain_jax.cli import convert as convert_cli
 from grain_jax.convert import common, reference
-from grain_jax.data import tokenizer
+from grain_jax.data import tokenizer, transforms
 from grain_jax.models import create_model
 
 MODEL = "grain-tiny"
@@ -75,7 +75,7 @@ def test_outputs_match_reference_modules(reference_checkpoint, converted):
 def test_spec_and_num_queries(converted):
     spec = checkpoints.read_model_spec(converted)
     assert spec.model_name == MODEL and spec.model_overrides == {"num_queries": 5}
-    assert tuple(spec.mean) == checkpoints.IMAGENET_MEAN and spec.image_size == 64
+    assert tuple(spec.mean) == transforms.IMAGENET_MEAN and spec.image_size == 64
 
 
 def test_safetensors_input_gives_same_params(reference_checkpoint, converted, tmp_path):
