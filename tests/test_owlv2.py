@@ -5,31 +5,14 @@ import os
 import jax
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from grain_jax import sharding  # noqa: E402
-from grain_jax.annotate import detect  # noqa: E402
-from grain_jax.convert import common, owlv2 as convert_owlv2  # noqa: E402
-from grain_jax.models import owlv2  # noqa: E402
-
-TINY = dict(
-    text_config=dict(hidden_size=32, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2,
-                     vocab_size=49408, max_position_embeddings=16),
-    vision_config=dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
-                       image_size=32, patch_size=8),
-    projection_dim=32)
-
-
-def save_tiny_owlv2(directory: str, seed: int = 0) -> str:
-    """A randomly initialised tiny transformers OWLv2 saved as a model directory (safetensors)."""
-    torch.manual_seed(seed)
-    model = transformers.Owlv2ForObjectDetection(transformers.Owlv2Config(**TINY)).eval()
-    with torch.no_grad():  # logits far from 0 so thresholds and argmaxes are not ties
-        model.class_head.logit_shift.bias.fill_(0.5)
-    model.save_pretrained(directory)
-    return directory
+from grain_jax import sharding
+from grain_jax.annotate import detect
+from grain_jax.convert import common, owlv2 as convert_owlv2
+from grain_jax.models import owlv2
+from owlv2_fakes import save_tiny_owlv2
 
 
 @pytest.fixture(scope="module")
