@@ -2,7 +2,7 @@
 
 Behaviour is scripted per image (sha1 of the image bytes in the request's last data URL): a list of actions
 taken on successive requests for that image, then "ok". Actions: "ok", "429", "500", "timeout" (answers after
-``timeout_s``), "malformed" (not JSON), "empty", "refuse", "paragraph" (an answer that is not a list).
+``timeout_s``), "malformed" (not JSON), "empty", "refuse", "paragraph" (an answer that is not a list), "long" (a list with one description over 16 tokens).
 """
 import base64
 import hashlib
@@ -73,7 +73,8 @@ class FakeServer:
                 if action == "malformed":
                     return self._send(200, b'{"choices": [{"mess')
                 answer = {"empty": "", "refuse": "I'm sorry, I can't help with that.",
-                          "paragraph": "This image shows a dog on a beach."}.get(
+                          "paragraph": "This image shows a dog on a beach.",
+                          "long": "- " + "very " * 20 + "long thing\n- a short thing\n"}.get(
                               action, canned(key, text.startswith("List")))
                 usage = {"prompt_tokens": 1000 + len(url) // 1000, "completion_tokens": len(answer.split())}
                 return self._send(200, {"id": "x", "object": "chat.completion", "choices": [

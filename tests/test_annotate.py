@@ -155,15 +155,16 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
         csv.writer(f).writerow(["corrupt.png", "a broken file"])
     detector = save_tiny_owlv2(str(tmp_path / "owlv2"))
     out = tmp_path / "annotated"
-    long_desc = [image_key(open(os.path.join(root, "images", "train-000003.png"), "rb").read())]
-    with FakeServer({long_desc[0]: ["paragraph"]}) as server:
+    names = sorted(os.listdir(os.path.join(root, "images")))
+    key = {name: image_key(open(os.path.join(root, "images", name), "rb").read()) for name in names}
+    with FakeServer({key[names[3]]: ["paragraph"], key[names[4]]: ["long"]}) as server:
         summary = cli.main(_annotate_command(root, out, server.url, "--detector", detector, "--threshold", "0.35",
                                              "--squash_size", "16")[3:])
     report = [json.loads(line) for line in open(out / "annotate_report.jsonl")]
     kinds = {(r["id"], r["stage"], r["kind"]) for r in report}
     assert ("corrupt.png", "describe", "unreadable_image") in kinds and ("corrupt.png", "caption",
                                                                          "unreadable_image") in kinds
-    assert ("train-000003.png", "describe", "not_a_list") in kinds
+    assert (names[3], "describe", "not_a_list") in kinds and (names[4], "detect", "description_truncated") in kinds
     assert summary["images"] == 11 and summary["images_with_descriptions"] == 9
     assert summary["threshold"] == 0.35 and sum(summary["boxes_per_image_histogram"].values()) == 9
     boxes = json.loads((out / "bboxes_cc12m_pooled.json").read_text())
@@ -180,7 +181,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
                     "--output_dir", str(prepared), "--resolution", "32", "--validation_fraction", "0",
                     "--num_workers", "1"], env=_train_utils.subprocess_env(), check=True, capture_output=True)
     info = json.loads((prepared / "grain_jax_info.json").read_text())
-    assert info["counts"]["train"] == 10, info
+    assert info["splits"]["train"]["num_examples"] == 10, info
     config = _train_utils.runlocal_config(str(tmp_path / "cache"))
     config.data.dir = str(prepared)
     trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
