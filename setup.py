@@ -23,6 +23,9 @@ CORE = [
 TEST = ["pytest>=8", "pytest-xdist>=3", "scipy>=1.12", "portpicker>=1.6"]
 # Checkpoint import (grain-jax-convert): PyTorch stays out of the default install.
 CONVERT = ["torch>=2.4", "torchvision", "open_clip_torch>=3.3,<4", "timm>=1.0.31,<2", "safetensors>=0.8"]
+# grain-jax-annotate: the MLLM client (httpx) and the OWLv2 checkpoint reader (safetensors); transformers (pinned:
+# the parity tests check the Flax OWLv2 against this version) only for the PyTorch detector path and the tests.
+ANNOTATE = ["httpx>=0.28,<1", "safetensors>=0.8", "transformers==5.18.0"]
 # CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
 BENCHMARK = ["clip_benchmark==1.6.2"]
 
@@ -31,10 +34,10 @@ setuptools.setup(
     version="0.1.0",
     description="GRAIN: grounding descriptions in images, a JAX/Flax TPU-first implementation",
     packages=setuptools.find_packages(include=["grain_jax", "grain_jax.*"]),
-    package_data={"grain_jax.data": ["*.txt.gz"]},
+    package_data={"grain_jax.data": ["*.txt.gz"], "grain_jax.annotate": ["prompts/*.json"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK},
+    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK, "annotate": ANNOTATE},
     entry_points={
         "console_scripts": [
             "grain-jax-train=grain_jax.cli.train:run",
@@ -43,6 +46,7 @@ setuptools.setup(
             "grain-jax-visualize=grain_jax.cli.visualize:run",
             "grain-jax-convert=grain_jax.cli.convert:run",
             "grain-jax-clip-benchmark=grain_jax.cli.clip_benchmark:run",
+            "grain-jax-annotate=grain_jax.annotate.cli:run",
         ]
     },
 )

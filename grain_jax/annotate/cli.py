@@ -29,6 +29,8 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--captions", help="CSV of image_path,caption rows (the reference's captions_pooled.csv)")
     src.add_argument("--shards", help="webdataset tars, e.g. 'data/{00000..00099}.tar' (uncompressed)")
     p.add_argument("--output", required=True, help="output folder (also holds the resumable work files)")
+    p.add_argument("--part", default="0/1", help="I/N: annotate only every N-th image from the I-th (one part per "
+                                                 "host or job, each with its own --output)")
 
     m = p.add_argument_group("MLLM (OpenAI-compatible chat API)")
     m.add_argument("--api_base", default="http://localhost:8000/v1", help="server URL up to /v1")
@@ -112,6 +114,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     else:
         from grain_jax.data.prepare import expand_braces
         items = pipeline.webdataset_items(expand_braces(args.shards), problems)
+    part, _, parts = args.part.partition("/")
+    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
+        raise SystemExit(f"grain-jax-annotate: --part must be I/N with 0 <= I < N, got {args.part!r}")
+    items = items[int(part)::int(parts)]
     if not items:
         raise SystemExit(f"grain-jax-annotate: no images found in {args.images or args.shards}")
 
