@@ -9,6 +9,7 @@ device) after one warm-up call that compiles; 10 queries of 16 tokens per image.
 import argparse
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,11 +33,13 @@ def main():
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     config = SHAPES[args.shape]
-    params = jax.jit(OwlV2(config).init)(jax.random.key(0), jnp.zeros((1, config.image_size, config.image_size, 3)),
-                                         jnp.zeros((1, 1, config.text_length), jnp.int32))["params"]
-    params = jax.tree.map(np.asarray, params)
-    detector = detect.JaxDetector(config, params, batch_size=args.batch, dtype=jnp.dtype(args.dtype))
+    # Random weights of the right shapes; init itself would run (and compile) a full forward pass.
+    shapes = jax.eval_shape(OwlV2(config).init, jax.random.key(0),
+                            jnp.zeros((1, config.image_size, config.image_size, 3)),
+                            jnp.zeros((1, 1, config.text_length), jnp.int32))["params"]
     rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: rng.normal(0, 0.02, x.shape).astype(np.float32), nn.unbox(shapes))
+    detector = detect.JaxDetector(config, params, batch_size=args.batch, dtype=jnp.dtype(args.dtype))
     images = rng.integers(0, 256, (detector.batch_size, 224, 224, 3), dtype=np.uint8)
     queries = detect.make_queries(["a red wing", "the beak", "a long tail"], 10)
     tokens = np.stack([detect.tokenize_queries(queries, config.text_length)[0]] * detector.batch_size)

@@ -186,3 +186,28 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
     config.data.dir = str(prepared)
     trainer.train_and_evaluate(config, str(tmp_path / "workdir"))
     assert os.path.isdir(tmp_path / "workdir" / "checkpoints")
+
+
+def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
+    import tarfile
+
+    from grain_jax.data import prepare
+
+    shard = tmp_path / "00000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in [("a.png", _png(1)), ("a.txt", b"first"), ("b.png", _png(2)), ("b.txt", b"second"),
+                           ("c.txt", b"no image")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with FakeServer() as server:
+        summary = cli.main(["--shards", str(shard), "--output", str(tmp_path / "out"), "--api_base", server.url,
+                            "--model", MODEL, "--skip_detect", "--no_progress"])
+    assert summary["images"] == 2 and summary["problems"] == {"missing_image": 1}
+    annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
+    assert annotations["a"] == {"regions": [], "mllm_caption": canned(image_key(_png(1)), False), "canvas": 960.0}
+    examples = list(prepare.webdataset_raw_splits(str(shard), str(tmp_path / "out" / "annotations.json"),
+                                                  validation_fraction=0)["train"])
+    assert [(e["id"], e["caption"], e["mllm_caption"]) for e in examples] == [
+        ("a", b"first", annotations["a"]["mllm_caption"]), ("b", b"second", annotations["b"]["mllm_caption"]),
+        ("c", b"no image", None)]
