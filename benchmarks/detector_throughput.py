@@ -2,11 +2,13 @@
 
     python benchmarks/detector_throughput.py --shape tiny --batch 8 --steps 5
     python benchmarks/detector_throughput.py --shape b16 --batch 1 --steps 2   # OWLv2 B/16 at 960 px
+    python benchmarks/detector_throughput.py --shape b16 --image_size 480 --batch 1 --steps 2
 
 Times ``JaxDetector.raw`` (resize 224 -> input size, the network, per-patch best query, on every local
 device) after one warm-up call that compiles; 10 queries of 16 tokens per image.
 """
 import argparse
+import dataclasses
 import time
 
 import flax.linen as nn
@@ -31,8 +33,11 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--image_size", type=int, default=0, help="override the input size (0: the shape's)")
     args = parser.parse_args()
     config = SHAPES[args.shape]
+    if args.image_size:
+        config = dataclasses.replace(config, image_size=args.image_size)
     # Random weights of the right shapes; init itself would run (and compile) a full forward pass.
     shapes = jax.eval_shape(OwlV2(config).init, jax.random.key(0),
                             jnp.zeros((1, config.image_size, config.image_size, 3)),
@@ -50,7 +55,7 @@ def main():
     for _ in range(args.steps):
         detector.raw(images, tokens)
     seconds = (time.perf_counter() - start) / args.steps
-    print(f"shape={args.shape} devices={len(jax.local_devices())} ({jax.local_devices()[0].platform}) "
+    print(f"shape={args.shape} image_size={config.image_size} devices={len(jax.local_devices())} ({jax.local_devices()[0].platform}) "
           f"batch={detector.batch_size} dtype={args.dtype}: first call {compile_s:.1f} s, "
           f"{seconds:.3f} s/batch, {detector.batch_size / seconds:.2f} images/s")
 
