@@ -46,7 +46,7 @@ setuptools.setup(
             "grain-jax-visualize=grain_jax.cli.visualize:run",
             "grain-jax-convert=grain_jax.cli.convert:run",
             "grain-jax-clip-benchmark=grain_jax.cli.clip_benchmark:run",
-            "grain-jax-annotate=grain_jax.annotate.cli:run",
+            "grain-jax-annotate=grain_jax.cli.annotate:run",
         ]
     },
 )

@@ -14,7 +14,8 @@ from PIL import Image
 
 import _train_utils
 from fake_openai import MODEL, FakeServer, canned, image_key
-from grain_jax.annotate import cli, mllm
+from grain_jax.annotate import mllm
+from grain_jax.cli import annotate as cli
 from grain_jax.data import synthetic
 
 
@@ -108,7 +109,7 @@ def _image_folder(root, count: int) -> str:
 
 
 def _annotate_command(root, out, url, *extra):
-    return [sys.executable, "-m", "grain_jax.annotate.cli", "--images", f"{root}/images", "--captions",
+    return [sys.executable, "-m", "grain_jax.cli.annotate", "--images", f"{root}/images", "--captions",
             f"{root}/captions.csv", "--output", str(out), "--api_base", url, "--model", MODEL, "--concurrency", "2",
             "--backoff", "0.01", "--shard_size", "5", "--no_progress", *extra]
 
@@ -175,7 +176,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
             assert r["score"] > 0.35 and len(r["bbox"]) == 4 and r["description"] != "<pad>"
 
     prepared = tmp_path / "prepared"
-    subprocess.run([sys.executable, "-m", "grain_jax.data.prepare", "reference", "--captions",
+    subprocess.run([sys.executable, "-m", "grain_jax.cli.prepare", "reference", "--captions",
                     str(out / "captions_pooled.csv"), "--mllm_captions", str(out / "captions_cc12m_pooled.json"),
                     "--boxes", str(out / "bboxes_cc12m_pooled.json"), "--images_root", f"{root}/images",
                     "--output_dir", str(prepared), "--resolution", "32", "--validation_fraction", "0",
@@ -191,7 +192,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
 def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
     import tarfile
 
-    from grain_jax.data import prepare
+    from grain_jax.data.prepare import sources as prepare
 
     shard = tmp_path / "00000.tar"
     with tarfile.open(shard, "w") as tar:

@@ -11,7 +11,7 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 LAYERS = [
     {"cli", "configs"},
     {"train", "visualize"},
-    {"evaluators", "integrations"},
+    {"evaluators", "integrations", "annotate"},
     {"inference"},
     {"convert"},
     {"checkpoints"},

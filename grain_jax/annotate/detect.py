@@ -97,7 +97,7 @@ class JaxDetector:
         from jax.sharding import NamedSharding, PartitionSpec as P
 
         from grain_jax import sharding
-        from grain_jax.evaluators.common import round_up
+        from grain_jax.inference.batching import round_up
         from grain_jax.models.owlv2 import OwlV2
 
         self.config, self.protocol, self.text_length = config, protocol, config.text_length
@@ -122,7 +122,7 @@ class JaxDetector:
         xyxy boxes [N, P, 4]) as numpy, in fixed-size sharded batches."""
         import jax
 
-        from grain_jax.evaluators.common import fixed_size_batches
+        from grain_jax.inference.batching import fixed_size_batches
 
         parts = []
         for (image_chunk, n), (token_chunk, _) in zip(fixed_size_batches(images, self.batch_size),

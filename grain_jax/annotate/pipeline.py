@@ -87,7 +87,7 @@ def _member_loader(shard: str, offset: int, size: int) -> Callable[[], bytes]:
 
 def webdataset_items(shards: Sequence[str], problems: list[dict]) -> list[Item]:
     """Items of uncompressed webdataset tars; the image bytes are read on demand by offset."""
-    from grain_jax.data.prepare import _sample_key, _unsafe_member
+    from grain_jax.data.prepare.sources import sample_key, unsafe_member
 
     items = []
     for shard in shards:
@@ -95,11 +95,11 @@ def webdataset_items(shards: Sequence[str], problems: list[dict]) -> list[Item]:
         try:
             with tarfile.open(shard, "r:") as tar:
                 for member in tar:
-                    if (why := _unsafe_member(member)) is not None:
+                    if (why := unsafe_member(member)) is not None:
                         problems.append({"id": f"{shard}:{member.name}", "stage": "input",
                                          "kind": "unsafe_tar_member", "detail": why})
                         continue
-                    key, extension = _sample_key(member.name)
+                    key, extension = sample_key(member.name)
                     sample = samples.setdefault(key, {})
                     if extension in WEBDATASET_IMAGES and "image" not in sample:
                         sample["image"] = _member_loader(shard, member.offset_data, member.size)

@@ -115,7 +115,7 @@ def expand_braces(pattern: str) -> list[str]:
     return [expanded for option in options for expanded in expand_braces(head + option + tail)]
 
 
-def _unsafe_member(member: tarfile.TarInfo) -> str | None:
+def unsafe_member(member: tarfile.TarInfo) -> str | None:
     """Why a tar member must not be read, or None."""
     name = member.name
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or ".." in re.split(r"[/\\]", name):
@@ -153,7 +153,7 @@ class WebDatasetSource:
         for shard in self.shards:
             try:
                 with tarfile.open(shard, "r:*") as tar:
-                    keys = {_sample_key(m.name)[0] if _unsafe_member(m) is None
+                    keys = {sample_key(m.name)[0] if unsafe_member(m) is None
                             else f"{os.path.basename(shard)}:{m.name}" for m in tar}
             except (OSError, tarfile.TarError):
                 keys = {shard}
@@ -177,10 +177,10 @@ class WebDatasetSource:
         try:
             with tarfile.open(shard, "r:*") as tar:
                 for member in tar:
-                    if (why := _unsafe_member(member)) is not None:
+                    if (why := unsafe_member(member)) is not None:
                         yield from self._error(f"{os.path.basename(shard)}:{member.name}", "unsafe_tar_member", why)
                         continue
-                    member_key, extension = _sample_key(member.name)
+                    member_key, extension = sample_key(member.name)
                     if member_key != key:  # webdataset: a sample's files are consecutive
                         if files is not None:
                             yield self._example(key, files)
@@ -213,7 +213,7 @@ class WebDatasetSource:
                 "regions": normalise_regions(annotation.get("regions"), canvas)}
 
 
-def _sample_key(name: str) -> tuple[str, str]:
+def sample_key(name: str) -> tuple[str, str]:
     """webdataset's split of a member name: key = path up to the first dot of the base name."""
     directory, base = posixpath.split(name)
     stem, _, extension = base.partition(".")

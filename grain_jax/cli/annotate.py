@@ -112,7 +112,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     if args.images:
         items = pipeline.folder_items(args.images, args.captions, problems)
     else:
-        from grain_jax.data.prepare import expand_braces
+        from grain_jax.data.prepare.sources import expand_braces
         items = pipeline.webdataset_items(expand_braces(args.shards), problems)
     part, _, parts = args.part.partition("/")
     if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
