@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from grain_jax import checkpoints
+from grain_jax.train import integrity
 from grain_jax.train.state import TrainState
 
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -44,11 +45,13 @@ class Checkpointer:
         """Starts an async save of ``state`` at ``state.step`` (returns before the write finishes)."""
         step = int(state.step)
         extra = {"step": np.int64(step), "rng": np.asarray(jax.device_get(rng))}
+        digests = integrity.digests(dict(zip(integrity.CHECKED_ITEMS, (state.params, state.opt_state, extra))))
         self.manager.save(step, force=True, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
             extra=ocp.args.StandardSave(extra),
-            data=grain.checkpoint.CheckpointSave(data_iterator)))
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            **{integrity.ITEM: ocp.args.JsonSave(digests)}))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -57,7 +60,8 @@ class Checkpointer:
                 data_iterator: Any) -> tuple[TrainState, np.ndarray] | None:
         """Restores the newest readable checkpoint onto ``shardings`` (any mesh), or None if there is none.
 
-        A step that fails to read (truncated or corrupt files) is moved to
+        A step that fails to read (truncated or corrupt files) or whose arrays differ from
+        their save-time digests (``grain_jax.train.integrity``) is moved to
         ``WORKDIR/corrupt_checkpoints/`` with a warning and the previous one is tried.
         ``data_iterator`` is positioned in place.
 
@@ -67,25 +71,40 @@ class Checkpointer:
         abstract = _abstract(state, shardings)
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
+            checked = os.path.isdir(os.path.join(str(self.manager.directory), str(step), integrity.ITEM))
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
                     params=ocp.args.StandardRestore(abstract.params),
                     opt_state=ocp.args.StandardRestore(abstract.opt_state),
                     extra=ocp.args.StandardRestore(),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator)))
+                    data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    **({integrity.ITEM: ocp.args.JsonRestore()} if checked else {})))
             except Exception as error:  # noqa: BLE001  (any read failure means: unusable step)
-                logging.warning("checkpoint step %d under %s is unreadable (%s: %s); falling back to the previous one",
-                                step, self.manager.directory, type(error).__name__, error)
-                print(f"WARNING: checkpoint step {step} is unreadable ({type(error).__name__}); "
-                      f"moving it to {os.path.join(self.workdir, CORRUPT_DIR)} and trying the previous one", flush=True)
-                self._quarantine(step)
+                self._skip(step, type(error).__name__, error)
                 continue
+            if not checked:
+                print(f"WARNING: checkpoint step {step} has no integrity digests (saved by an older version); "
+                      "restoring it unverified", flush=True)
+            else:
+                try:
+                    integrity.verify(restored[integrity.ITEM],
+                                     {item: restored[item] for item in integrity.CHECKED_ITEMS}, step)
+                except integrity.IntegrityError as error:
+                    self._skip(step, str(error), error)
+                    continue
             restored_state = TrainState(step=jax.device_put(np.int32(restored["extra"]["step"]), shardings.step),
                                         params=restored["params"], opt_state=restored["opt_state"])
             return restored_state, np.asarray(restored["extra"]["rng"])
         if steps:
             raise RuntimeError(f"none of the checkpoints {steps} under {self.manager.directory} could be read")
         return None
+
+    def _skip(self, step: int, reason: str, error: Exception) -> None:
+        logging.warning("checkpoint step %d under %s is unreadable (%s: %s); falling back to the previous one",
+                        step, self.manager.directory, type(error).__name__, error)
+        print(f"WARNING: checkpoint step {step} is unreadable ({reason}); "
+              f"moving it to {os.path.join(self.workdir, CORRUPT_DIR)} and trying the previous one", flush=True)
+        self._quarantine(step)
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:

@@ -1,0 +1,120 @@
+"""Save-time digests: a flipped bit in params / opt_state data is caught on restore and the step is skipped."""
+import os
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from grain_jax import checkpoints, sharding
+from grain_jax.train import checkpointing, integrity
+from grain_jax.train.state import TrainState
+
+
+def _state(mesh, seed):
+    """params {'w' [64,256]} sharded over fsdp (chunks large enough that OCDBT stores them out of its
+    CRC-checked b-tree nodes, as a real model's are), adam moments filled with random values."""
+    tx = optax.adam(1e-3)
+    keys = jax.random.split(jax.random.key(seed), 3)
+    fsdp, repl = NamedSharding(mesh, P("fsdp", None)), NamedSharding(mesh, P())
+    params = {"w": jax.device_put(jax.random.normal(keys[0], (64, 256)), fsdp)}
+    adam = tx.init(params)[0]
+    opt_state = (adam._replace(count=jax.device_put(jnp.int32(3), repl),
+                               mu={"w": jax.device_put(jax.random.normal(keys[1], (64, 256)), fsdp)},
+                               nu={"w": jax.device_put(jax.random.uniform(keys[2], (64, 256)), fsdp)}),
+                 optax.EmptyState())
+    state = TrainState(step=jax.device_put(jnp.int32(0), repl), params=params, opt_state=opt_state)
+    return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def _iterator():
+    return iter(grain.MapDataset.range(100).to_iter_dataset())
+
+
+def _save(workdir, mesh, steps):
+    """Saves a different state at each step; returns {step: state}."""
+    ckpt, it, saved = checkpointing.Checkpointer(workdir, keep=5), _iterator(), {}
+    for step in steps:
+        next(it)
+        state, _ = _state(mesh, seed=step)
+        saved[step] = state.replace(step=jax.device_put(jnp.int32(step), state.step.sharding))
+        ckpt.save(saved[step], jax.random.PRNGKey(step), it)
+    ckpt.wait()
+    ckpt.close()
+    return saved
+
+
+def _flip_one_bit(item_dir):
+    """Flips one bit in the middle of the item's largest array data file."""
+    data_dir = os.path.join(item_dir, "ocdbt.process_0", "d")
+    path = max((os.path.join(data_dir, name) for name in os.listdir(data_dir)), key=os.path.getsize)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0x04
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("item,array", [("params", "params/w"), ("opt_state", "opt_state/0/")])
+def test_flipped_bit_is_detected_and_falls_back(tmp_path, capsys, item, array):
+    mesh = sharding.create_mesh((8, 1, 1))
+    saved = _save(str(tmp_path), mesh, [2, 4])
+    _flip_one_bit(str(tmp_path / checkpoints.CHECKPOINTS / "4" / item))
+
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    fresh, shardings = _state(mesh, seed=0)
+    it = _iterator()
+    state, rng = ckpt.restore(fresh, shardings, it)
+    ckpt.close()
+    out = capsys.readouterr().out
+    assert "WARNING: checkpoint step 4 is unreadable (checkpoint step 4 is corrupt: " + array in out, out
+    assert "differ from the digest recorded at save time" in out
+    assert (tmp_path / checkpointing.CORRUPT_DIR / "4").is_dir()
+    assert int(state.step) == 2
+    for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(saved[2])):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
+    np.testing.assert_array_equal(rng, np.asarray(jax.random.PRNGKey(2)))
+    assert next(it) == 1
+
+
+def test_intact_checkpoint_verifies_on_another_mesh(tmp_path, capsys):
+    saved = _save(str(tmp_path), sharding.create_mesh((8, 1, 1)), [3])
+    fresh, shardings = _state(sharding.create_mesh((2, 2, 2)), seed=0)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    state, _ = ckpt.restore(fresh, shardings, _iterator())
+    ckpt.close()
+    assert "WARNING" not in capsys.readouterr().out
+    for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(saved[3])):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
+
+
+def test_checkpoint_without_digests_restores_unverified(tmp_path, capsys):
+    """Checkpoints written before digests existed stay readable (never moved or ignored)."""
+    saved = _save(str(tmp_path), sharding.create_mesh((8, 1, 1)), [3])
+    shutil.rmtree(tmp_path / checkpoints.CHECKPOINTS / "3" / integrity.ITEM)
+    fresh, shardings = _state(sharding.create_mesh((8, 1, 1)), seed=0)
+    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    state, _ = ckpt.restore(fresh, shardings, _iterator())
+    ckpt.close()
+    assert "checkpoint step 3 has no integrity digests" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(saved[3].params["w"]))
+
+
+def test_digest_sees_every_single_bit_and_element_order():
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    reference = integrity.digests({"a": {"x": x}})["a"]["x"]
+    seen = {reference}
+    for flat in range(x.size):
+        for bit in (0, 13, 31):
+            flipped = x.copy().view(np.uint32)
+            flipped.reshape(-1)[flat] ^= np.uint32(1 << bit)
+            seen.add(integrity.digests({"a": {"x": flipped.view(np.float32)}})["a"]["x"])
+    assert len(seen) == 1 + 3 * x.size
+    swapped = x.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]
+    assert integrity.digests({"a": {"x": swapped}})["a"]["x"] != reference
+    bf16 = integrity.digests({"a": {"x": jnp.asarray(x, jnp.bfloat16), "k": jax.random.key(1)}})["a"]
+    assert set(bf16) == {"x", "k"}
