@@ -1,4 +1,5 @@
-"""Save-time digests: a flipped bit in params / opt_state data is caught on restore and the step is skipped."""
+"""Checkpoint safety: a flipped bit in params / opt_state data is caught on restore (the step is skipped);
+a full disk during a save is one clear error and the last committed step stays resumable."""
 import os
 import shutil
 
@@ -11,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax import checkpoints, sharding
-from grain_jax.train import checkpointing, integrity
+from grain_jax.train import checkpointing, disk_space, integrity
 from grain_jax.train.state import TrainState
 
 
@@ -118,3 +119,70 @@ def test_digest_sees_every_single_bit_and_element_order():
     assert integrity.digests({"a": {"x": swapped}})["a"]["x"] != reference
     bf16 = integrity.digests({"a": {"x": jnp.asarray(x, jnp.bfloat16), "k": jax.random.key(1)}})["a"]
     assert set(bf16) == {"x", "k"}
+
+
+# A full disk during a save: one clear error, the last committed step untouched and resumable.
+
+_DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "w/1.0" in OCDBT database: Failed to write 88620 bytes to file 5: '
+              "No space left on device [os_error_code='28']")
+
+
+def _save_then_fail(workdir, mesh, expect):
+    """Saves step 2, then step 4 (which must fail with DiskFullError); returns (saved step 2, error)."""
+    saved = _save(workdir, mesh, [2])
+    ckpt, it = checkpointing.Checkpointer(workdir, keep=5), _iterator()
+    state, _ = _state(mesh, seed=4)
+    with pytest.raises(disk_space.DiskFullError) as error:
+        ckpt.save(state.replace(step=jax.device_put(jnp.int32(4), state.step.sharding)), jax.random.PRNGKey(4), it)
+        ckpt.wait()
+    ckpt.close()
+    assert expect in str(error.value)
+    return saved[2], str(error.value)
+
+
+def _assert_resumes_from_step_2(workdir, mesh, saved):
+    directory = os.path.join(workdir, checkpoints.CHECKPOINTS)
+    assert sorted(os.listdir(directory)) == ["2"]  # no partial step-4 directory left
+    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    fresh, shardings = _state(mesh, seed=0)
+    state, _ = ckpt.restore(fresh, shardings, _iterator())
+    ckpt.close()
+    for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
+
+
+def test_save_refused_when_free_space_is_known_to_be_too_small(tmp_path, monkeypatch):
+    mesh = sharding.create_mesh((8, 1, 1))
+    usage = shutil.disk_usage(tmp_path)
+    real_usage, calls = shutil.disk_usage, []
+
+    def little_space_after_first_save(path):
+        calls.append(path)
+        if os.path.isdir(os.path.join(tmp_path, checkpoints.CHECKPOINTS, "2")):
+            return usage._replace(free=1000)
+        return real_usage(path)
+
+    monkeypatch.setattr(disk_space.shutil, "disk_usage", little_space_after_first_save)
+    needed = 3 * 64 * 256 * 4 / 2**20  # w, mu, nu in float32
+    saved, message = _save_then_fail(str(tmp_path), mesh, expect=(
+        f"not enough disk space to save checkpoint step 4 under {tmp_path / checkpoints.CHECKPOINTS}: "
+        f"about {needed:.1f} MiB needed, 0.0 MiB free; the last committed checkpoint (step 2) is untouched"))
+    assert "\n" not in message
+    _assert_resumes_from_step_2(str(tmp_path), mesh, saved)
+
+
+def test_disk_full_while_writing_is_one_clear_error(tmp_path, monkeypatch):
+    """The writer fails the way tensorstore does on ENOSPC, after the free-space check passed."""
+    from orbax.checkpoint._src.serialization import serialization
+    mesh = sharding.create_mesh((8, 1, 1))
+    real_write = serialization.async_serialize_from_host
+
+    async def write(value, tspec, **kwargs):
+        if ".orbax-checkpoint-tmp" in str(tspec) and "/4." in str(tspec):
+            raise ValueError(_DISK_FULL)
+        return await real_write(value, tspec, **kwargs)
+
+    monkeypatch.setattr(serialization, "async_serialize_from_host", write)
+    saved, _ = _save_then_fail(str(tmp_path), mesh, expect=(
+        f"not enough disk space to save checkpoint step 4 under {tmp_path / checkpoints.CHECKPOINTS}: about "))
+    _assert_resumes_from_step_2(str(tmp_path), mesh, saved)

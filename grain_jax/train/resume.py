@@ -24,7 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from grain_jax import checkpoints
-from grain_jax.train import integrity
+from grain_jax.train import disk_space, integrity
 from grain_jax.train.state import TrainState
 
 CORRUPT_DIR = "corrupt_checkpoints"
@@ -39,19 +39,27 @@ class Checkpointer:
 
     def __init__(self, workdir: str, *, keep: int):
         self.workdir = workdir
-        self.manager = checkpoints.manager(workdir, max_to_keep=keep, create=True, enable_async_checkpointing=True)
+        # cleanup_tmp_directories: a save cut short (kill, full disk) leaves <step>.orbax-checkpoint-tmp behind.
+        self.manager = checkpoints.manager(workdir, max_to_keep=keep, create=True, enable_async_checkpointing=True,
+                                           cleanup_tmp_directories=True)
+        self._pending = (None, 0)  # (step, bytes) of the async save in flight; its errors surface later
 
     def save(self, state: TrainState, rng: jax.Array, data_iterator: Any) -> None:
         """Starts an async save of ``state`` at ``state.step`` (returns before the write finishes)."""
         step = int(state.step)
         extra = {"step": np.int64(step), "rng": np.asarray(jax.device_get(rng))}
         digests = integrity.digests(dict(zip(integrity.CHECKED_ITEMS, (state.params, state.opt_state, extra))))
-        self.manager.save(step, force=True, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            extra=ocp.args.StandardSave(extra),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
-            **{integrity.ITEM: ocp.args.JsonSave(digests)}))
+        needed = disk_space.bytes_to_write(state.params, state.opt_state)
+        self.wait()  # the previous save's errors (e.g. a full disk) are reported for its own step
+        disk_space.check_free_space(str(self.manager.directory), step, needed)
+        with disk_space.disk_full_as_error(str(self.manager.directory), step, needed):
+            self.manager.save(step, force=True, args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                extra=ocp.args.StandardSave(extra),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                **{integrity.ITEM: ocp.args.JsonSave(digests)}))
+        self._pending = (step, needed)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -117,7 +125,11 @@ class Checkpointer:
         self.manager.reload()
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the async save in flight; raises ``DiskFullError`` if it ran out of space."""
+        step, needed = self._pending
+        with disk_space.disk_full_as_error(str(self.manager.directory), step, needed):
+            self.manager.wait_until_finished()
+        self._pending = (None, 0)
 
     def reached_preemption(self, step: int) -> bool:
         """JAX's preemption sync point (multi-process runs with the preemption service, e.g. TPU pods)."""

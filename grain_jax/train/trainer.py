@@ -27,7 +27,8 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
-from grain_jax.train import resume, metrics as metrics_lib, optimizer, state as state_lib, step as step_lib
+from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
+                             step as step_lib)
 
 
 def _say(message: str) -> None:
@@ -65,6 +66,7 @@ def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collecti
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
     """Checks the config before anything expensive runs; raises ValueError naming the key."""
+    config_checks.check_values(config)
     num_devices = jax.device_count() if num_devices is None else num_devices
     dcn = tuple(config.get("dcn_mesh_shape") or (1, 1, 1))
     per_slice = sharding.resolve_mesh_shape(config.mesh_shape, num_devices // int(np.prod(dcn)))
@@ -160,8 +162,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     from grain_jax.losses import LossConfig
 
     workdir = os.path.abspath(workdir)
-    config = resolve_data(config, workdir)
     validate_config(config)
+    config = resolve_data(config, workdir)
     mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"))
     rules = sharding.axis_rules(config.get("sharding_rules") or ())
     spec = state_lib.model_spec(config)
@@ -174,6 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sizes = dict(num_train_examples=num_train, global_batch_size=config.global_batch_size)
     total_steps = optimizer.steps_from_duration(config, "total", **sizes)
     warmup_steps = optimizer.steps_from_duration(config, "warmup", default=0, **sizes)
+    config_checks.check_warmup(config, warmup_steps, total_steps)
     schedule = optimizer.make_schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
     _say(f"{num_train} training records, global batch {config.global_batch_size}: {total_steps} steps "
          f"({warmup_steps} warmup); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
@@ -222,13 +225,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             return
         fetched = jax.device_get(pending)
         pending = []
-        bad = [m for m in fetched if m["finite"] < 1]
+        bad = [i for i, m in enumerate(fetched) if m["finite"] < 1]
         if bad:
             ckpt.wait()
+            first = fetched[bad[0]]
+            names = sorted(k for k, v in first.items() if k != "finite" and not np.all(np.isfinite(v)))
+            saved = ckpt.latest_step()
+            where = (f"the last good checkpoint is step {saved} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}"
+                     if saved is not None else "no checkpoint was saved yet")
             raise FloatingPointError(
-                f"non-finite loss/gradients at or before step {step} (loss {bad[0]['loss/total']}, grad_norm "
-                f"{bad[0]['grad_norm']}); the update was not applied and training stopped. The last good checkpoint "
-                f"is step {ckpt.latest_step()} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}")
+                f"non-finite {', '.join(names)} at step {step - len(fetched) + bad[0] + 1} (values: "
+                + ", ".join(f"{k} {first[k]}" for k in names) + f"); the update was not applied and training "
+                f"stopped; {where}")
         last = {**metrics_lib.mean_metrics(fetched), **throughput.measure(step)}
         last.pop("finite")
         writer.write_scalars(step, last)
