@@ -42,6 +42,31 @@ def test_torchscript_needs_permission(tmp_path):
     assert sorted(state) == ["bias", "weight"] and tuple(state["weight"].shape) == (3, 2)
 
 
+@pytest.mark.parametrize("name,command,reason", [
+    ("fake.pt", "open_clip", "it looks like a TorchScript archive but torch.jit.load cannot read it (RuntimeError: "),
+    ("pickled.safetensors", "reference", "it is not a valid .safetensors file (SafetensorError: "),
+    ("pickled.safetensors", "open_clip", "it is not a valid .safetensors file (SafetensorError: "),
+])
+def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason):
+    """A zip that only looks like TorchScript, and a pickle named .safetensors: one line, nothing run."""
+    import pickle
+    import zipfile
+    marker, path = tmp_path / "pwned", tmp_path / name
+    if name.endswith(".pt"):
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("model/code/__torch__.py", "garbage")
+            archive.writestr("model/constants.pkl", pickle.dumps(_CreatesFileWhenUnpickled(str(marker))))
+    else:
+        path.write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(str(marker))))
+    extra = ["--arch", "ViT-B-16"] if command == "open_clip" else []
+    with pytest.raises(SystemExit) as error:
+        main.run([command, "--input", str(path), "--output", str(tmp_path / "out"), *extra])
+    message = str(error.value)
+    assert message.startswith(f"grain-jax-convert: refusing to load {path}: {reason}"), message
+    assert message.endswith("Nothing from it was executed.") and "\n" not in message, message
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
 def test_plain_and_safetensors_checkpoints_load(tmp_path):
     from safetensors.torch import save_file
     tensors = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}

@@ -61,24 +61,40 @@ def load_checkpoint(path: str, *, allow_torchscript: bool = False) -> Any:
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except Exception as e:  # noqa: BLE001  (SafetensorError and friends: the file is not safetensors)
+            raise _refused(path, "it is not a valid .safetensors file", e) from None
     torch = _torch()
     if is_torchscript(path):
         if not allow_torchscript:
-            raise ConversionError(f"{path} is a TorchScript archive; only plain state dicts are accepted here")
+            raise _refused(path, "it is a TorchScript archive; only plain state dicts are accepted here")
         log.info("%s is a TorchScript archive: reading its state dict with torch.jit.load", path)
-        return dict(torch.jit.load(path, map_location="cpu").state_dict())
+        try:
+            return dict(torch.jit.load(path, map_location="cpu").state_dict())
+        except Exception as e:  # noqa: BLE001  (a damaged or fake archive)
+            raise _refused(path, "it looks like a TorchScript archive but torch.jit.load cannot read it", e) from None
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(
-            f"refusing to load {path}: it holds pickled objects other than tensors, containers and numbers "
-            f"(torch.load(weights_only=True) said: {first_line}). Nothing from it was executed. Re-save the "
-            "state dicts alone (torch.save({'state_dict': ..., 'backbone_state_dict': ...})) or as .safetensors "
-            "in an environment you trust.") from None
+        raise _refused(path, "it holds pickled objects other than tensors, containers and numbers "
+                       f"(torch.load(weights_only=True) said: {_first_line(e)})",
+                       advice="Re-save the state dicts alone (torch.save({'state_dict': ..., "
+                       "'backbone_state_dict': ...})) or as .safetensors in an environment you trust.") from None
     except RuntimeError as e:  # e.g. legacy (pre-1.6) tar format, which weights_only cannot read
-        raise ConversionError(f"refusing to load {path}: {e}") from None
+        raise _refused(path, "torch.load(weights_only=True) cannot read it", e) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _refused(path: str, reason: str, error: BaseException | None = None, advice: str = "") -> ConversionError:
+    """The one-line refusal every unreadable or unsafe checkpoint gets."""
+    said = f" ({type(error).__name__}: {_first_line(error)})" if error is not None else ""
+    return ConversionError(f"refusing to load {path}: {reason}{said}. Nothing from it was executed."
+                           + (f" {advice}" if advice else ""))
 
 
 def to_numpy(tensor: Any) -> np.ndarray:
