@@ -10,12 +10,11 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import numpy as np
 from absl import flags
-from PIL import Image
 
 from grain_jax import inference
 from grain_jax.cli import parse_argv
+from grain_jax.data import images as images_lib
 from grain_jax.visualize import draw_grounding, image_paths, read_descriptions
 
 
@@ -41,8 +40,12 @@ def main(argv: Sequence[str]) -> None:
     model = inference.load(fv.checkpoint)
     images = []
     for path in image_paths(fv.images):
-        with Image.open(path) as im:
-            images.append(np.asarray(im.convert("RGB")))
+        try:
+            images.append(images_lib.read_rgb(path))
+        except images_lib.DECODE_ERRORS as e:
+            print(f"skipped unreadable image {path} ({type(e).__name__}: {e})", flush=True)
+    if not images:
+        sys.exit(f"--images: none of {fv.images!r} could be decoded")
     draw_grounding(model, images, read_descriptions(fv.descriptions), max_boxes=fv.max_boxes,
                    columns=fv.columns, output=fv.output)
     print(f"wrote {fv.output}")

@@ -23,8 +23,8 @@ import os
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
 
+from grain_jax.data import images
 from grain_jax.inference import descriptors as descriptors_lib
 
 
@@ -71,6 +71,7 @@ ELEVEN = ("cifar10", "cifar100", "sun397", "cars196", "dtd", "oxford_iiit_pet", 
           "oxford_flowers102", "caltech_birds2011", "places365_small", "food101")
 ALL = ("imagenet2012",) + ELEVEN
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+SKIPPED = -2  # class index of an example whose image could not be decoded (never counted, listed instead)
 
 
 class NotPrepared(RuntimeError):
@@ -120,8 +121,10 @@ class FolderSource:
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as image:
-            return np.asarray(image.convert("RGB")), self.labels[index]
+        return images.read_rgb(self.paths[index]), self.labels[index]
+
+    def describe(self, index: int) -> str:
+        return self.paths[index]
 
 
 def scan_image_folder(path: str) -> tuple[list[str], list[str], list[int]]:
@@ -256,6 +259,18 @@ def classification_dataset(spec: str, *, data_dir: str | None = None, descriptor
     if spec.startswith("synthetic:"):
         return synthetic_dataset(spec.split(":", 1)[1], synthetic_dir)
     return tfds_dataset(spec, data_dir=data_dir, descriptors=descriptors)
+
+
+def give_unique_name(data: ClassificationData, spec: str, taken: dict[str, str]) -> None:
+    """Renames ``data`` to ``<name>_2``, ``_3``, ... if another spec already reports under its name
+    (two ``folder:`` paths with the same last component), saying so; records it in ``taken``
+    (``{name: spec}``)."""
+    name, k = data.name, 2
+    while data.name in taken:
+        data.name, k = f"{name}_{k}", k + 1
+    if data.name != name:
+        print(f"{spec} is reported as {data.name} ({name} is {taken[name]})", flush=True)
+    taken[data.name] = spec
 
 
 def expand(specs: str | Sequence[str]) -> list[str]:

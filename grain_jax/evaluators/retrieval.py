@@ -26,9 +26,9 @@ from typing import Iterator, Sequence
 
 import grain
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
+from grain_jax.data import images as images_lib
 from grain_jax.inference import preprocess_image
 
 KS = (1, 5, 10)
@@ -53,8 +53,7 @@ class _CaptionFileSource:
 
     def __getitem__(self, index: int):
         path, captions = self.items[index]
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB")), captions
+        return images_lib.read_rgb(path), captions
 
 
 class _CocoSource:

@@ -31,7 +31,7 @@ def resolve_datasets(evals: Sequence[str] | str, *, data_dir: str | None = None,
     Returns:
       ({spec: ClassificationData | RetrievalData}, [specs not prepared]).
     """
-    resolved, not_prepared = {}, []
+    resolved, not_prepared, names = {}, [], {}
     for spec in datasets_lib.expand(evals):
         try:
             if is_retrieval(spec):
@@ -39,6 +39,7 @@ def resolve_datasets(evals: Sequence[str] | str, *, data_dir: str | None = None,
             else:
                 resolved[spec] = datasets_lib.classification_dataset(
                     spec, data_dir=data_dir, descriptors=descriptors, synthetic_dir=synthetic_dir)
+            datasets_lib.give_unique_name(resolved[spec], spec, names)
         except datasets_lib.NotPrepared as e:
             print(str(e).split("  (")[0], flush=True)
             not_prepared.append(spec)

@@ -13,9 +13,11 @@ import time
 from typing import Iterator, Sequence
 
 import grain
+import jax
 import numpy as np
 from tqdm import tqdm
 
+from grain_jax.data import images as images_lib
 from grain_jax.evaluators import datasets as datasets_lib
 from grain_jax.inference import preprocess_image
 
@@ -62,28 +64,55 @@ def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence
 
 
 def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int | None = None,
-            num_threads: int = 8, seed: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+            num_threads: int = 8, seed: int = 0,
+            skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(normalised images [b, S, S, 3], class indices [b]) in model-sized batches,
     decoded and resized by ``num_threads`` grain threads; ``max_examples`` takes a fixed
-    random subset (for quick in-training evaluation)."""
-    ds = grain.MapDataset.source(data.source)
+    random subset (for quick in-training evaluation).
+
+    An example whose image cannot be decoded (truncated, empty, not an image) gets the class
+    index ``datasets.SKIPPED`` (never counted) and ``{"path", "reason"}`` appended to ``skipped``.
+    """
+    size = model.spec.image_size
+    skipped = [] if skipped is None else skipped
+
+    def load(index):
+        try:
+            image, label = data.source[index]
+        except images_lib.DECODE_ERRORS as e:
+            describe = getattr(data.source, "describe", lambda i: f"{data.name} example {i}")
+            skipped.append({"path": describe(index), "reason": f"{type(e).__name__}: {e}"})
+            return np.zeros((size, size, 3), np.float32), np.int64(datasets_lib.SKIPPED)
+        return preprocess_image(image, model.spec), np.int64(label)
+
+    ds = grain.MapDataset.range(len(data.source))
     if max_examples is not None and max_examples < len(ds):
         ds = ds.seed(seed).shuffle()[:max_examples]
-    ds = ds.map(lambda ex: (preprocess_image(ex[0], model.spec), np.int64(ex[1])))
+    ds = ds.map(load)
     ds = ds.batch(model.batch_size, drop_remainder=False)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     yield from ds.to_iter_dataset(read)
 
 
+def report_skipped(name: str, skipped: list[dict], evaluated: int) -> None:
+    """One console line: how many images were skipped, beside the number evaluated, and which."""
+    if skipped and jax.process_index() == 0:
+        shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10])
+        more = f"; and {len(skipped) - 10} more (see the results JSON)" if len(skipped) > 10 else ""
+        print(f"{name}: evaluated {evaluated} examples, skipped {len(skipped)} unreadable image(s): {shown}{more}",
+              flush=True)
+
+
 def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
              alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8,
-             progress: bool = False) -> dict[str, float]:
+             progress: bool = False) -> dict:
     """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset.
 
     Returns:
       ``{"top1", "top5", "mean_per_class_recall", "alpha<a>/top1", ..., "count",
-      "num_classes", "seconds", "images_per_second"}``; count excludes padding and
-      examples outside the evaluated classes.
+      "num_classes", "seconds", "images_per_second", "skipped", "skipped_examples"}``; count
+      (every metric's denominator) excludes padding, examples outside the evaluated classes
+      and the ``skipped`` unreadable images, listed as ``[{"path", "reason"}]``.
     """
     start = time.perf_counter()
     classifier = model.classifier(data.class_names, data.descriptors, templates, dataset=data.name,
@@ -94,7 +123,8 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
     total = min(len(data), max_examples or len(data))
     bar = tqdm(total=total, desc=data.name, unit="img", disable=not progress)
     image_start = time.perf_counter()
-    for images, labels in batches(data, model, max_examples=max_examples, num_threads=num_threads):
+    skipped: list[dict] = []
+    for images, labels in batches(data, model, max_examples=max_examples, num_threads=num_threads, skipped=skipped):
         global_scores, region_scores = model.score_parts(images, classifier)
         keep = labels >= 0
         labels = labels[keep]
@@ -105,14 +135,17 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
         bar.update(len(keep))
     bar.close()
     count = int(class_counts.sum())
+    skipped.sort(key=lambda s: s["path"])  # decoding threads append in any order
+    report_skipped(data.name, skipped, count)
     if count == 0:
-        raise ValueError(f"{data.name}: no examples to evaluate")
-    results: dict[str, float] = {}
+        raise ValueError(f"{data.name}: no examples to evaluate ({len(skipped)} unreadable images skipped)")
+    results: dict = {}
     for alpha, c in counts.items():
         results.update({alpha_key(alpha) + k: v for k, v in c.metrics(count, class_counts).items()})
     end = time.perf_counter()
     results.update(count=count, num_classes=num_classes, seconds=end - start,
-                   images_per_second=total / max(end - image_start, 1e-9))
+                   images_per_second=total / max(end - image_start, 1e-9), skipped=len(skipped),
+                   skipped_examples=skipped)
     return results
 
 
@@ -155,11 +188,13 @@ class Evaluator:
                            max_examples=max_examples, num_threads=num_threads)
         self._data: dict[str, datasets_lib.ClassificationData] = {}
         self._not_prepared: set[str] = set()
+        self._names: dict[str, str] = {}  # reported name -> spec
 
     def _dataset(self, spec: str) -> datasets_lib.ClassificationData:
         if spec not in self._data:  # built lazily, once (scans folders / opens TFDS files)
             self._data[spec] = datasets_lib.classification_dataset(
                 spec, data_dir=self.data_dir, descriptors=self.descriptors, synthetic_dir=self.synthetic_dir)
+            datasets_lib.give_unique_name(self._data[spec], spec, self._names)
         return self._data[spec]
 
     def run(self, model) -> Iterator[tuple[str, float]]:

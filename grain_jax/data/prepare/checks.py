@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from PIL import Image
 
-from grain_jax.data import records
+from grain_jax.data import images, records
 
 MIN_BOX_SIZE = 1e-3  # boxes thinner than 0.1% of the image side are degenerate (GIoU/L_rd need area)
 
@@ -123,9 +123,7 @@ def _to_rgb(image: Image.Image, repairs: list) -> Image.Image:
     if image.mode == "RGB":
         return image
     repairs.append(("non_rgb_image", f"image mode {image.mode} converted to RGB"))
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")  # PIL wants palette transparency resolved through RGBA
-    return image.convert("RGB")
+    return images.to_rgb(image)
 
 
 def _encode_jpeg(image: Image.Image, config: PrepareConfig) -> bytes:
