@@ -46,6 +46,10 @@ def _define_flags():
                         flag_values=fv)
     flags.DEFINE_string("images_root", None, "reference: directory the CSV image paths are relative to.",
                         flag_values=fv)
+    flags.DEFINE_string("caption_column", None, "reference: the caption column's header name (or number, for a "
+                        "CSV without header); default: a column named caption/text/title.", flag_values=fv)
+    flags.DEFINE_bool("allow_outside_root", False, "reference: read image paths that are absolute, contain '..' "
+                      "or lead outside --images_root through symlinks (refused by default).", flag_values=fv)
     flags.DEFINE_string("shards", None, "webdataset: tar files, brace pattern like 'DIR/{00000..00099}.tar'.",
                         flag_values=fv)
     flags.DEFINE_string("annotations", None, "webdataset: side JSON {sample key: regions or annotation}.",
@@ -57,7 +61,8 @@ def _define_flags():
 
 _REQUIRED_FLAGS = {"reference": ("output_dir", "captions", "images_root"), "webdataset": ("output_dir", "shards"),
                    "synthetic": ("output_dir",)}
-_SOURCE_FLAGS = {"reference": {"captions", "mllm_captions", "boxes", "images_root"},
+_SOURCE_FLAGS = {"reference": {"captions", "mllm_captions", "boxes", "images_root", "caption_column",
+                               "allow_outside_root"},
                  "webdataset": {"shards", "annotations"}, "synthetic": {"num_train"}}
 # Flags a command would silently ignore: the other commands' inputs, and for synthetic the
 # settings its generator fixes itself.
@@ -98,7 +103,8 @@ def main(argv: Sequence[str]) -> dict:
                   examples_per_shard=fv.examples_per_shard, jpeg_quality=fv.jpeg_quality)
     if command == "reference":
         raw_splits = sources.reference_raw_splits(fv.captions, fv.images_root, fv.mllm_captions, fv.boxes,
-                                          fv.box_canvas, fv.validation_fraction)
+                                                  fv.box_canvas, fv.validation_fraction, fv.caption_column,
+                                                  fv.allow_outside_root)
         inputs = {"captions": fv.captions, "mllm_captions": fv.mllm_captions, "boxes": fv.boxes,
                   "images_root": fv.images_root}
     else:

@@ -99,7 +99,7 @@ def _decode_image(image: Any) -> Image.Image:
         try:
             image = pathlib.Path(image).read_bytes()
         except OSError as e:
-            raise _Skip("missing_image", f"cannot read {os.fspath(image)}: {e.strerror or e}") from None
+            raise _Skip("missing_image", f"cannot read {safe_id(os.fspath(image))}: {e.strerror or e}") from None
     if image is None:
         raise _Skip("missing_image", "the example has no image")
     if isinstance(image, np.ndarray):

@@ -1,7 +1,6 @@
 """Sources of raw examples (see ``checks``): the reference's files and webdataset tars."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -14,6 +13,8 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from grain_jax.data import records
+from grain_jax.data.prepare import reference_csv
+from grain_jax.data.prepare.checks import safe_id
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the reference's rule for captions_pooled.csv rows
 WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -66,12 +67,15 @@ def _load_json(path: str | None, what: str) -> Any:
 
 def reference_raw_splits(captions: str, images_root: str, mllm_captions: str | None = None,
                          boxes: str | None = None, box_canvas: float = REFERENCE_BOX_CANVAS,
-                         validation_fraction: float = 0.01) -> dict[str, list[dict]]:
+                         validation_fraction: float = 0.01, caption_column: str | None = None,
+                         allow_outside_root: bool = False) -> dict[str, list[dict]]:
     """Raw examples from the reference's files (captions_pooled.csv, the MLLM caption and boxes JSONs).
 
-    CSV rows are (image_path, caption), paths relative to `images_root`; rows whose path does not end
-    in .jpg/.jpeg/.png are skipped and reported (a first such row is taken as a header, silently).
-    The JSONs are keyed by the same image path; boxes are xyxy on the `box_canvas` pixel canvas.
+    CSV rows hold an image path relative to `images_root` and a caption, placed by the header
+    (or `caption_column`; see `reference_csv`); rows whose path does not end in .jpg/.jpeg/.png,
+    leaves `images_root` (unless `allow_outside_root`) or repeats an earlier path are reported.
+    The JSONs are keyed by the same image path (unmatched keys are reported; a JSON matching
+    (almost) none is an error); boxes are xyxy on the `box_canvas` pixel canvas.
     """
     mllm = _load_json(mllm_captions, "MLLM captions") or {}
     regions_by_path = _load_json(boxes, "boxes") or {}
@@ -79,22 +83,34 @@ def reference_raw_splits(captions: str, images_root: str, mllm_captions: str | N
         if not isinstance(table, dict):
             raise ValueError(f"the {what} JSON must map image paths to values, got {type(table).__name__}")
     splits: dict[str, list[dict]] = {"train": [], "validation": []}
-    # surrogateescape: one row with undecodable bytes is reported, not a crash of the whole read.
-    with open(captions, newline="", encoding="utf-8", errors="surrogateescape") as f:
-        for row_number, row in enumerate(csv.reader(f)):
-            path = row[0].strip() if row else ""
-            if not path.lower().endswith(IMAGE_SUFFIXES):
-                if row_number == 0:
-                    continue
-                example = {"id": f"{os.path.basename(captions)}:{row_number + 1}", "error_kind": "not_an_image_path",
-                           "error": f"CSV row {row_number + 1} does not start with a .jpg/.jpeg/.png path: "
-                                    f"{','.join(row)[:80]!r}"}
-            else:
-                example = {"id": path, "image": pathlib.Path(images_root, path),
-                           "caption": row[1] if len(row) > 1 else "", "mllm_caption": mllm.get(path),
-                           "regions": normalise_regions(regions_by_path.get(path), box_canvas)}
-            split = "validation" if is_validation(example["id"], validation_fraction) else "train"
-            splits[split].append(example)
+    first_row: dict[str, int] = {}
+    name = os.path.basename(captions)
+    for number, row, path, caption in reference_csv.read_rows(captions, caption_column, IMAGE_SUFFIXES):
+        row_id = f"{name}:{number}"
+        outside = None if allow_outside_root else reference_csv.outside_root(path, images_root)
+        if not path.lower().endswith(IMAGE_SUFFIXES):
+            example = {"id": row_id, "error_kind": "not_an_image_path",
+                       "error": f"CSV row {number} has no .jpg/.jpeg/.png image path: "
+                                f"{safe_id(','.join(row)[:80])!r}"}
+        elif outside:
+            example = {"id": row_id, "error_kind": "path_outside_root",
+                       "error": f"CSV row {number}: image path {safe_id(path)!r} {outside}; "
+                                "refused (--allow_outside_root reads it)"}
+        elif path in first_row:
+            example = {"id": row_id, "error_kind": "duplicate_image_path",
+                       "error": f"CSV row {number} repeats the image path {safe_id(path)!r} of row "
+                                f"{first_row[path]}; the first row is kept"}
+        else:
+            first_row[path] = number
+            example = {"id": safe_id(path), "image": pathlib.Path(images_root, path),
+                       "caption": caption, "mllm_caption": mllm.get(path),
+                       "regions": normalise_regions(regions_by_path.get(path), box_canvas)}
+        split = "validation" if is_validation(example["id"], validation_fraction) else "train"
+        splits[split].append(example)
+    for what, table, json_path in (("MLLM captions", mllm, mllm_captions), ("boxes", regions_by_path, boxes)):
+        line = reference_csv.check_keys(table, set(first_row), what, json_path)
+        if line:
+            print(f"grain-jax-prepare: {line}", flush=True)
     return splits
 
 
