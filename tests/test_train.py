@@ -83,22 +83,28 @@ def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
     np.testing.assert_allclose(loss_on(sharding.create_mesh(mesh_shape)), loss_on(one_device), rtol=2e-5)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_cache, monkeypatch):
+@pytest.mark.parametrize("poisoned,where", [
+    (3, "the last good checkpoint is step 2 in "),
+    (1, "no checkpoint was saved yet"),
+])
+def test_non_finite_loss_stops_naming_the_metric_and_the_last_good_checkpoint(tmp_path, data_cache, monkeypatch,
+                                                                              poisoned, where):
     from grain_jax.data import pipeline
     to_global, calls = pipeline.to_global, []
 
-    def poison_third_batch(batch, batch_sharding):
+    def poison_one_batch(batch, batch_sharding):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == poisoned:
             batch = dict(batch, images=np.full_like(batch["images"], np.nan))
         return to_global(batch, batch_sharding)
 
-    monkeypatch.setattr(pipeline, "to_global", poison_third_batch)
+    monkeypatch.setattr(pipeline, "to_global", poison_one_batch)
     config = _train_utils.runlocal_config(data_cache, checkpoint_every_steps=2)
-    with pytest.raises(FloatingPointError, match="last good checkpoint is step 2"):
+    with pytest.raises(FloatingPointError, match=rf"non-finite .*loss/total.* at step {poisoned} \(values: .*nan"
+                                                 rf".*training stopped; {where}"):
         trainer.train_and_evaluate(config, str(tmp_path))
     ckpt = resume.Checkpointer(str(tmp_path), keep=2)
-    assert ckpt.latest_step() == 2
+    assert ckpt.latest_step() == (2 if poisoned == 3 else None)
     ckpt.close()
 
 

@@ -16,11 +16,13 @@ verifies when restored onto another.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 ITEM = "integrity"
 CHECKED_ITEMS = ("params", "opt_state", "extra")
@@ -62,7 +64,12 @@ def _digest(x: jax.Array) -> jax.Array:
     return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(hashed, dtype=jnp.uint32)])
 
 
-_digests = jax.jit(lambda leaves: [_digest(x) for x in leaves])
+@functools.lru_cache(maxsize=None)
+def _digests_fn(mesh: Mesh | None):
+    """jit of the digests of a list of arrays; on a mesh the [2] results are replicated, so every
+    process can read them from its own devices."""
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return jax.jit(lambda leaves: [_digest(x) for x in leaves], out_shardings=out)
 
 
 def _paths(tree: Any) -> list[str]:
@@ -70,9 +77,13 @@ def _paths(tree: Any) -> list[str]:
             for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _devices(x: Any) -> tuple:
-    """Arrays on the same devices are digested by one jitted call (one call may not mix device sets)."""
-    return tuple(sorted(d.id for d in x.sharding.device_set)) if isinstance(x, jax.Array) else ()
+def _group(x: Any) -> tuple:
+    """``(device ids, mesh or None)``, or ``()`` for host arrays: arrays of one group are digested by one
+    jitted call (a call may not mix device sets)."""
+    if not isinstance(x, jax.Array):
+        return ()
+    mesh = x.sharding.mesh if isinstance(x.sharding, NamedSharding) else None
+    return tuple(sorted(d.id for d in x.sharding.device_set)), mesh
 
 
 def digests(items: dict[str, Any]) -> dict:
@@ -81,10 +92,11 @@ def digests(items: dict[str, Any]) -> dict:
                         for path, leaf in zip(_paths(tree), jax.tree.leaves(tree))]
     groups: dict[tuple, list[int]] = {}
     for i, (_, _, leaf) in enumerate(paths_and_leaves):
-        groups.setdefault(_devices(leaf), []).append(i)
+        groups.setdefault(_group(leaf), []).append(i)
     values: list[Any] = [None] * len(paths_and_leaves)
-    for indices in groups.values():
-        for i, d in zip(indices, _digests([paths_and_leaves[i][2] for i in indices])):
+    for key, indices in groups.items():
+        mesh = key[1] if key else None
+        for i, d in zip(indices, _digests_fn(mesh)([paths_and_leaves[i][2] for i in indices])):
             values[i] = np.asarray(d.addressable_data(0))
     record: dict[str, Any] = {"format": FORMAT, **{name: {} for name in items}}
     for (name, path, _), d in zip(paths_and_leaves, values):
