@@ -93,3 +93,22 @@ def test_high_bit_depth_images_are_scaled_not_clipped(tmp_path, mode, value, exp
     if mode == "I;16":  # a real 16-bit PNG file read back by the evaluators' reader
         image.save(tmp_path / "gray16.png")
         np.testing.assert_array_equal(images.read_rgb(str(tmp_path / "gray16.png")), np.full((4, 5, 3), 128))
+
+
+def test_retrieval_skips_unreadable_images_with_their_captions(tmp_path, capsys):
+    from grain_jax.evaluators import retrieval
+    model = fakes.make_inference_model(NAMES[:4])
+    (tmp_path / "imgs").mkdir()
+    entries = []
+    for i in range(4):
+        Image.fromarray(fakes.label_image(i, 12)).save(tmp_path / "imgs" / f"{i}.png")
+        entries.append({"image": f"{i}.png", "captions": [f"picture {i}"]})
+    bad = _add_bad_images(str(tmp_path / "imgs"))
+    entries += [{"image": os.path.basename(path), "captions": ["picture 0"]} for path in bad]
+    (tmp_path / "captions.json").write_text(json.dumps(entries))
+    data = retrieval.retrieval_dataset(f"captions:{tmp_path / 'captions.json'}", image_dir=str(tmp_path / "imgs"))
+    results = retrieval.evaluate(model, data, num_threads=2)
+    assert (results["num_images"], results["num_captions"], results["skipped"]) == (4, 4, 3)
+    assert results["img2txt_R@1"] == 1.0 and results["txt2img_R@1"] == 1.0
+    assert [s["path"] for s in results["skipped_examples"]] == sorted(bad)
+    assert "evaluated 4 examples, skipped 3 unreadable image(s)" in capsys.readouterr().out

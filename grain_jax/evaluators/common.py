@@ -18,6 +18,10 @@ from __future__ import annotations
 import importlib
 from typing import Any, Mapping
 
+import jax
+
+from grain_jax.data import images as images_lib
+
 TYPES = {
     "zeroshot": "grain_jax.evaluators.zeroshot",
     "retrieval": "grain_jax.evaluators.retrieval",
@@ -48,3 +52,23 @@ def from_config(evals_config: Mapping[str, Mapping[str, Any]] | None) -> list[tu
             raise ValueError(f"config.evals[{name!r}] ({eval_type}): {e}") from e
         evaluators.append((name, evaluator, every_steps, prefix))
     return evaluators
+
+
+def read_example(source, index: int, name: str, skipped: list[dict]):
+    """``source[index]``, or None when its image cannot be decoded (truncated, empty, not an image):
+    then ``{"path", "reason"}`` is appended to ``skipped`` (safe from grain's reader threads)."""
+    try:
+        return source[index]
+    except images_lib.DECODE_ERRORS as e:
+        describe = getattr(source, "describe", lambda i: f"{name} example {i}")
+        skipped.append({"path": describe(index), "reason": f"{type(e).__name__}: {e}"})
+        return None
+
+
+def report_skipped(name: str, skipped: list[dict], evaluated: int) -> None:
+    """One console line: how many images were skipped, beside the number evaluated, and which."""
+    if skipped and jax.process_index() == 0:
+        shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10])
+        more = f"; and {len(skipped) - 10} more (see the results JSON)" if len(skipped) > 10 else ""
+        print(f"{name}: evaluated {evaluated} examples, skipped {len(skipped)} unreadable image(s): {shown}{more}",
+              flush=True)

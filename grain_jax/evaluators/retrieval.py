@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grain_jax.data import images as images_lib
+from grain_jax.evaluators import common
 from grain_jax.inference import preprocess_image
 
 KS = (1, 5, 10)
@@ -54,6 +55,9 @@ class _CaptionFileSource:
     def __getitem__(self, index: int):
         path, captions = self.items[index]
         return images_lib.read_rgb(path), captions
+
+    def describe(self, index: int) -> str:
+        return self.items[index][0]
 
 
 class _CocoSource:
@@ -162,30 +166,45 @@ def recall_at_k(similarity: np.ndarray, caption_image: np.ndarray, ks: Sequence[
 
 
 def evaluate(model, data: RetrievalData, *, max_images: int | None = None, num_threads: int = 8,
-             progress: bool = False) -> dict[str, float]:
-    """Recall@K of ``model`` (an InferenceModel) plus counts and timing."""
+             progress: bool = False) -> dict:
+    """Recall@K of ``model`` (an InferenceModel) plus counts and timing; images that cannot be
+    decoded are left out with their captions and listed in ``skipped_examples``."""
 
     start = time.perf_counter()
-    ds = grain.MapDataset.source(data.source)
+    skipped: list[dict] = []
+
+    def load(index):
+        example = common.read_example(data.source, index, data.name, skipped)
+        return None if example is None else (preprocess_image(example[0], model.spec), example[1])
+
+    ds = grain.MapDataset.range(len(data.source))
     if max_images is not None and max_images < len(ds):
         ds = ds[:max_images]
-    ds = ds.map(lambda ex: (preprocess_image(ex[0], model.spec), ex[1]))
+    ds = ds.map(load)
     bar = tqdm(total=len(ds), desc=data.name, unit="img", disable=not progress)
     image_embeddings, captions, caption_image, num_images = [], [], [], 0
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     batch_iter = ds.batch(model.batch_size, batch_fn=list).to_iter_dataset(read)
     for batch in batch_iter:
+        bar.update(len(batch))
+        batch = [example for example in batch if example is not None]
+        if not batch:
+            continue
         for _, caps in batch:
             captions += caps
             caption_image += [num_images] * len(caps)
             num_images += 1
         image_embeddings.append(model.encode_images(np.stack([pixels for pixels, _ in batch])))
-        bar.update(len(batch))
     bar.close()
+    skipped.sort(key=lambda s: s["path"])
+    common.report_skipped(data.name, skipped, num_images)
+    if not num_images:
+        raise ValueError(f"{data.name}: no images to evaluate ({len(skipped)} unreadable images skipped)")
     images = np.concatenate(image_embeddings)
     texts = model.encode_texts(captions)
     results = recall_at_k(images @ texts.T, np.asarray(caption_image))
-    results.update(num_images=len(images), num_captions=len(captions), seconds=time.perf_counter() - start)
+    results.update(num_images=len(images), num_captions=len(captions), seconds=time.perf_counter() - start,
+                   skipped=len(skipped), skipped_examples=skipped)
     return results
 
 

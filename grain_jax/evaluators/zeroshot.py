@@ -13,12 +13,10 @@ import time
 from typing import Iterator, Sequence
 
 import grain
-import jax
 import numpy as np
 from tqdm import tqdm
 
-from grain_jax.data import images as images_lib
-from grain_jax.evaluators import datasets as datasets_lib
+from grain_jax.evaluators import common, datasets as datasets_lib
 from grain_jax.inference import preprocess_image
 
 METRICS = ("top1", "top5", "mean_per_class_recall")
@@ -77,13 +75,10 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
     skipped = [] if skipped is None else skipped
 
     def load(index):
-        try:
-            image, label = data.source[index]
-        except images_lib.DECODE_ERRORS as e:
-            describe = getattr(data.source, "describe", lambda i: f"{data.name} example {i}")
-            skipped.append({"path": describe(index), "reason": f"{type(e).__name__}: {e}"})
+        example = common.read_example(data.source, index, data.name, skipped)
+        if example is None:
             return np.zeros((size, size, 3), np.float32), np.int64(datasets_lib.SKIPPED)
-        return preprocess_image(image, model.spec), np.int64(label)
+        return preprocess_image(example[0], model.spec), np.int64(example[1])
 
     ds = grain.MapDataset.range(len(data.source))
     if max_examples is not None and max_examples < len(ds):
@@ -92,15 +87,6 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
     ds = ds.batch(model.batch_size, drop_remainder=False)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     yield from ds.to_iter_dataset(read)
-
-
-def report_skipped(name: str, skipped: list[dict], evaluated: int) -> None:
-    """One console line: how many images were skipped, beside the number evaluated, and which."""
-    if skipped and jax.process_index() == 0:
-        shown = "; ".join(f"{s['path']} ({s['reason']})" for s in skipped[:10])
-        more = f"; and {len(skipped) - 10} more (see the results JSON)" if len(skipped) > 10 else ""
-        print(f"{name}: evaluated {evaluated} examples, skipped {len(skipped)} unreadable image(s): {shown}{more}",
-              flush=True)
 
 
 def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
@@ -136,7 +122,7 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
     bar.close()
     count = int(class_counts.sum())
     skipped.sort(key=lambda s: s["path"])  # decoding threads append in any order
-    report_skipped(data.name, skipped, count)
+    common.report_skipped(data.name, skipped, count)
     if count == 0:
         raise ValueError(f"{data.name}: no examples to evaluate ({len(skipped)} unreadable images skipped)")
     results: dict = {}
