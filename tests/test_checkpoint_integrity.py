@@ -100,7 +100,7 @@ def test_checkpoint_without_digests_restores_unverified(tmp_path, capsys):
     ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
     state, _ = ckpt.restore(fresh, shardings, _iterator())
     ckpt.close()
-    assert "checkpoint step 3 has no integrity digests" in capsys.readouterr().out
+    assert "checkpoint step 3 has no integrity digests this version can check" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(state.params["w"]), np.asarray(saved[3].params["w"]))
 
 
@@ -114,6 +114,9 @@ def test_digest_sees_every_single_bit_and_element_order():
             flipped.reshape(-1)[flat] ^= np.uint32(1 << bit)
             seen.add(integrity.digests({"a": {"x": flipped.view(np.float32)}})["a"]["x"])
     assert len(seen) == 1 + 3 * x.size
+    two_signs = x.copy()
+    two_signs[0, :2] *= -1  # two sign-bit flips cancel in the plain sum
+    assert integrity.digests({"a": {"x": two_signs}})["a"]["x"] != reference
     swapped = x.copy()
     swapped[0, [0, 1]] = swapped[0, [1, 0]]
     assert integrity.digests({"a": {"x": swapped}})["a"]["x"] != reference

@@ -8,7 +8,7 @@ digests of what it read and refuses the step on any mismatch, naming the arrays.
 
 The digest is two 32-bit sums over the array's elements, reinterpreted as unsigned
 integers: the plain sum (any single flipped bit changes it) and the sum of a per-element
-hash of (bits, flat index) (catches moved or compensating changes). Integer sums wrap
+hash of (bits, flat index) (catches flips that cancel in the plain sum, moved or swapped values). Integer sums wrap
 exactly in any order, so the digest does not depend on the sharding: it is computed
 where the arrays already live (one fused pass over each array per save, not per step)
 and only the 8 bytes per array come back to the host; a checkpoint saved on one mesh
@@ -44,15 +44,6 @@ def _bits(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
 
 
-def _mix(v: jax.Array) -> jax.Array:
-    """murmur3's 32-bit finaliser: every input bit affects every output bit."""
-    v = v ^ (v >> 16)
-    v = v * np.uint32(0x85EBCA6B)
-    v = v ^ (v >> 13)
-    v = v * np.uint32(0xC2B2AE35)
-    return v ^ (v >> 16)
-
-
 def _digest(x: jax.Array) -> jax.Array:
     """[2] uint32 digest of one array (see module docstring)."""
     bits = _bits(jnp.asarray(x))
@@ -60,8 +51,13 @@ def _digest(x: jax.Array) -> jax.Array:
     for dim in range(bits.ndim):
         stride = np.uint32(int(np.prod(bits.shape[dim + 1:], dtype=np.uint64)) & 0xFFFFFFFF)
         index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * stride
-    hashed = _mix(bits ^ _mix(index * _GOLDEN + np.uint32(1)))
-    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(hashed, dtype=jnp.uint32)])
+    # murmur3's 32-bit finaliser of (bits ^ position): every input bit affects every output bit,
+    # so flips that cancel in the plain sum, or moved and swapped values, still change this sum.
+    mixed = bits ^ (index * _GOLDEN)
+    mixed = (mixed ^ (mixed >> 16)) * np.uint32(0x85EBCA6B)
+    mixed = (mixed ^ (mixed >> 13)) * np.uint32(0xC2B2AE35)
+    mixed = mixed ^ (mixed >> 16)
+    return jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(mixed, dtype=jnp.uint32)])
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,7 +65,7 @@ def _digests_fn(mesh: Mesh | None):
     """jit of the digests of a list of arrays; on a mesh the [2] results are replicated, so every
     process can read them from its own devices."""
     out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
-    return jax.jit(lambda leaves: [_digest(x) for x in leaves], out_shardings=out)
+    return jax.jit(lambda leaves: jnp.stack([_digest(x) for x in leaves]), out_shardings=out)
 
 
 def _paths(tree: Any) -> list[str]:
@@ -96,19 +92,22 @@ def digests(items: dict[str, Any]) -> dict:
     values: list[Any] = [None] * len(paths_and_leaves)
     for key, indices in groups.items():
         mesh = key[1] if key else None
-        for i, d in zip(indices, _digests_fn(mesh)([paths_and_leaves[i][2] for i in indices])):
-            values[i] = np.asarray(d.addressable_data(0))
+        stacked = _digests_fn(mesh)([paths_and_leaves[i][2] for i in indices])  # [n, 2]: one transfer
+        for i, d in zip(indices, np.asarray(stacked.addressable_data(0))):
+            values[i] = d
     record: dict[str, Any] = {"format": FORMAT, **{name: {} for name in items}}
     for (name, path, _), d in zip(paths_and_leaves, values):
         record[name][path] = f"{int(d[0]):08x}{int(d[1]):08x}"
     return record
 
 
-def verify(record: dict, items: dict[str, Any], step: int) -> None:
-    """Raises ``IntegrityError`` naming every array of ``items`` whose digest differs from ``record``."""
+def verify(record: dict, items: dict[str, Any], step: int) -> bool:
+    """Raises ``IntegrityError`` naming every array of ``items`` whose digest differs from ``record``.
+
+    Returns False (nothing checked) for a record of another format, e.g. from a newer version.
+    """
     if record.get("format") != FORMAT:
-        raise IntegrityError(f"checkpoint step {step}: integrity record has format {record.get('format')!r}, "
-                             f"expected {FORMAT}")
+        return False
     actual = digests(items)
     bad = []
     for name in items:
@@ -119,3 +118,4 @@ def verify(record: dict, items: dict[str, Any], step: int) -> None:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise IntegrityError(f"checkpoint step {step} is corrupt: {shown} differ from the digest recorded at save "
                              "time (the data files changed after they were written)")
+    return True

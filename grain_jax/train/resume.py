@@ -90,16 +90,15 @@ class Checkpointer:
             except Exception as error:  # noqa: BLE001  (any read failure means: unusable step)
                 self._skip(step, type(error).__name__, error)
                 continue
-            if not checked:
-                print(f"WARNING: checkpoint step {step} has no integrity digests (saved by an older version); "
-                      "restoring it unverified", flush=True)
-            else:
-                try:
-                    integrity.verify(restored[integrity.ITEM],
-                                     {item: restored[item] for item in integrity.CHECKED_ITEMS}, step)
-                except integrity.IntegrityError as error:
-                    self._skip(step, str(error), error)
-                    continue
+            try:
+                verified = checked and integrity.verify(
+                    restored[integrity.ITEM], {item: restored[item] for item in integrity.CHECKED_ITEMS}, step)
+            except integrity.IntegrityError as error:
+                self._skip(step, str(error), error)
+                continue
+            if not verified:
+                print(f"WARNING: checkpoint step {step} has no integrity digests this version can check (saved by "
+                      "another version); restoring it unverified", flush=True)
             restored_state = TrainState(step=jax.device_put(np.int32(restored["extra"]["step"]), shardings.step),
                                         params=restored["params"], opt_state=restored["opt_state"])
             return restored_state, np.asarray(restored["extra"]["rng"])
