@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grain_jax import sharding
-from grain_jax.train import checkpointing, integrity, optimizer, state as state_lib
+from grain_jax.train import integrity, optimizer, resume, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grain_cc12m.py:variant=B/16",
                                           "Config whose train state to checkpoint.", lock_config=True)
@@ -64,7 +64,7 @@ def main(argv):
     items = {"params": state.params, "opt_state": state.opt_state}
     record = integrity.digests(items)  # compile once, outside the timings
     workdir = _DIR.value or tempfile.mkdtemp(prefix="grain_jax_integrity_")
-    ckpt = checkpointing.Checkpointer(workdir, keep=2)
+    ckpt = resume.Checkpointer(workdir, keep=2)
     data = iter(grain.MapDataset.range(10).to_iter_dataset())
     saves, digest_times, restores, verify_times = [], [], [], []
     for repeat in range(_REPEATS.value):

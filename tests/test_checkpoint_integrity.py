@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from grain_jax import checkpoints, sharding
-from grain_jax.train import checkpointing, disk_space, integrity
+from grain_jax.train import disk_space, integrity, resume
 from grain_jax.train.state import TrainState
 
 
@@ -38,7 +38,7 @@ def _iterator():
 
 def _save(workdir, mesh, steps):
     """Saves a different state at each step; returns {step: state}."""
-    ckpt, it, saved = checkpointing.Checkpointer(workdir, keep=5), _iterator(), {}
+    ckpt, it, saved = resume.Checkpointer(workdir, keep=5), _iterator(), {}
     for step in steps:
         next(it)
         state, _ = _state(mesh, seed=step)
@@ -65,7 +65,7 @@ def test_flipped_bit_is_detected_and_falls_back(tmp_path, capsys, item, array):
     saved = _save(str(tmp_path), mesh, [2, 4])
     _flip_one_bit(str(tmp_path / checkpoints.CHECKPOINTS / "4" / item))
 
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=5)
     fresh, shardings = _state(mesh, seed=0)
     it = _iterator()
     state, rng = ckpt.restore(fresh, shardings, it)
@@ -73,7 +73,7 @@ def test_flipped_bit_is_detected_and_falls_back(tmp_path, capsys, item, array):
     out = capsys.readouterr().out
     assert "WARNING: checkpoint step 4 is unreadable (checkpoint step 4 is corrupt: " + array in out, out
     assert "differ from the digest recorded at save time" in out
-    assert (tmp_path / checkpointing.CORRUPT_DIR / "4").is_dir()
+    assert (tmp_path / resume.CORRUPT_DIR / "4").is_dir()
     assert int(state.step) == 2
     for restored, original in zip(jax.tree.leaves(state), jax.tree.leaves(saved[2])):
         np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
@@ -84,7 +84,7 @@ def test_flipped_bit_is_detected_and_falls_back(tmp_path, capsys, item, array):
 def test_intact_checkpoint_verifies_on_another_mesh(tmp_path, capsys):
     saved = _save(str(tmp_path), sharding.create_mesh((8, 1, 1)), [3])
     fresh, shardings = _state(sharding.create_mesh((2, 2, 2)), seed=0)
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=5)
     state, _ = ckpt.restore(fresh, shardings, _iterator())
     ckpt.close()
     assert "WARNING" not in capsys.readouterr().out
@@ -97,7 +97,7 @@ def test_checkpoint_without_digests_restores_unverified(tmp_path, capsys):
     saved = _save(str(tmp_path), sharding.create_mesh((8, 1, 1)), [3])
     shutil.rmtree(tmp_path / checkpoints.CHECKPOINTS / "3" / integrity.ITEM)
     fresh, shardings = _state(sharding.create_mesh((8, 1, 1)), seed=0)
-    ckpt = checkpointing.Checkpointer(str(tmp_path), keep=5)
+    ckpt = resume.Checkpointer(str(tmp_path), keep=5)
     state, _ = ckpt.restore(fresh, shardings, _iterator())
     ckpt.close()
     assert "checkpoint step 3 has no integrity digests this version can check" in capsys.readouterr().out
@@ -133,7 +133,7 @@ _DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "w/1.0" in OCDBT database: Fail
 def _save_then_fail(workdir, mesh, expect):
     """Saves step 2, then step 4 (which must fail with DiskFullError); returns (saved step 2, error)."""
     saved = _save(workdir, mesh, [2])
-    ckpt, it = checkpointing.Checkpointer(workdir, keep=5), _iterator()
+    ckpt, it = resume.Checkpointer(workdir, keep=5), _iterator()
     state, _ = _state(mesh, seed=4)
     with pytest.raises(disk_space.DiskFullError) as error:
         ckpt.save(state.replace(step=jax.device_put(jnp.int32(4), state.step.sharding)), jax.random.PRNGKey(4), it)
@@ -146,7 +146,7 @@ def _save_then_fail(workdir, mesh, expect):
 def _assert_resumes_from_step_2(workdir, mesh, saved):
     directory = os.path.join(workdir, checkpoints.CHECKPOINTS)
     assert sorted(os.listdir(directory)) == ["2"]  # no partial step-4 directory left
-    ckpt = checkpointing.Checkpointer(workdir, keep=5)
+    ckpt = resume.Checkpointer(workdir, keep=5)
     fresh, shardings = _state(mesh, seed=0)
     state, _ = ckpt.restore(fresh, shardings, _iterator())
     ckpt.close()
