@@ -60,7 +60,7 @@ def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason):
         path.write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(str(marker))))
     extra = ["--arch", "ViT-B-16"] if command == "open_clip" else []
     with pytest.raises(SystemExit) as error:
-        main.run([command, "--input", str(path), "--output", str(tmp_path / "out"), *extra])
+        convert_cli.run([command, "--input", str(path), "--output", str(tmp_path / "out"), *extra])
     message = str(error.value)
     assert message.startswith(f"grain-jax-convert: refusing to load {path}: {reason}"), message
     assert message.endswith("Nothing from it was executed.") and "\n" not in message, message
