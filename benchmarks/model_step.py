@@ -2,14 +2,20 @@
 
     python benchmarks/model_step.py --models grain-tiny,clip-tiny --batch_size 32 --image_size 64 \
         --caption_length 24 --description_length 12 [--dtype bfloat16] [--remat_policy full]
+    # side by side: model overrides per variant, timed round-robin, ratios to the first variant
+    python benchmarks/model_step.py --models grain-vit-s16 --image_size 224 --batch_size 8 \
+        --variants "attention_impl=explicit;attention_impl=xla"
 
-Prints, per model, its parameter count, the compile time of the train step and the median wall
-(and process CPU) time of the jitted forward (train=False) and of a full train step (forward + backward of
-``total_loss`` + AdamW update) on a random batch that satisfies the batch contract.
+Prints, per model (and variant), its parameter count, the compile time of the train step and the median
+wall (and process CPU) time of the jitted forward (train=False) and of a full train step (forward + backward
+of ``total_loss`` + AdamW update) on a random batch that satisfies the batch contract. Variants are timed
+interleaved (one call of each per round), so a load change on a shared machine hits them alike.
 """
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
 import time
 
 import flax.linen as nn
@@ -33,8 +39,22 @@ def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
     return float(np.median(wall)), float(np.median(cpu))
 
 
-def benchmark(name: str, args: argparse.Namespace) -> None:
-    model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy)
+def _parse_overrides(text: str) -> dict:
+    """``"a=1,b=xla"`` -> ``{"a": 1, "b": "xla"}`` (ints, floats and tuples of ints parsed as such)."""
+    overrides = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def prepare(name: str, overrides: dict, args: argparse.Namespace):
+    """(label, compile seconds, forward fn, train-step fn) of one model variant, compiled."""
+    model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy,
+                         **overrides)
     batch = fake_batch(args.batch_size, args.image_size, args.caption_length, args.description_length)
     params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, batch["images"], batch["caption_tokens"],
                                                      batch["description_tokens"]))(jax.random.key(0)))["params"]
@@ -63,13 +83,27 @@ def benchmark(name: str, args: argparse.Namespace) -> None:
     compile_s = time.perf_counter() - start
     forward = jax.jit(forward)
     jax.block_until_ready(forward(params, batch))
-    fwd = _median_seconds(forward, params, batch, repeats=args.repeats)
-    step = _median_seconds(train_step, params, opt_state, batch, key, repeats=args.repeats)
-    total = sum(param_counts(model).values())
-    print(f"{name}: {total / 1e6:.2f} M params, batch {args.batch_size} @ {args.image_size}px, dtype {args.dtype}, "
-          f"remat {args.remat_policy}: compile {compile_s:.1f} s, forward {fwd[0] * 1e3:.0f} ms "
-          f"(CPU {fwd[1] * 1e3:.0f} ms), train step {step[0] * 1e3:.0f} ms (CPU {step[1] * 1e3:.0f} ms), "
-          f"{args.batch_size / step[0]:.0f} img/s", flush=True)
+    label = f"{name}[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else name
+    label += f" ({sum(param_counts(model).values()) / 1e6:.2f} M params)"
+    return (label, compile_s, functools.partial(forward, params, batch),
+            functools.partial(train_step, params, opt_state, batch, key))
+
+
+def benchmark(name: str, args: argparse.Namespace) -> None:
+    variants = [prepare(name, _parse_overrides(v), args) for v in args.variants.split(";")]
+    times = {label: ([], []) for label, *_ in variants}
+    for _ in range(args.repeats):  # round-robin
+        for label, _, forward, step in variants:
+            times[label][0].append(_median_seconds(forward, repeats=1))
+            times[label][1].append(_median_seconds(step, repeats=1))
+    base = None
+    for label, compile_s, _, _ in variants:
+        fwd, step = (np.median(np.array(t), axis=0) for t in times[label])
+        base = step[0] if base is None else base
+        print(f"{label}: batch {args.batch_size} @ {args.image_size}px, dtype {args.dtype}, "
+              f"remat {args.remat_policy}: compile {compile_s:.1f} s, forward {fwd[0] * 1e3:.0f} ms "
+              f"(CPU {fwd[1] * 1e3:.0f} ms), train step {step[0] * 1e3:.0f} ms (CPU {step[1] * 1e3:.0f} ms), "
+              f"{args.batch_size / step[0]:.0f} img/s, step / first variant {step[0] / base:.3f}", flush=True)
 
 
 def main() -> None:
@@ -82,6 +116,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat_policy", default="none")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--variants", default="", help="';'-separated model overrides 'key=value,...' per variant")
     args = parser.parse_args()
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
     for name in args.models.split(","):

@@ -54,6 +54,8 @@ def create_model(name: str, **overrides) -> GrainModel:
     for key in ("dtype", "param_dtype"):  # configs may spell dtypes as strings
         if key in config:
             config[key] = jnp.dtype(config[key])
+    if "text_length_buckets" in config:  # module fields must be hashable (configs may give lists)
+        config["text_length_buckets"] = tuple(config["text_length_buckets"])
     return GrainModel(**config)
 
 

@@ -9,16 +9,25 @@ Modes:
 txt/descriptions [B, M, E], dec/region_embeddings [B, Q, E], dec/boxes [B, Q, 4] cxcywh in [0, 1],
 dec/layer_boxes [L, B, Q, 4], logit_scale []. ``aux``: img/tokens [B, 1+N, Wv],
 txt/caption_features [B, Lc, Wt], dec/hidden [L, B, Q+1, D].
+
+Text work that cannot change the result is skipped (models/text_batching.py), opt-in:
+* ``description_budget`` < 1: only the valid (non-zero) description slots are encoded, packed into
+  ``ceil8(budget * B * M)`` rows; padding slots of ``txt/descriptions`` are then zero (the losses mask
+  them). A batch with more valid descriptions than that encodes every slot instead (same values, full
+  cost) and says so in ``out["txt/description_overflow"]`` (1.0 on such a batch, else 0.0).
+* ``text_length_buckets``: texts are encoded at the shortest bucket length that holds the batch's last
+  EOT; ``txt/caption_features`` are then zero past that length.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.models import layers
+from grain_jax.models import layers, text_batching
 from grain_jax.models.grounding_decoder import GroundingDecoder
 from grain_jax.models.text import TextTransformer
 from grain_jax.models.vit import VisionTransformer, decode_variant
@@ -56,11 +65,16 @@ class GrainModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # layers.ATTENTION_IMPLS: "auto" = cuDNN flash on GPU in bf16, else explicit
+    # Text work skipped (see the module docstring): fraction of description slots encoded; static lengths.
+    description_budget: float = 1.0
+    text_length_buckets: tuple[int, ...] = ()
 
     def setup(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat_policy)
+        common = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat_policy,
+                      attention_impl=self.attention_impl)
         vit = decode_variant(self.vit_variant)
         self.image = VisionTransformer(
             **vit, image_size=self.image_size, qk_norm=self.vit_qk_norm, pre_norm=self.vit_pre_norm,
@@ -103,11 +117,37 @@ class GrainModel(nn.Module):
         return out
 
     def _text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens [..., L] -> (embeddings [..., E], features [..., L, Wt])."""
+        """tokens [..., L] -> (embeddings [..., E], features [..., L, Wt]), at the bucket length that fits."""
         flat = tokens.reshape(-1, tokens.shape[-1])
-        embedding, features = self.text(flat)
+        lengths = text_batching.bucket_lengths(self.text_length_buckets, flat.shape[-1])
+        if len(lengths) == 1:
+            embedding, features = self.text(flat)
+        else:
+            branches = [functools.partial(_text_at_length, length=n, padded=flat.shape[-1]) for n in lengths]
+            embedding, features = nn.switch(text_batching.bucket_index(flat, lengths), branches, self, flat)
         return (embedding.reshape(*tokens.shape[:-1], -1),
                 features.reshape(*tokens.shape, -1))
+
+    def _descriptions(self, tokens: jax.Array) -> dict[str, jax.Array]:
+        """tokens [B, M, Ld] -> {txt/descriptions [B, M, E]} (+ txt/description_overflow [] when packing)."""
+        batch, slots, length = tokens.shape
+        flat = tokens.reshape(batch * slots, length)
+        capacity = text_batching.description_capacity(batch * slots, self.description_budget)
+        if capacity == batch * slots:
+            return {"txt/descriptions": self.encode_text(tokens)}
+        valid = text_batching.valid_rows(flat)
+        overflow = jnp.sum(valid) > capacity
+
+        def packed(model, flat, valid):
+            rows, index = text_batching.pack(flat, capacity)
+            return text_batching.unpack(model.encode_text(rows), index, flat.shape[0])
+
+        def every_slot(model, flat, valid):
+            return jnp.where(valid[:, None], model.encode_text(flat), 0.0)
+
+        embeddings = nn.cond(overflow, every_slot, packed, self, flat, valid)
+        return {"txt/descriptions": embeddings.reshape(batch, slots, -1),
+                "txt/description_overflow": overflow.astype(jnp.float32)}
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """tokens [..., L] int -> unnormalised embeddings [..., E] f32 (e.g. [N, L] -> [N, E])."""
@@ -119,6 +159,12 @@ class GrainModel(nn.Module):
         out, aux = self._image_outputs(images, train)
         out["txt/caption"], aux["txt/caption_features"] = self._text(caption_tokens)
         if description_tokens is not None:
-            out["txt/descriptions"] = self.encode_text(description_tokens)
+            out.update(self._descriptions(description_tokens))
         out["logit_scale"] = self.logit_scale.astype(jnp.float32)
         return out, aux
+
+
+def _text_at_length(model: GrainModel, tokens: jax.Array, length: int, padded: int) -> tuple[jax.Array, jax.Array]:
+    """tokens [N, padded] encoded at their first ``length`` positions -> (embeddings, features zero-padded)."""
+    embedding, features = model.text(tokens[:, :length])
+    return embedding, jnp.pad(features, ((0, 0), (0, padded - length), (0, 0)))

@@ -39,13 +39,15 @@ class DecoderLayer(nn.Module):
     mlp_dim: int
     dropout_rate: float
     deterministic: bool = True
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, tgt: jax.Array, query_pos: jax.Array, memory: jax.Array) -> jax.Array:
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = dict(init=_DECODER_INIT, dropout_rate=self.dropout_rate, deterministic=self.deterministic, **common)
+        attn = dict(init=_DECODER_INIT, dropout_rate=self.dropout_rate, deterministic=self.deterministic,
+                    attention_impl=self.attention_impl, **common)
 
         def drop(x):
             return nn.Dropout(self.dropout_rate)(x, deterministic=self.deterministic)
@@ -97,6 +99,7 @@ class GroundingDecoder(nn.Module):
     dropout_rate: float = 0.1
     embed_dim: int = 512
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -118,7 +121,7 @@ class GroundingDecoder(nn.Module):
         hidden = []
         for i in range(self.depth):
             tgt = layer_cls(self.num_heads, self.mlp_dim, self.dropout_rate, deterministic=not train,
-                            name=f"layers_{i}", **common)(tgt, queries, memory)
+                            attention_impl=self.attention_impl, name=f"layers_{i}", **common)(tgt, queries, memory)
             hidden.append(final_norm(tgt))
         hidden = jnp.stack(hidden)  # [L, B, Q+1, D]
 

@@ -13,6 +13,12 @@ transpose and a reshape (x = activations, W = width, H = heads, Dh = W // H):
 
 Numerics: LayerNorm, attention logits and softmax run in float32; matmuls run in
 the compute ``dtype``; the residual stream stays float32.
+
+Attention (see :func:`attention_implementation`): on GPU in bf16/fp16 cuDNN's fused flash attention
+through ``jax.nn.dot_product_attention``; elsewhere the explicit einsum-softmax-einsum, which is also
+the path for dropout on the attention probabilities (the fused kernels have none). On CPU the
+explicit path is 7-15% faster than ``jax.nn.dot_product_attention``'s XLA one (causal [48, 77, 384],
+12 heads, forward + backward, interleaved; ``attention_impl="xla"`` selects that one).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax.linen.dtypes import promote_dtype
 
 Dtype = Any
@@ -113,6 +120,44 @@ def remat(module_cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
     return nn.remat(module_cls, policy=fn)
 
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")
+
+
+def attention_implementation(requested: str, dtype: Dtype) -> str:
+    """The attention path for ``requested`` (one of ``ATTENTION_IMPLS``) and the compute dtype.
+
+    "auto": "cudnn" on GPU in bf16/fp16 (cuDNN's flash attention takes no fp32), else "explicit".
+    """
+    if requested not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention_impl {requested!r}; choose from {ATTENTION_IMPLS}")
+    if requested != "auto":
+        return requested
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    return "cudnn" if half and jax.default_backend() == "gpu" else "explicit"
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool,
+                          implementation: str) -> jax.Array:
+    """q [..., Lq, H, Dh], k / v [..., Lk, H, Dh] (one dtype) -> [..., Lq, H, Dh], scale Dh^-0.5.
+
+    Leading dims are flattened into the one batch dim ``jax.nn.dot_product_attention`` takes.
+    A shape cuDNN rejects while tracing (e.g. a head dim it does not support) falls back to XLA.
+    """
+    lead = q.shape[:-3]
+    q, k, v = (x.reshape((-1,) + x.shape[-3:]) for x in (q, k, v))
+    impl = implementation
+    if impl == "cudnn":
+        try:
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
+        except (NotImplementedError, RuntimeError, ValueError) as e:
+            logging.log_first_n(logging.WARNING, "cuDNN attention unavailable for q %s k %s (%s); using XLA's",
+                                4, q.shape, k.shape, e)
+            impl = "xla"
+    if impl == "xla":
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
+    return out.reshape(lead + out.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
 class BlockInit:
     """Initialisers of one transformer block's weights, each applied to PyTorch's 2-D [in, out] matrix.
@@ -133,6 +178,7 @@ class MultiHeadAttention(nn.Module):
     q, k and v may come from different inputs (the decoder adds query positions to q and k
     only); all three use slices of one packed kernel. Optional per-head LayerNorm on q and k
     (timm ``qk_norm``), causal mask, and dropout on the attention probabilities.
+    ``attention_impl``: see :func:`attention_implementation`; active dropout always takes the explicit path.
     """
     num_heads: int
     init: BlockInit = BlockInit()
@@ -141,6 +187,7 @@ class MultiHeadAttention(nn.Module):
     causal: bool = False
     dropout_rate: float = 0.0
     deterministic: bool = True
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -176,18 +223,24 @@ class MultiHeadAttention(nn.Module):
             q = layer_norm(self.qk_norm_eps, self.param_dtype, name="q_norm")(q).astype(self.dtype)
             k = layer_norm(self.qk_norm_eps, self.param_dtype, name="k_norm")(k).astype(self.dtype)
 
-        logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * head_dim ** -0.5
-        if self.causal:
-            # Position i attends to j <= i (OpenAI CLIP's additive -inf upper triangle).
-            allowed = jnp.tril(jnp.ones((logits.shape[-2], logits.shape[-1]), dtype=bool))
-            logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        if self.dropout_rate > 0:
-            probs = nn.Dropout(self.dropout_rate)(probs, deterministic=self.deterministic)
+        dropout = self.dropout_rate > 0 and not self.deterministic
+        impl = "explicit" if dropout else attention_implementation(self.attention_impl, self.dtype)
+        if impl == "explicit":
+            logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+            logits = logits * head_dim ** -0.5
+            if self.causal:
+                # Position i attends to j <= i (OpenAI CLIP's additive -inf upper triangle).
+                allowed = jnp.tril(jnp.ones((logits.shape[-2], logits.shape[-1]), dtype=bool))
+                logits = jnp.where(allowed, logits, jnp.finfo(jnp.float32).min)
+            probs = jax.nn.softmax(logits, axis=-1)
+            if dropout:
+                probs = nn.Dropout(self.dropout_rate)(probs, deterministic=False)
+            probs, v = promote_dtype(probs, v, dtype=self.dtype)
+            attended = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        else:
+            attended = dot_product_attention(q, k, v, causal=self.causal, implementation=impl)
 
-        probs, v, out_kernel, out_bias = promote_dtype(probs, v, out_kernel, out_bias, dtype=self.dtype)
-        attended = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        attended, out_kernel, out_bias = promote_dtype(attended, out_kernel, out_bias, dtype=self.dtype)
         return jnp.einsum("...qhd,hdw->...qw", attended, out_kernel) + out_bias
 
 
@@ -223,6 +276,7 @@ class EncoderBlock(nn.Module):
     qk_norm: bool = False
     causal: bool = False
     init: BlockInit = BlockInit()
+    attention_impl: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
@@ -232,7 +286,7 @@ class EncoderBlock(nn.Module):
         x = nn.with_logical_constraint(x, ACT_AXES)
         y = layer_norm(self.ln_eps, self.param_dtype, name="norm1")(x)
         x = x + MultiHeadAttention(self.num_heads, init=self.init, qk_norm=self.qk_norm, causal=self.causal,
-                                   name="attn", **common)(y)
+                                   attention_impl=self.attention_impl, name="attn", **common)(y)
         y = layer_norm(self.ln_eps, self.param_dtype, name="norm2")(x)
         x = x + Mlp(self.mlp_dim, self.activation, init=self.init, name="mlp", **common)(y)
         return nn.with_logical_constraint(x.astype(jnp.float32), ACT_AXES)

@@ -37,6 +37,7 @@ class TextTransformer(nn.Module):
     embed_dim: int = 512
     activation: str = "quick_gelu"
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -66,7 +67,7 @@ class TextTransformer(nn.Module):
         block_cls = layers.remat(layers.EncoderBlock, self.remat_policy)
         for i in range(self.depth):
             x = block_cls(self.num_heads, 4 * self.width, activation=self.activation, ln_eps=1e-5, causal=True,
-                          init=init, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+                          init=init, attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
         features = layers.layer_norm(1e-5, self.param_dtype, name="ln_final")(x)
 
         eot = jnp.argmax(tokens, axis=-1)  # [N]; EOT (49407) is the largest id

@@ -60,6 +60,7 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-6
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -94,6 +95,6 @@ class VisionTransformer(nn.Module):
         block_cls = layers.remat(layers.EncoderBlock, self.remat_policy)
         for i in range(self.depth):
             x = block_cls(self.num_heads, self.mlp_ratio * self.width, activation=self.activation,
-                          ln_eps=self.ln_eps, qk_norm=self.qk_norm, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+                          ln_eps=self.ln_eps, qk_norm=self.qk_norm, attention_impl=self.attention_impl,
+                          dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
         return layers.layer_norm(self.ln_eps, self.param_dtype, name="norm")(x)

@@ -30,7 +30,10 @@ def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, r
     descriptions = batch["description_tokens"] if model.mode == "grain" else None
     outputs, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"], descriptions,
                              train=train, rngs={"dropout": rng})
-    return total_loss(outputs, batch, loss_config)
+    loss, metrics = total_loss(outputs, batch, loss_config)
+    if "txt/description_overflow" in outputs:  # a batch over model.description_budget (encoded in full)
+        metrics = {**metrics, "txt/description_overflow": outputs["txt/description_overflow"]}
+    return loss, metrics
 
 
 def _micro_batches(batch: dict, k: int) -> dict:
