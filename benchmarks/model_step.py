@@ -56,6 +56,10 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
     model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy,
                          **overrides)
     batch = fake_batch(args.batch_size, args.image_size, args.caption_length, args.description_length)
+    if args.pad_texts_to:  # short texts in long zero-padded rows, as real data tokenized to 77
+        for key in ("caption_tokens", "description_tokens"):
+            pad = [(0, 0)] * (batch[key].ndim - 1) + [(0, args.pad_texts_to - batch[key].shape[-1])]
+            batch[key] = np.pad(batch[key], pad)
     params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, batch["images"], batch["caption_tokens"],
                                                      batch["description_tokens"]))(jax.random.key(0)))["params"]
     tx = optax.adamw(1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)
@@ -116,6 +120,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat_policy", default="none")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--pad_texts_to", type=int, default=0,
+                        help="zero-pad the texts (at most caption/description_length long) to this length")
     parser.add_argument("--variants", default="", help="';'-separated model overrides 'key=value,...' per variant")
     args = parser.parse_args()
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s)")

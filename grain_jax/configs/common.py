@@ -75,7 +75,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.seed = 0
     config.model_name = "grain-vit-b16"
     # create_model overrides; keys beyond these (e.g. vit_* tower options) are added in a config file.
-    config.model = ml_collections.ConfigDict(dict(remat_policy="none", attention_impl="auto"))
+    config.model = ml_collections.ConfigDict(dict(remat_policy="none", attention_impl="auto", description_budget=1.0,
+                                                  text_length_buckets=()))
     config.dtype = "bfloat16"  # compute; params and norms/softmax/losses stay fp32
     config.param_dtype = "float32"
     config.data = data_config(image_size=224)
