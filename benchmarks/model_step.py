@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import re
 import time
 
 import flax.linen as nn
@@ -42,7 +43,7 @@ def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
 def _parse_overrides(text: str) -> dict:
     """``"a=1,b=xla"`` -> ``{"a": 1, "b": "xla"}`` (ints, floats and tuples of ints parsed as such)."""
     overrides = {}
-    for item in filter(None, text.split(",")):
+    for item in filter(None, re.split(r",(?![^()]*\))", text)):  # commas inside (...) belong to a tuple
         key, _, value = item.partition("=")
         try:
             overrides[key] = ast.literal_eval(value)
