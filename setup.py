@@ -27,7 +27,8 @@ CONVERT = ["torch>=2.4", "torchvision", "open_clip_torch>=3.3,<4", "timm>=1.0.31
 # the parity tests check the Flax OWLv2 against this version) only for the PyTorch detector path and the tests.
 ANNOTATE = ["httpx>=0.28,<1", "safetensors>=0.8", "transformers==5.18.0"]
 # CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
-BENCHMARK = ["clip_benchmark==1.6.2"]
+# (benchmarks/pipeline_throughput.py also uses webdataset and psutil.)
+BENCHMARK = ["clip_benchmark==1.6.2", "webdataset>=0.2", "psutil>=5"]
 
 setuptools.setup(
     name="grain_jax",

@@ -25,6 +25,8 @@ import numpy as np
 import optax
 
 from grain_jax.batch import fake_batch
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.data import transforms
 from grain_jax.losses import LossConfig, total_loss
 from grain_jax.models import create_model, param_counts
 
@@ -61,6 +63,7 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
         for key in ("caption_tokens", "description_tokens"):
             pad = [(0, 0)] * (batch[key].ndim - 1) + [(0, args.pad_texts_to - batch[key].shape[-1])]
             batch[key] = np.pad(batch[key], pad)
+    batch["images"] = np.asarray(transforms.normalize(batch["images"], IMAGENET_MEAN, IMAGENET_STD))  # model input
     params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, batch["images"], batch["caption_tokens"],
                                                      batch["description_tokens"]))(jax.random.key(0)))["params"]
     tx = optax.adamw(1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)

@@ -36,13 +36,13 @@ def main(argv):
     state, shardings, tx = state_lib.create_train_state(
         model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
     batch_sh = state_lib.batch_sharding(mesh, rules)
+    data = config.data
     start = time.perf_counter()
     compiled = trainer.compile_train_step(
         step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
-                                 int(config.get("grad_accum_steps", 1))),
+                                 int(config.get("grad_accum_steps", 1)), mean=data.mean, std=data.std),
         state, shardings, batch_sh, mesh, rules, config)
     compile_s = time.perf_counter() - start
-    data = config.data
     batch = batch_lib.fake_batch(config.global_batch_size, data.image_size, data.caption_length,
                                  data.description_length, data.max_boxes)
     batch = {k: jax.device_put(v, batch_sh) for k, v in batch.items()}

@@ -6,11 +6,16 @@ Lc / Ld = caption / description context lengths (each at most 77, may differ):
 
 | key                  | shape / dtype            | meaning                                                    |
 |----------------------|--------------------------|------------------------------------------------------------|
-| `images`             | [B, H, W, 3] float32     | squash-resized, normalised (ImageNet mean/std by default)  |
+| `images`             | [B, H, W, 3] uint8       | squash-resized RGB pixels (normalised on device)           |
 | `caption_tokens`     | [B, Lc] int32            | CLIP BPE ids, SOT ... EOT, zero padded                      |
 | `description_tokens` | [B, M, Ld] int32         | description m of image b belongs to box m                   |
 | `boxes`              | [B, M, 4] float32        | cxcywh in [0, 1] of the (squashed) image                    |
 | `box_mask`           | [B, M] bool              | True where box m *and* its description are valid           |
+
+Images travel as uint8 (a quarter of float32's host-to-device bytes); the jitted step,
+the evaluators and inference turn them into model input with
+``grain_jax.data.transforms.normalize(images, mean, std)`` (``config.data.mean/std``,
+ImageNet's by default), so training and serving see identical pixels.
 
 Valid boxes/descriptions are packed in the first slots (top-k by score, then
 padding); padded slots have all-zero tokens and boxes. Eval batches may also
@@ -31,8 +36,8 @@ def validate(batch: Mapping[str, np.ndarray]) -> None:
     if missing:
         raise ValueError(f"batch is missing keys {missing}; has {sorted(batch)}")
     b = batch["images"].shape[0]
-    if batch["images"].ndim != 4 or batch["images"].shape[-1] != 3:
-        raise ValueError(f"images must be [B, H, W, 3], got {batch['images'].shape}")
+    if batch["images"].ndim != 4 or batch["images"].shape[-1] != 3 or batch["images"].dtype != np.uint8:
+        raise ValueError(f"images must be uint8 [B, H, W, 3], got {batch['images'].dtype} {batch['images'].shape}")
     m = batch["box_mask"].shape[-1]
     expect = {
         "caption_tokens": 2, "description_tokens": 3, "boxes": 3, "box_mask": 2,
@@ -68,7 +73,7 @@ def fake_batch(batch_size: int = 4, image_size: int = 32, caption_length: int = 
     boxes = np.concatenate([centre, size], -1).astype(np.float32) * box_mask[..., None]
     desc = tokens((batch_size, max_boxes), description_length) * box_mask[..., None]
     return {
-        "images": rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32),
+        "images": rng.integers(0, 256, size=(batch_size, image_size, image_size, 3), dtype=np.uint8),
         "caption_tokens": tokens((batch_size,), caption_length),
         "description_tokens": desc.astype(np.int32),
         "boxes": boxes,

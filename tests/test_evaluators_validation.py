@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 import evaluator_fakes as fakes
-from grain_jax.data import pipeline, records
+from grain_jax.data import pipeline, records, transforms
 from grain_jax.data.tokenizer import tokenize
 from grain_jax.evaluators import common
 from grain_jax.losses import LossConfig, total_loss
@@ -57,7 +57,8 @@ def test_validation_losses_weight_batches_by_real_examples(data_config):
     loss_fn = jax.jit(lambda outputs, batch: total_loss(outputs, batch, LossConfig()))
     for batch in pipeline.make_eval_iterator(data_config, global_batch_size=8):
         real = {k: v[batch["mask"]] for k, v in batch.items() if k != "mask"}
-        outputs, _ = model.model.apply({"params": model.params}, real["images"], real["caption_tokens"],
+        pixels = transforms.normalize(real["images"], model.spec.mean, model.spec.std)
+        outputs, _ = model.model.apply({"params": model.params}, pixels, real["caption_tokens"],
                                        real["description_tokens"])
         _, metrics = loss_fn(outputs, real)
         for key, value in metrics.items():

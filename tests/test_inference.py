@@ -1,4 +1,6 @@
 """InferenceModel: preprocessing, padded batching, mesh sharding, class-embedding averaging."""
+import io
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ from PIL import Image
 import evaluator_fakes as fakes
 from grain_jax import inference, sharding
 from grain_jax.checkpoints import ModelSpec
-from grain_jax.data import pipeline
+from grain_jax.data import pipeline, transforms
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.inference import classifier, descriptors, prompts
 
@@ -21,17 +23,20 @@ def perfect():
     return fakes.make_inference_model(NAMES, batch_size=4)
 
 
-def test_preprocess_squash_resizes_bicubic_and_normalises():
+def test_preprocess_squash_resizes_bicubic_and_device_normalises():
     spec = ModelSpec(model_name="x", image_size=8)
     image = np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)
-    expected = np.asarray(Image.fromarray(image).resize((8, 8), Image.BICUBIC), np.float32) / 255
-    expected = (expected - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-    np.testing.assert_allclose(inference.preprocess_image(image, spec), expected, rtol=1e-6, atol=1e-6)
+    resized = np.asarray(Image.fromarray(image).resize((8, 8), Image.BICUBIC))
+    np.testing.assert_array_equal(inference.preprocess_image(image, spec), resized)  # uint8 to the device
+    expected = (resized / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    np.testing.assert_allclose(np.asarray(transforms.normalize(resized, spec.mean, spec.std)), expected,
+                               rtol=1e-6, atol=1e-6)
     grey = inference.preprocess_images([image[..., 0], image], spec)  # any sizes, greyscale -> RGB
-    assert grey.shape == (2, 8, 8, 3) and np.allclose(grey[0, ..., 0] * IMAGENET_STD[0] + IMAGENET_MEAN[0],
-                                                     grey[0, ..., 1] * IMAGENET_STD[1] + IMAGENET_MEAN[1])
+    assert grey.shape == (2, 8, 8, 3) and grey.dtype == np.uint8
+    assert (grey[0, ..., 0] == grey[0, ..., 1]).all()
     normalised = np.random.default_rng(1).normal(size=(2, 8, 8, 3)).astype(np.float32)
     np.testing.assert_array_equal(inference.preprocess_images(normalised, spec), normalised)  # passed through
+    np.testing.assert_array_equal(np.asarray(transforms.normalize(normalised, spec.mean, spec.std)), normalised)
     with pytest.raises(ValueError, match=r"float images must be normalised \[N, 8, 8, 3\]"):
         inference.preprocess_images(np.zeros((2, 9, 9, 3), np.float32), spec)
 
@@ -39,13 +44,21 @@ def test_preprocess_squash_resizes_bicubic_and_normalises():
 def test_serving_sees_the_pixels_training_sees():
     spec = ModelSpec(model_name="x", image_size=8)
     image = np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)
-    options = pipeline._ExampleOptions(image_size=8, mean=IMAGENET_MEAN, std=IMAGENET_STD, caption_length=4,
-                                       description_length=4, max_boxes=1, mllm_caption_prob=0.0, augment=False)
-    record = {"image": image, "caption_tokens": np.zeros(4, np.int32), "has_mllm_caption": False,
+    options = pipeline._ExampleOptions(image_size=8, caption_length=4, description_length=4, max_boxes=1,
+                                       mllm_caption_prob=0.0, augment=False)
+    png = io.BytesIO()
+    Image.fromarray(image).save(png, "PNG")  # lossless: the record holds exactly these pixels
+    record = {"id": b"x", "image": png.getvalue(), "caption_tokens": np.zeros(4, np.int32), "has_mllm_caption": False,
               "description_tokens": np.zeros((1, 4), np.int32), "boxes": np.zeros((1, 4), np.float32),
               "box_mask": np.zeros(1, bool)}
     trained_on = options.example(record, use_mllm_caption=False, flip=False)["images"]
     np.testing.assert_array_equal(inference.preprocess_image(image, spec), trained_on)
+
+
+def test_uint8_and_prenormalised_float_images_embed_alike(perfect):
+    images = np.stack([fakes.label_image(i % 10, size=fakes.IMAGE_SIZE) for i in range(5)])
+    pixels = np.asarray(transforms.normalize(images, perfect.spec.mean, perfect.spec.std))
+    np.testing.assert_allclose(perfect.encode_images(images), perfect.encode_images(pixels), rtol=1e-6)
 
 
 def test_padded_batches_return_every_row_once(perfect):

@@ -12,6 +12,8 @@ from scipy.special import erf
 
 from grain_jax import sharding
 from grain_jax.batch import fake_batch
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.data import transforms
 from grain_jax.models import create_model
 
 VOCAB = 512
@@ -134,7 +136,9 @@ def np_decoder(vision_tokens, p, heads, num_queries):
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def batch():
-    return fake_batch(batch_size=4, image_size=32, caption_length=10, description_length=6, vocab_size=VOCAB)
+    batch = fake_batch(batch_size=4, image_size=32, caption_length=10, description_length=6, vocab_size=VOCAB)
+    batch["images"] = np.asarray(transforms.normalize(batch["images"], IMAGENET_MEAN, IMAGENET_STD))  # model input
+    return batch
 
 
 def _random_variables(model, batch, seed=0):

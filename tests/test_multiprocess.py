@@ -26,8 +26,9 @@ def _one_process_losses(config) -> list[float]:
     state, shardings, tx = state_lib.create_train_state(
         model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, init_rng)
     batch_sh = state_lib.batch_sharding(mesh, rules)
-    compiled = trainer.compile_train_step(step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule),
-                                          state, shardings, batch_sh, mesh, rules, config)
+    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
+                                          mean=config.data.mean, std=config.data.std)
+    compiled = trainer.compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
     iterators = [pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                               seed=config.seed, process_index=i, process_count=2) for i in range(2)]
     losses = []

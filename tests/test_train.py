@@ -27,6 +27,10 @@ def _setup(config, mesh):
     return model, schedule, tx, state, shardings, rules
 
 
+def _image_stats(config):
+    return {"mean": config.data.mean, "std": config.data.std}
+
+
 def _fixed_batch(config):
     data = config.data
     return batch_lib.fake_batch(config.global_batch_size, data.image_size, data.caption_length,
@@ -37,7 +41,7 @@ def test_loss_decreases_on_a_fixed_batch_and_bad_steps_are_skipped(tmp_path):
     config = _train_utils.runlocal_config(str(tmp_path))
     mesh = sharding.create_mesh((8, 1, 1))
     model, schedule, tx, state, shardings, rules = _setup(config, mesh)
-    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule)
+    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule, **_image_stats(config))
     compiled = trainer.compile_train_step(train_step, state, shardings, state_lib.batch_sharding(mesh, rules),
                                           mesh, rules, config)
     batch_sh = state_lib.batch_sharding(mesh, rules)
@@ -54,7 +58,7 @@ def test_loss_decreases_on_a_fixed_batch_and_bad_steps_are_skipped(tmp_path):
     assert np.mean(losses[-3:]) < np.mean(losses[:3]), losses
 
     before = jax.device_get(state.params)
-    poisoned = dict(batch, images=jnp.full_like(batch["images"], jnp.nan))
+    poisoned = dict(batch, boxes=jnp.full_like(batch["boxes"], jnp.nan))  # uint8 images cannot hold NaN
     state, metrics = compiled(state, poisoned, rng)
     assert float(metrics["finite"]) == 0.0
     for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(state.params)):
@@ -76,7 +80,7 @@ def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
         placed = jax.device_put(params, params_sh)
         placed_batch = jax.device_put(batch, state_lib.batch_sharding(mesh, rules))
         fn = jax.jit(lambda p, b: step_lib.forward_loss(model, loss_config, p, b, jax.random.PRNGKey(0),
-                                                        train=False)[0])
+                                                        train=False, **_image_stats(config))[0])
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return float(fn(placed, placed_batch))
 
@@ -95,7 +99,7 @@ def test_non_finite_loss_stops_naming_the_metric_and_the_last_good_checkpoint(tm
     def poison_one_batch(batch, batch_sharding):
         calls.append(1)
         if len(calls) == poisoned:
-            batch = dict(batch, images=np.full_like(batch["images"], np.nan))
+            batch = dict(batch, boxes=np.full_like(batch["boxes"], np.nan))
         return to_global(batch, batch_sharding)
 
     monkeypatch.setattr(pipeline, "to_global", poison_one_batch)
@@ -118,14 +122,16 @@ def test_gradient_accumulation_averages_micro_batches_clip(tmp_path):
     model, schedule, tx, state, shardings, rules = _setup(config, mesh)
     assert model.mode == "clip"
     params = jax.device_get(state.params)
-    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule, grad_accum_steps=2)
+    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule, grad_accum_steps=2,
+                                          **_image_stats(config))
     batch_sh = state_lib.batch_sharding(mesh, rules)
     compiled = trainer.compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
     batch = _fixed_batch(config)
     state, metrics = compiled(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()},
                               jax.random.PRNGKey(0))
     micro_losses = [float(step_lib.forward_loss(model, LossConfig(**config.loss), params,
-                                                {k: v[j::2] for k, v in batch.items()}, jax.random.PRNGKey(0))[0])
+                                                {k: v[j::2] for k, v in batch.items()}, jax.random.PRNGKey(0),
+                                                **_image_stats(config))[0])
                     for j in range(2)]
     assert set(metrics) >= {"loss/image_caption", "acc/image_caption"} and "loss/box_l1" not in metrics
     np.testing.assert_allclose(float(metrics["loss/total"]), np.mean(micro_losses), rtol=1e-5)

@@ -30,7 +30,9 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_cache):
     reference_dir, killed_dir = str(tmp_path / "reference"), str(tmp_path / "killed")
     trainer.train_and_evaluate(_train_utils.runlocal_config(data_cache, checkpoint_every_steps=2), reference_dir)
 
-    process = _train_utils.start(_train_utils.cli(killed_dir, data_cache, "--config.checkpoint_every_steps=2"))
+    # Killed while decoding in 2 worker processes, resumed in-process: the data state is worker-count free.
+    process = _train_utils.start(_train_utils.cli(killed_dir, data_cache, "--config.checkpoint_every_steps=2",
+                                                  "--config.data.num_workers=2"))
     _wait_for(process, f"step 5/{_train_utils.TOTAL_STEPS}")
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)

@@ -54,11 +54,15 @@ def _typed(key: str, value: str, default):
 
 def data_config(*, image_size: int, caption_length: int = 77, description_length: int = 77,
                 max_boxes: int = 5, dir: str | None = None) -> ml_collections.ConfigDict:  # noqa: A002
-    """``config.data`` (docs/interfaces.md §6): squash resize + ImageNet normalisation, no augmentation."""
+    """``config.data`` (docs/interfaces.md §6): squash resize + ImageNet normalisation, no augmentation.
+
+    ``num_workers=-1``: worker processes sized from this process's CPU cores
+    (``grain_jax.data.loader.resolve_num_workers``); 0 decodes in the training process.
+    """
     return ml_collections.ConfigDict(dict(
         dir=ml_collections.FieldReference(dir, field_type=str), train_split="train", eval_split="validation", image_size=image_size,
         caption_length=caption_length, description_length=description_length, max_boxes=max_boxes,
-        mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=0, prefetch=2, augment=False))
+        mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=-1, prefetch=2, augment=False))
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:

@@ -24,6 +24,9 @@ def get_config(arg=None):
     if args.model == "grain":
         config.model.num_queries = 5
     config.data = common.data_config(image_size=64, caption_length=32, description_length=16)
+    # In-process loading: at 64 px one core decodes several times what the CPU step consumes
+    # (README "Input pipeline"), and worker start-up would cost seconds on every run and test.
+    config.data.num_workers = 0
     config.synthetic = dict(resolution=64)
     config.global_batch_size = 32
     config.total_steps = 300

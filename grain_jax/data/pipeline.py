@@ -3,15 +3,19 @@
 Training (``make_train_iterator``), per process::
 
     tfds source of this process's slice of the split (``tfds.split_for_jax_process``)
-      -> shuffle (a new permutation every epoch) -> JPEG decode + normalise + caption choice
-      (+ optional flip) -> repeat forever -> batch (global_batch_size / process_count)
-      -> grain worker processes (``num_workers``; 0 = in-process)
+      -> shuffle (a new permutation every epoch) -> JPEG decode (+ resize if the records are
+      not at ``image_size``) + caption choice (+ optional flip) -> repeat forever
+      -> batch (global_batch_size / process_count) -> grain worker processes (``num_workers``)
+
+Images stay uint8 up to the device; the jitted step normalises them (``transforms.normalize``
+with ``mean``/``std``), exactly like evaluation and serving do.
 
 Everything random is a pure function of ``seed``, the process index and the position in the
 stream (the epoch picks the permutation, the stream index seeds the ``RandomMap`` rng), so the same seed gives
 the same batches, whatever ``num_workers`` is, and the iterator state
 (``get_state``/``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` in an orbax
-Composite) resumes with the very next batch.
+Composite) is ``{"next_index": k}``: it resumes with the very next batch under any worker
+count (``loader.BatchIterator``).
 
 Evaluation (``make_eval_iterator``) reads one pass in order and pads the last batch with
 all-zero examples flagged by ``mask`` [B] bool (False = padding), so nothing is dropped or
@@ -19,7 +23,8 @@ counted twice. Every process yields the same number of batches (``to_global`` ne
 
 ``data_config`` keys (dict or ``ml_collections.ConfigDict``; defaults in ``DEFAULTS``):
 dir, train_split, eval_split, image_size (None = the records' resolution), caption_length,
-description_length, max_boxes, mllm_caption_prob, mean, std, num_workers, prefetch, augment.
+description_length, max_boxes, mllm_caption_prob, mean, std (used on device, not here),
+num_workers (-1 = sized from this process's CPU cores, see ``loader.resolve_num_workers``), prefetch, augment.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from grain_jax.data import tokenizer, transforms
+from grain_jax.data import loader, tokenizer, transforms
 
 DEFAULTS: Mapping[str, Any] = {
     "train_split": "train",
@@ -101,8 +106,6 @@ def _check_schema(directory: str, features: tfds.features.FeaturesDict) -> _Reco
 class _ExampleOptions:
     """How one record becomes one example of the batch contract (picklable for grain workers)."""
     image_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
     caption_length: int
     description_length: int
     max_boxes: int
@@ -113,7 +116,7 @@ class _ExampleOptions:
         """An all-zero example (eval padding)."""
         m, s = self.max_boxes, self.image_size
         return {
-            "images": np.zeros((s, s, 3), np.float32),
+            "images": np.zeros((s, s, 3), np.uint8),
             "caption_tokens": np.zeros((self.caption_length,), np.int32),
             "description_tokens": np.zeros((m, self.description_length), np.int32),
             "boxes": np.zeros((m, 4), np.float32),
@@ -121,10 +124,11 @@ class _ExampleOptions:
         }
 
     def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
-        """One record -> ``images [S,S,3] f32``, ``caption_tokens [Lc]``, ``description_tokens [M,Ld]``,
+        """One record -> ``images [S,S,3] uint8``, ``caption_tokens [Lc]``, ``description_tokens [M,Ld]``,
         ``boxes [M,4]`` cxcywh in [0,1], ``box_mask [M]`` (padded slots zero)."""
-        # Squashed like the prepare step did (boxes are normalised, so they stay valid).
-        images = transforms.preprocess(np.asarray(record["image"]), self.image_size, self.mean, self.std)
+        # Squash like the prepare step did (boxes are normalised, so they stay valid); a no-op
+        # for records stored at the training resolution, the common path.
+        images = transforms.squash_resize(transforms.decode_image(record["image"], record["id"]), self.image_size)
 
         m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
         box_mask = np.asarray(record["box_mask"][:m], bool)
@@ -227,16 +231,14 @@ def _process_source(builder, split: str, process_index: int | None, process_coun
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
                                           drop_remainder=drop_remainder)
-    return builder.as_data_source(subsplit), process_index, process_count
+    # JPEG bytes are decoded by ``transforms.decode_image``: tfds's own numpy decoding of the
+    # image feature costs about twice as much CPU per record (benchmarks/pipeline_throughput.py).
+    source = builder.as_data_source(subsplit, decoders={"image": tfds.decode.SkipDecoding()})
+    return source, process_index, process_count
 
 
 def _example_options(data_config: Any, record: _RecordShape) -> _ExampleOptions:
-    mean, std = tuple(_option(data_config, "mean")), tuple(_option(data_config, "std"))
-    for name, value in (("mean", mean), ("std", std)):
-        if len(value) != 3:
-            raise ValueError(f"data_config.{name} must have 3 entries (RGB), got {value!r}")
-    if min(std) <= 0:
-        raise ValueError(f"data_config.std must be positive, got {std!r}")
+    transforms.check_mean_std(_option(data_config, "mean"), _option(data_config, "std"))  # fail before training
     lengths = {k: int(_option(data_config, k)) for k in ("caption_length", "description_length")}
     for key, length in lengths.items():
         if not 2 <= length <= record.context_length:
@@ -251,7 +253,7 @@ def _example_options(data_config: Any, record: _RecordShape) -> _ExampleOptions:
         raise ValueError(f"data_config.mllm_caption_prob must be in [0, 1], got {prob}")
     return _ExampleOptions(
         image_size=int(_option(data_config, "image_size") or record.resolution),
-        mean=mean, std=std, max_boxes=max_boxes, mllm_caption_prob=prob,
+        max_boxes=max_boxes, mllm_caption_prob=prob,
         augment=bool(_option(data_config, "augment")), **lengths)
 
 
@@ -262,14 +264,10 @@ def _per_process_batch_size(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _to_iterator(dataset: grain.MapDataset, data_config: Any) -> grain.DatasetIterator:
-    """Prefetches batches with threads in-process, or in ``num_workers`` worker processes."""
-    prefetch, num_workers = int(_option(data_config, "prefetch")), int(_option(data_config, "num_workers"))
-    dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(prefetch, 1), prefetch_buffer_size=prefetch))
-    if num_workers > 0:
-        dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                                   per_worker_buffer_size=max(prefetch, 1)))
-    return iter(dataset)
+def _to_iterator(dataset: grain.MapDataset, data_config: Any) -> loader.BatchIterator:
+    """Batches in ``num_workers`` worker processes (or in-process threads), state independent of them."""
+    return loader.BatchIterator(dataset, num_workers=int(_option(data_config, "num_workers")),
+                                prefetch=int(_option(data_config, "prefetch")))
 
 
 def num_records(data_config: Any, split: str | None = None) -> int:
@@ -282,7 +280,7 @@ def num_records(data_config: Any, split: str | None = None) -> int:
 
 
 def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
-                        process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+                        process_index: int | None = None, process_count: int | None = None) -> loader.BatchIterator:
     """Infinite, shuffled, checkpointable iterator of this process's numpy batches.
 
     Each batch holds ``global_batch_size / process_count`` examples of the contract in
@@ -311,7 +309,7 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
 
 
 def make_eval_iterator(data_config: Any, split: str | None = None, *, global_batch_size: int,
-                       process_index: int | None = None, process_count: int | None = None) -> grain.DatasetIterator:
+                       process_index: int | None = None, process_count: int | None = None) -> loader.BatchIterator:
     """One ordered pass over ``split`` (default ``eval_split``), padded, with ``mask [B] bool``.
 
     The split is cut into near-equal contiguous per-process slices (nothing dropped); each

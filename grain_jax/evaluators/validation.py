@@ -36,25 +36,29 @@ class Evaluator:
         self.split = split
         self.loss_config = LossConfig(**dict(loss or {}))
         self.batch_size, self.max_batches = batch_size, max_batches
-        self._step_fns: dict[nn.Module, Any] = {}
+        self._step_fns: dict[tuple, Any] = {}
 
-    def _step_fn(self, model: nn.Module):
-        if model not in self._step_fns:
+    def _step_fn(self, model: nn.Module, mean, std):
+        key = (model, tuple(mean), tuple(std))
+        if key not in self._step_fns:
+            from grain_jax.data import transforms
             from grain_jax.losses import total_loss
             config = self.loss_config
 
             def step(params, batch):
-                outputs, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"],
+                pixels = transforms.normalize(batch["images"], mean, std)  # uint8 -> model input, as in training
+                outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"],
                                          batch["description_tokens"], train=False)
                 return total_loss(outputs, batch, config)[1]
 
-            self._step_fns[model] = jax.jit(step)
-        return self._step_fns[model]
+            self._step_fns[key] = jax.jit(step)
+        return self._step_fns[key]
 
     def run(self, inference_model) -> Iterator[tuple[str, float]]:
         from grain_jax.data import pipeline
 
-        step = self._step_fn(inference_model.model)
+        spec = inference_model.spec
+        step = self._step_fn(inference_model.model, spec.mean, spec.std)
         mesh = inference_model.mesh
         sums: dict[str, float] = {}
         total = 0

@@ -64,7 +64,7 @@ def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence
 def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int | None = None,
             num_threads: int = 8, seed: int = 0,
             skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(normalised images [b, S, S, 3], class indices [b]) in model-sized batches,
+    """(uint8 images [b, S, S, 3], class indices [b]) in model-sized batches,
     decoded and resized by ``num_threads`` grain threads; ``max_examples`` takes a fixed
     random subset (for quick in-training evaluation).
 
@@ -77,7 +77,7 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
     def load(index):
         example = common.read_example(data.source, index, data.name, skipped)
         if example is None:
-            return np.zeros((size, size, 3), np.float32), np.int64(datasets_lib.SKIPPED)
+            return np.zeros((size, size, 3), np.uint8), np.int64(datasets_lib.SKIPPED)
         return preprocess_image(example[0], model.spec), np.int64(example[1])
 
     ds = grain.MapDataset.range(len(data.source))

@@ -7,8 +7,9 @@
     clf = m.classifier(["cat", "dog"], descriptors={"cat": ["whiskers"], "dog": ["a snout"]})
     probs = m.classify(uint8_images, clf)             # [N, C]
 
-Images are preprocessed like training (squash-resize to ``spec.image_size`` with
-bicubic, ImageNet mean/std by default). Work runs in fixed-size batches (zero padding,
+Images are preprocessed like training: squash-resized to ``spec.image_size`` (bicubic) on
+the host, sent as uint8 and normalised on device with ``spec.mean`` / ``spec.std``
+(``data.transforms``, the same code as the train step). Work runs in fixed-size batches (zero padding,
 results sliced back) so each jitted function compiles once; with a ``mesh`` the batch is
 sharded over ``("data", "fsdp")`` and parameters follow the model's logical partitioning.
 """
@@ -35,8 +36,9 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
-    """uint8 [H, W, C] (C in 1, 3, 4, or [H, W]) -> float32 [S, S, 3], the pixels training sees
-    (``grain_jax.data.transforms.preprocess``)."""
+    """uint8 [H, W, C] (C in 1, 3, 4, or [H, W]) -> uint8 [S, S, 3] squash-resized like training.
+
+    Normalisation happens on device (``transforms.normalize`` in the jitted encoder)."""
     image = np.asarray(image)
     if image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 image, got {image.dtype} {image.shape}")
@@ -45,21 +47,21 @@ def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
     if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an image [H, W, 1|3|4], got {image.shape}")
     image = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image[..., :3]
-    return transforms.preprocess(np.ascontiguousarray(image), spec.image_size, spec.mean, spec.std)
+    return transforms.squash_resize(np.ascontiguousarray(image), spec.image_size)
 
 
 def preprocess_images(images, spec: ModelSpec) -> np.ndarray:
-    """uint8 [N, H, W, 3] / a list of uint8 images of any sizes -> float32 [N, S, S, 3];
+    """uint8 [N, H, W, 3] / a list of uint8 images of any sizes -> uint8 [N, S, S, 3];
     float input is taken as already normalised and must be [N, S, S, 3]."""
+    expected = (spec.image_size, spec.image_size, 3)
     if isinstance(images, np.ndarray | jax.Array) and np.asarray(images).dtype != np.uint8:
         images = np.asarray(images, np.float32)
-        expected = (spec.image_size, spec.image_size, 3)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f"float images must be normalised [N, {expected[0]}, {expected[1]}, 3], "
                              f"got {images.shape}")
         return images
-    return np.stack([preprocess_image(im, spec) for im in images]) if len(images) else (
-        np.zeros((0, spec.image_size, spec.image_size, 3), np.float32))
+    return np.stack([preprocess_image(im, spec) for im in images]) if len(images) else np.zeros((0,) + expected,
+                                                                                                np.uint8)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -68,12 +70,13 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple):
-    """Jitted encoders for one (model, mesh); cached so a new InferenceModel per eval
-    (e.g. every training eval step) reuses the compiled code."""
+def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple, mean: tuple, std: tuple):
+    """Jitted encoders for one (model, mesh, image statistics); cached so a new InferenceModel
+    per eval (e.g. every training eval step) reuses the compiled code."""
 
     def encode_image(params, images):
-        out = model.apply({"params": params}, images, method="encode_image")
+        pixels = transforms.normalize(images, mean, std)  # uint8 -> model input; float passes as is
+        out = model.apply({"params": params}, pixels, method="encode_image")
         result = {"image_embedding": _l2_normalize(out["img/embedding"])}
         if "dec/region_embeddings" in out:
             result["region_embeddings"] = _l2_normalize(out["dec/region_embeddings"])
@@ -121,7 +124,8 @@ class InferenceModel:
         shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
         self.batch_size = round_up(batch_size, shards)
         self.text_batch_size = round_up(text_batch_size, shards)
-        self._encode_image, self._encode_text, self._scores = _compiled(model, mesh, self.rules)
+        self._encode_image, self._encode_text, self._scores = _compiled(
+            model, mesh, self.rules, tuple(spec.mean), tuple(spec.std))
 
     # ----------------------------------------------------------------- plumbing
     def _call(self, fn, *args):

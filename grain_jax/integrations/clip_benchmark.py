@@ -54,8 +54,10 @@ class JaxClipModel(torch.nn.Module):
         self._encode_ids = _text_encoder(model.model)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """images [B, 3, S, S] float, already normalised by ``transform`` -> [B, D]."""
-        pixels = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        """images [B, 3, S, S] uint8 from ``transform`` (normalised on device, like training),
+        or float already normalised -> [B, D]."""
+        pixels = images.detach().cpu().permute(0, 2, 3, 1).numpy()
+        pixels = pixels if pixels.dtype == np.uint8 else pixels.astype(np.float32)
         embeddings = np.ascontiguousarray(self.inference_model.encode_images(pixels))
         # On the input's device: CLIP_benchmark keeps its classifier there (cuda when available).
         return torch.from_numpy(embeddings).to(images.device)
@@ -83,8 +85,8 @@ class Tokenizer:
 
 
 class Transform:
-    """PIL image -> normalised float tensor [3, S, S], the same squash-resize + mean/std
-    as ``grain_jax.inference.preprocess_image`` (and training)."""
+    """PIL image -> uint8 tensor [3, S, S], squash-resized by ``grain_jax.inference.preprocess_image``
+    like training; ``JaxClipModel.encode_image`` normalises it on device like the train step."""
 
     def __init__(self, spec):
         self.spec = spec

@@ -105,19 +105,29 @@ class MetricWriter:
 
 
 class Throughput:
-    """Step time, examples/s, MFU and ETA between two log points."""
+    """Step time, examples/s, MFU and ETA between two log points.
+
+    With ``data`` (an iterator with ``data_wait_s`` and ``batch_bytes``, e.g.
+    ``loader.DevicePrefetch``) also the input pipeline's share, open_clip's ``data_time``:
+    ``perf/data_time_s`` (seconds per step the loop waited for its batch),
+    ``perf/data_wait_fraction`` (of the step time) and ``perf/host_to_device_mib`` per step.
+    """
 
     def __init__(self, *, total_steps: int, global_batch_size: int, flops_per_step: float, peak: float,
-                 first_step: int):
+                 first_step: int, data=None):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
         self.flops_per_step = flops_per_step
         self.peak = peak
-        self._last_step, self._last_time = first_step, time.perf_counter()
+        self.data = data
+        self.reset(first_step)
+
+    def _data_wait(self) -> float:
+        return self.data.data_wait_s if self.data is not None else 0.0
 
     def reset(self, step: int) -> None:
         """Restart the clock (after evaluation or checkpointing, which are not training time)."""
-        self._last_step, self._last_time = step, time.perf_counter()
+        self._last_step, self._last_time, self._last_wait = step, time.perf_counter(), self._data_wait()
 
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
@@ -125,12 +135,18 @@ class Throughput:
         if steps <= 0:
             return {}
         step_time = (now - self._last_time) / steps
-        self._last_step, self._last_time = step, now
-        return {"perf/step_time_s": step_time,
-                "perf/steps_per_s": 1.0 / step_time,
-                "perf/examples_per_s": self.global_batch_size / step_time,
-                "perf/mfu": self.flops_per_step / step_time / self.peak if self.peak else 0.0,
-                "perf/eta_s": (self.total_steps - step) * step_time}
+        wait = self._data_wait()
+        data_time = (wait - self._last_wait) / steps
+        self._last_step, self._last_time, self._last_wait = step, now, wait
+        measured = {"perf/step_time_s": step_time,
+                    "perf/steps_per_s": 1.0 / step_time,
+                    "perf/examples_per_s": self.global_batch_size / step_time,
+                    "perf/mfu": self.flops_per_step / step_time / self.peak if self.peak else 0.0,
+                    "perf/eta_s": (self.total_steps - step) * step_time}
+        if self.data is not None:
+            measured.update({"perf/data_time_s": data_time, "perf/data_wait_fraction": data_time / step_time,
+                             "perf/host_to_device_mib": self.data.batch_bytes / 2**20})
+        return measured
 
 
 def console_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
@@ -139,8 +155,10 @@ def console_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> s
     parts += [f"{name.split('/', 1)[-1] if name.startswith('loss/') else name} {value:.4g}"
               for name, value in scalars.items() if name.startswith(("loss/", "acc/"))]
     if "perf/examples_per_s" in scalars:
-        parts += [f"{scalars['perf/examples_per_s']:.1f} ex/s", f"MFU {100 * scalars['perf/mfu']:.2f}%",
-                  f"ETA {format_duration(scalars['perf/eta_s'])}"]
+        parts += [f"{scalars['perf/examples_per_s']:.1f} ex/s", f"MFU {100 * scalars['perf/mfu']:.2f}%"]
+        if "perf/data_wait_fraction" in scalars:
+            parts.append(f"data wait {100 * scalars['perf/data_wait_fraction']:.1f}%")
+        parts.append(f"ETA {format_duration(scalars['perf/eta_s'])}")
     return " | ".join(parts)
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from grain_jax.data import transforms
 from grain_jax.train.state import TrainState
 
 # The reference clamps the learnable log temperature to [0, ln 100] after every update.
@@ -24,11 +25,16 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, rng: jax.Array,
-                 train: bool = True) -> tuple[jax.Array, dict]:
-    """``total_loss`` of one batch; CLIP models are not fed descriptions (they have no use for them)."""
+                 train: bool = True, *, mean: Sequence[float], std: Sequence[float]) -> tuple[jax.Array, dict]:
+    """``total_loss`` of one batch; CLIP models are not fed descriptions (they have no use for them).
+
+    ``batch["images"]`` are the contract's uint8 pixels, normalised here on device with the
+    data's ``mean`` / ``std`` (``transforms.normalize``, as evaluation and inference do).
+    """
     from grain_jax.losses import total_loss
     descriptions = batch["description_tokens"] if model.mode == "grain" else None
-    outputs, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"], descriptions,
+    pixels = transforms.normalize(batch["images"], mean, std)
+    outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"], descriptions,
                              train=train, rngs={"dropout": rng})
     loss, metrics = total_loss(outputs, batch, loss_config)
     if "txt/description_overflow" in outputs:  # a batch over model.description_budget (encoded in full)
@@ -45,15 +51,20 @@ def _micro_batches(batch: dict, k: int) -> dict:
 
 
 def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1) -> Callable:
+                    schedule: optax.Schedule, grad_accum_steps: int = 1, *, mean: Sequence[float],
+                    std: Sequence[float]) -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``; metrics are fp32 scalars.
+
+    ``mean`` / ``std``: the per-channel image statistics (``config.data``) that normalise the
+    batch's uint8 images inside the step.
 
     The per-step randomness is ``fold_in(rng, state.step)``, so a resumed run draws
     exactly the same dropout masks as an uninterrupted one. A step whose loss,
     gradients or new parameters are not finite leaves the state unchanged and
     reports ``finite = 0`` (the host then stops; see ``trainer``).
     """
-    grad_fn = jax.value_and_grad(functools.partial(forward_loss, model, loss_config), has_aux=True)
+    grad_fn = jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std),
+                                 has_aux=True)
 
     def gradients(params, batch, rng):
         if grad_accum_steps == 1:

@@ -27,6 +27,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
+from grain_jax.data import loader
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
 
@@ -102,7 +103,7 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
                      donate_argnums=(0,))
     data, batch = config.data, config.global_batch_size
     abstract_batch = {
-        "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.float32, sharding=batch_sh),
+        "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.uint8, sharding=batch_sh),
         "caption_tokens": jax.ShapeDtypeStruct((batch, data.caption_length), np.int32, sharding=batch_sh),
         "description_tokens": jax.ShapeDtypeStruct((batch, data.max_boxes, data.description_length), np.int32,
                                                    sharding=batch_sh),
@@ -190,14 +191,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
                                               jax_logging_process=0)
 
-    data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
-                                                 seed=config.seed)
+    batch_sh = state_lib.batch_sharding(mesh, rules)
+    host_batches = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
+                                                seed=config.seed)
+    # The next global batch is transferred while the current step runs; its state is the host
+    # iterator's before the batches still queued, so checkpoints resume at the step's next batch.
+    data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(batch, batch_sh))
     ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
+    _say(f"input pipeline: {host_batches.num_workers} worker process(es)")
 
-    batch_sh = state_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
-                                          int(config.get("grad_accum_steps", 1)))
+                                          int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
+                                          std=config.data.std)
     compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
     if jax.process_count() > 1:
         # Processes finish compiling at different times, and the first cross-process collective
@@ -210,7 +216,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     throughput = metrics_lib.Throughput(
         total_steps=total_steps, global_batch_size=config.global_batch_size, first_step=step,
         flops_per_step=metrics_lib.compiled_flops(compiled, jax.device_count()),
-        peak=metrics_lib.peak_flops(jax.devices()))
+        peak=metrics_lib.peak_flops(jax.devices()), data=data_iterator)
 
     def inference_model():
         return InferenceModel(model, state.params, spec, mesh, rules=config.get("sharding_rules") or ())
@@ -248,7 +254,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     sigterm = contextlib.nullcontext(None) if multi_process else resume.SigtermFlag()
     with sigterm as flag:
         while step < total_steps:
-            batch = pipeline.to_global(next(data_iterator), batch_sh)
+            batch = next(data_iterator)
             state, step_metrics = compiled(state, batch, train_rng)
             step += 1
             pending.append(step_metrics)

@@ -1,0 +1,91 @@
+"""BatchIterator (worker-count-independent state), DevicePrefetch (state of the unseen batch) and transforms."""
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.data import loader, transforms
+
+
+def _batches(num_records=20, batch_size=4):
+    """Batch k = {"x": [4k, 4k+1, 4k+2, 4k+3]} (finite: 5 batches)."""
+    return grain.MapDataset.range(num_records).map(lambda i: {"x": np.int64(i)}).batch(batch_size)
+
+
+def _xs(batches):
+    return [b["x"].tolist() for b in batches]
+
+
+def test_batch_iterator_state_is_the_next_batch_index_and_reads_grains_own_state():
+    iterator = loader.BatchIterator(_batches(), num_workers=0, prefetch=2)
+    assert _xs([next(iterator), next(iterator)]) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert iterator.get_state() == {"next_index": 2}
+    # A state written by grain's own in-process iterator (the format of earlier checkpoints).
+    grains = iter(_batches().to_iter_dataset())
+    for _ in range(3):
+        next(grains)
+    resumed = loader.BatchIterator(_batches(), num_workers=0)
+    resumed.set_state(grains.get_state())
+    assert _xs(resumed) == [[12, 13, 14, 15], [16, 17, 18, 19]]  # then StopIteration: finite datasets end
+    with pytest.raises(ValueError, match="must be \\{'next_index': k\\}, got keys \\['workers_state'\\]"):
+        resumed.set_state({"workers_state": {}})
+
+
+def test_batch_iterator_reads_the_state_of_grains_multi_worker_iterator():
+    """Checkpoints written before BatchIterator with num_workers > 0 hold grain's per-worker state."""
+    batches = grain.MapDataset.range(40).batch(4)
+    workers = iter(batches.to_iter_dataset().mp_prefetch(grain.MultiprocessingOptions(num_workers=2)))
+    assert [next(workers).tolist() for _ in range(3)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    state = workers.get_state()
+    workers.close()
+    resumed = loader.BatchIterator(batches)
+    resumed.set_state(state)
+    assert next(resumed).tolist() == [12, 13, 14, 15] and resumed.get_state() == {"next_index": 4}
+
+
+def test_resolve_num_workers():
+    assert loader.resolve_num_workers(3) == 3 and loader.resolve_num_workers(0) == 0
+    assert [loader.resolve_num_workers(-1, cores=c) for c in (1, 2, 9, 64)] == [1, 1, 8, loader.MAX_AUTO_WORKERS]
+    with pytest.raises(ValueError, match="data.num_workers must be >= 0, or -1"):
+        loader.resolve_num_workers(-2)
+
+
+def test_device_prefetch_reports_the_state_of_the_first_unseen_batch(tmp_path):
+    placed = []
+
+    def place(batch):
+        placed.append(batch["x"][0])
+        return jax.device_put(batch)
+
+    prefetch = loader.DevicePrefetch(loader.BatchIterator(_batches()), place, size=1)
+    first = next(prefetch)
+    assert isinstance(first["x"], jax.Array) and first["x"].tolist() == [0, 1, 2, 3]
+    assert placed == [0, 4]  # the next batch is already on its way to the device
+    assert prefetch.get_state() == {"next_index": 1} and prefetch.batch_bytes == 4 * 8
+    assert prefetch.data_wait_s > 0
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(prefetch)))
+        manager.wait_until_finished()
+    rest = _xs(prefetch)
+    assert rest == [[4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19]]
+
+    restored = loader.DevicePrefetch(loader.BatchIterator(_batches()), jax.device_put, size=2)
+    with ocp.CheckpointManager(str(tmp_path / "ckpt")) as manager:
+        manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    assert _xs(restored) == rest
+
+
+def test_normalize_uint8_on_device_matches_the_formula_and_checks_its_statistics():
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)
+    expected = (images / 255.0 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
+    got = jax.jit(lambda x: transforms.normalize(x, IMAGENET_MEAN, IMAGENET_STD))(images)
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+    bf16 = transforms.normalize(images, IMAGENET_MEAN, IMAGENET_STD, dtype=np.dtype("bfloat16"))
+    np.testing.assert_allclose(np.asarray(bf16, np.float32), expected, rtol=1e-2, atol=1e-2)
+    with pytest.raises(ValueError, match="data.mean must have 3 entries"):
+        transforms.normalize(images, (0.5, 0.5), IMAGENET_STD)
+    with pytest.raises(ValueError, match="data.std must be positive"):
+        transforms.normalize(images, IMAGENET_MEAN, (0.2, 0.0, 0.2))
