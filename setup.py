@@ -21,11 +21,14 @@ CORE = [
     "numpy>=2",
 ]
 TEST = ["pytest>=8", "pytest-xdist>=3", "scipy>=1.12", "portpicker>=1.6"]
-# Checkpoint import (grain-jax-convert): PyTorch stays out of the default install.
+# Checkpoint import (grain-jax-convert): PyTorch stays out of the default install. open_clip and timm
+# import torchvision at import time, so it is needed too; the CPU builds are enough (README, Quick start).
 CONVERT = ["torch>=2.4", "torchvision", "open_clip_torch>=3.3,<4", "timm>=1.0.31,<2", "safetensors>=0.8"]
 # grain-jax-annotate: the MLLM client (httpx) and the OWLv2 checkpoint reader (safetensors); transformers (pinned:
 # the parity tests check the Flax OWLv2 against this version) only for the PyTorch detector path and the tests.
 ANNOTATE = ["httpx>=0.28,<1", "safetensors>=0.8", "transformers==5.18.0"]
+# Viewing the event files the trainer writes (writing them needs only tensorboardX, in the core).
+TENSORBOARD = ["tensorboard>=2.16"]
 # CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
 # (benchmarks/pipeline_throughput.py also uses webdataset and psutil.)
 BENCHMARK = ["clip_benchmark==1.6.2", "webdataset>=0.2", "psutil>=5"]
@@ -38,7 +41,8 @@ setuptools.setup(
     package_data={"grain_jax.data": ["*.txt.gz"], "grain_jax.annotate": ["prompts/*.json"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK, "annotate": ANNOTATE},
+    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK, "annotate": ANNOTATE,
+                    "tensorboard": TENSORBOARD},
     entry_points={
         "console_scripts": [
             "grain-jax-train=grain_jax.cli.train:run",

@@ -11,7 +11,6 @@ import time
 from typing import Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against
@@ -30,24 +29,12 @@ PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
 )
 
 
-def measure_cpu_flops(size: int = 1024, repeats: int = 5) -> float:
-    """Measured matmul FLOP/s of this host's CPU (best of ``repeats``; all fake CPU devices share these cores)."""
-    a = jax.device_put(jnp.ones((size, size), jnp.float32), jax.local_devices(backend="cpu")[0])
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2 * size ** 3 / best
-
-
-def peak_flops(devices: list[jax.Device]) -> float:
-    """Peak FLOP/s of ``devices`` together; CPU devices share the host, so they count once per process."""
+def peak_flops(devices: list[jax.Device]) -> float | None:
+    """Peak FLOP/s of ``devices`` together, or None on CPU: a CPU has no stable peak (clock boost, SIMD
+    width, cores shared with data workers and other jobs), so CPU runs report achieved FLOP/s, no MFU."""
     kind = devices[0].device_kind.lower()
     if devices[0].platform == "cpu":
-        return measure_cpu_flops() * len({d.process_index for d in devices})
+        return None
     for name, flops in PEAK_FLOPS_PER_DEVICE:
         if name in kind:
             return flops * len(devices)
@@ -113,7 +100,7 @@ class Throughput:
     ``perf/data_wait_fraction`` (of the step time) and ``perf/host_to_device_mib`` per step.
     """
 
-    def __init__(self, *, total_steps: int, global_batch_size: int, flops_per_step: float, peak: float,
+    def __init__(self, *, total_steps: int, global_batch_size: int, flops_per_step: float, peak: float | None,
                  first_step: int, data=None):
         self.total_steps = total_steps
         self.global_batch_size = global_batch_size
@@ -141,8 +128,10 @@ class Throughput:
         measured = {"perf/step_time_s": step_time,
                     "perf/steps_per_s": 1.0 / step_time,
                     "perf/examples_per_s": self.global_batch_size / step_time,
-                    "perf/mfu": self.flops_per_step / step_time / self.peak if self.peak else 0.0,
+                    "perf/flops_per_s": self.flops_per_step / step_time,
                     "perf/eta_s": (self.total_steps - step) * step_time}
+        if self.peak:
+            measured["perf/mfu"] = self.flops_per_step / step_time / self.peak
         if self.data is not None:
             measured.update({"perf/data_time_s": data_time, "perf/data_wait_fraction": data_time / step_time,
                              "perf/host_to_device_mib": self.data.batch_bytes / 2**20})
@@ -150,12 +139,15 @@ class Throughput:
 
 
 def console_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> str:
-    """``step 120/1000 (12%) | loss 3.21 | ... | 5.1 ex/s | MFU 12.3% | ETA 0:04:10``."""
+    """``step 120/1000 (12%) | loss 3.21 | ... | 5.1 ex/s | MFU 12.3% | ETA 0:04:10`` (on CPU, which has no
+    stable peak, ``41.2 GFLOP/s`` in place of the MFU)."""
     parts = [f"step {step}/{total_steps} ({100 * step / max(total_steps, 1):.0f}%)"]
     parts += [f"{name.split('/', 1)[-1] if name.startswith('loss/') else name} {value:.4g}"
               for name, value in scalars.items() if name.startswith(("loss/", "acc/"))]
     if "perf/examples_per_s" in scalars:
-        parts += [f"{scalars['perf/examples_per_s']:.1f} ex/s", f"MFU {100 * scalars['perf/mfu']:.2f}%"]
+        compute = (f"MFU {100 * scalars['perf/mfu']:.2f}%" if "perf/mfu" in scalars
+                   else f"{scalars['perf/flops_per_s'] / 1e9:.1f} GFLOP/s")
+        parts += [f"{scalars['perf/examples_per_s']:.1f} ex/s", compute]
         if "perf/data_wait_fraction" in scalars:
             parts.append(f"data wait {100 * scalars['perf/data_wait_fraction']:.1f}%")
         parts.append(f"ETA {format_duration(scalars['perf/eta_s'])}")
@@ -165,3 +157,28 @@ def console_line(step: int, total_steps: int, scalars: Mapping[str, float]) -> s
 def mean_metrics(per_step: list[Mapping[str, np.ndarray]]) -> dict[str, float]:
     """Averages each metric over the steps since the last log (keys from the first step)."""
     return {k: float(np.mean([m[k] for m in per_step])) for k in per_step[0]}
+
+
+def grouped_lines(scalars: Mapping[str, float]) -> str:
+    """Evaluation results, one indented line per metric group (``eval/0shot/synthetic_novel/alpha0.5``):
+    ``  eval/0shot/synthetic_novel/alpha0.5  top1 0.152 | top5 0.672``."""
+    groups: dict[str, list[str]] = {}
+    for name, value in scalars.items():
+        group, _, metric = name.rpartition("/")
+        groups.setdefault(group, []).append(f"{metric} {value:.4g}")
+    width = max(len(group) for group in groups) if groups else 0
+    return "\n".join(f"  {group:<{width}}  {' | '.join(parts)}" for group, parts in groups.items())
+
+
+def last_logged(jsonl_path: str, step: int) -> dict[str, float]:
+    """The last training record (one with ``loss/total``) at or before ``step`` in ``metrics.jsonl``
+    (without its ``step``), or {} when there is none."""
+    if not os.path.exists(jsonl_path):
+        return {}
+    found: dict[str, float] = {}
+    with open(jsonl_path) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss/total" in record and record.get("step", 0) <= step:
+                found = {k: v for k, v in record.items() if k != "step"}
+    return found

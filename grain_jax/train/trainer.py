@@ -13,6 +13,7 @@ Order of events:
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import time
@@ -31,12 +32,12 @@ from grain_jax.data import loader
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
 
+FINAL_METRICS = "final_metrics.json"
+
 
 def _say(message: str) -> None:
-    """Console + log line from process 0."""
+    """One progress line: a log record, which the binary's console shows (grain_jax.cli.console)."""
     logging.info(message)
-    if jax.process_index() == 0:
-        print(message, flush=True)
 
 
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -149,8 +150,8 @@ def _run_evaluators(evaluators, inference_model, step: int, writer: metrics_lib.
         start = time.perf_counter()
         values = {prefix + metric: float(value) for metric, value in evaluator.run(inference_model)}
         writer.write_scalars(step, values)
-        _say(f"eval {name} at step {step} ({time.perf_counter() - start:.1f}s): "
-             + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        _say(f"eval {name} at step {step} ({time.perf_counter() - start:.1f}s):\n"
+             + metrics_lib.grouped_lines(values))
         results.update(values)
     return results
 
@@ -200,6 +201,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints)
     state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
     _say(f"input pipeline: {host_batches.num_workers} worker process(es)")
+    final_path = os.path.join(workdir, FINAL_METRICS)
+    if int(state.step) >= total_steps and os.path.exists(final_path):
+        # A rerun of a finished command: keep its results (no second evaluation, nothing overwritten).
+        ckpt.close()
+        with open(final_path) as f:
+            final = json.load(f)
+        _say(f"already finished: step {int(state.step)} of {total_steps}; results in {final_path}")
+        return {k: v for k, v in final.items() if k != "step"}
 
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
@@ -222,7 +231,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return InferenceModel(model, state.params, spec, mesh, rules=config.get("sharding_rules") or ())
 
     pending: list[dict] = []
-    last: dict[str, float] = {}
+    # The training metrics last logged: resuming at the end (killed during the final evaluation) still
+    # reports them in final_metrics.json.
+    last: dict[str, float] = metrics_lib.last_logged(writer.jsonl_path, step) if step >= total_steps else {}
 
     def flush_metrics():
         """Fetches the metrics of the steps since the last flush; stops on a non-finite step."""
@@ -282,14 +293,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     writer.close()
     ckpt.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "final_metrics.json"), "w") as f:
+        with open(final_path, "w") as f:
             json.dump({"step": step, **last}, f, indent=2)
     headline = {k: v for k, v in last.items()
                  if k == "loss/total" or (k.startswith("eval/") and k.endswith(("/top1", "/loss/total"))
                                           and "/alpha" not in k)}
     _say("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items()))
-    _say(f"done: {step} steps. Results: {os.path.join(workdir, 'final_metrics.json')} and "
-         f"{writer.jsonl_path}; TensorBoard: tensorboard --logdir {writer.tensorboard_dir}; "
-         f"checkpoint: {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
-         f"(load with grain_jax.inference.load({workdir!r}))")
+    tensorboard = f"tensorboard --logdir {writer.tensorboard_dir}"
+    if importlib.util.find_spec("tensorboard") is None:
+        tensorboard = f"pip install 'grain_jax[tensorboard]', then {tensorboard}"
+    _say(f"done: {step} steps. Everything is in {workdir}:\n"
+         f"  results      {final_path}, {writer.jsonl_path}\n"
+         f"  console log  {os.path.join(workdir, 'out.log')}\n"
+         f"  checkpoint   {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
+         f"(grain_jax.inference.load({workdir!r}))\n"
+         f"  TensorBoard  {tensorboard}")
     return last

@@ -1,0 +1,134 @@
+"""What the binaries print: a quiet console, a copy of it in ``WORKDIR/out.log``, one-line errors.
+
+At the default ``--verbosity=0`` the console shows grain_jax's own log lines (progress, the compile and
+memory line, evaluation results, where everything is), JAX's warnings and everyone's errors. Library
+chatter (orbax's checkpoint internals, clu's parameter table, tfds) appears only with ``--verbosity=1``.
+A mistake on the command line or in a config ends in one line naming what to fix (exit 2); any other
+failure in one line too (exit 1), with the traceback only at ``--verbosity=1`` (and always in out.log).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import traceback
+from typing import Callable, TextIO
+
+from absl import logging as absl_logging
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONSOLE_LOG = "out.log"
+TRACEBACK_HINT = "run with --verbosity=1 for the traceback"
+
+
+class UsageError(Exception):
+    """A mistake in the command line or the config: the message says what to fix (exit status 2)."""
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    return record.name.startswith("grain_jax") or record.pathname.startswith(_PACKAGE_DIR + os.sep)
+
+
+class _ConsoleFilter(logging.Filter):
+    """Default verbosity: grain_jax's lines (process 0 only), JAX's warnings, everyone's errors."""
+
+    def __init__(self, verbosity: int, process_index: int):
+        super().__init__()
+        self.verbosity, self.process_index = verbosity, process_index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.verbosity >= 1:
+            return True
+        if _ours(record):
+            return self.process_index == 0 or record.levelno >= logging.WARNING
+        if record.name == "jax" or record.name.startswith("jax."):
+            return record.levelno >= logging.WARNING
+        return record.levelno >= logging.ERROR
+
+
+class _ConsoleFormatter(logging.Formatter):
+    """Our INFO lines as plain text, our warnings as ``WARNING: ...``, anything else in absl's format."""
+
+    def __init__(self):
+        super().__init__()
+        self._absl = absl_logging.PythonFormatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        if _ours(record):
+            message = record.getMessage()
+            return message if record.levelno < logging.WARNING else f"{record.levelname}: {message}"
+        return self._absl.format(record)
+
+
+class _Tee:
+    """A text stream that writes to ``stream`` and to ``copy`` (the console and out.log)."""
+
+    def __init__(self, stream: TextIO, copy: TextIO):
+        self._stream, self._copy = stream, copy
+
+    def write(self, text: str) -> int:
+        self._copy.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._copy.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...: the real console's
+        return getattr(self._stream, name)
+
+
+_log_file: TextIO | None = None
+
+
+def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0) -> str | None:
+    """Routes log records to a filtered console (stdout) and, on process 0 with a ``workdir``, copies
+    everything the console shows (prints and progress bars too) to ``WORKDIR/out.log`` (appended, so a
+    resumed run continues the file). Returns the log file's path, or None."""
+    global _log_file
+    root = logging.getLogger()
+    for handler in list(root.handlers):  # absl's handler would print every record a second time
+        if handler is absl_logging.get_absl_handler() or getattr(handler, "_grain_jax_console", False):
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stdout)
+    console._grain_jax_console = True
+    console.addFilter(_ConsoleFilter(verbosity, process_index))
+    console.setFormatter(_ConsoleFormatter())
+    root.addHandler(console)
+    root.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
+    if verbosity < 1:
+        absl_logging.set_verbosity(absl_logging.INFO)
+    if workdir is None or process_index != 0 or _log_file is not None:
+        return None
+    path = os.path.join(workdir, CONSOLE_LOG)
+    _log_file = open(path, "a", buffering=1)
+    sys.stdout, sys.stderr = _Tee(sys.stdout, _log_file), _Tee(sys.stderr, _log_file)
+    # The handler was bound to the real stdout above; point it at the tee.
+    console.setStream(sys.stdout)
+    return path
+
+
+def fail(program: str, error: BaseException, verbosity: int) -> int:
+    """Prints ``program: error: message`` (one line; the traceback only at verbosity >= 1, and always
+    into out.log) and returns the exit status: 2 for a UsageError, 1 for anything else."""
+    usage = isinstance(error, UsageError)
+    message = str(error) if usage else f"{type(error).__name__}: {error}".splitlines()[0]
+    if verbosity >= 1:
+        traceback.print_exception(error)
+    elif _log_file is not None and not usage:
+        _log_file.write("".join(traceback.format_exception(error)))
+    hint = "" if usage or verbosity >= 1 else f" ({TRACEBACK_HINT})"
+    print(f"{program}: error: {message}{hint}", file=sys.stderr, flush=True)
+    return 2 if usage else 1
+
+
+@contextlib.contextmanager
+def one_line_errors(program: str, verbosity: Callable[[], int]):
+    """Turns any exception in the block into ``fail(...)`` and ``sys.exit`` with its status."""
+    try:
+        yield
+    except (SystemExit, KeyboardInterrupt):
+        raise
+    except Exception as error:  # noqa: BLE001 -- the binary's last word: one line, never a bare traceback
+        sys.exit(fail(program, error, verbosity()))
