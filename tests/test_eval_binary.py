@@ -1,5 +1,6 @@
 """grain-jax-eval and grain-jax-visualize end to end."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import evaluator_fakes as fakes
 from grain_jax import checkpoints, inference, visualize
 from grain_jax.cli import eval as eval_cli
 from grain_jax.cli import visualize as visualize_cli
+from grain_jax.evaluators import suite
 from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
 
 
@@ -28,11 +30,16 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
     printed = capsys.readouterr().out
     assert "cifar10: not prepared: run tfds build cifar10 --file_format=array_record" in printed
     runs = json.loads(out.read_text())["runs"]
-    assert [r["label"] for r in runs] == ["ckpt_a", "ckpt_b"]
+    assert [r["label"] for r in runs] == ["label-fake ckpt_a", "label-fake ckpt_b"]  # model and checkpoint
     result = runs[0]["results"]["folder_bench"]
-    assert result["top1"] == 1.0 and result["alpha0.5/top1"] == 1.0 and result["count"] == 20
+    assert result["top1"] == 1.0 and result["alpha0.5/top1"] == 1.0 and "alpha0/top1" in result  # α=0: regions only
+    assert result["count"] == 20
     assert result["images_per_second"] > 0 and runs[0]["not_prepared"] == ["cifar10"]
     assert "| folder_bench top1 | 100.00 | 100.00 |" in printed
+    assert "| folder_bench top1, α=0.5 | 100.00 | 100.00 |" in printed
+    assert "| folder_bench top1, α=0 | " in printed
+    # The chart's bars: every checkpoint at α = 1, 0.5 and 0 (regions alone).
+    assert suite._top1_series(runs) == [(i, key) for i in (0, 1) for key in ("top1", "alpha0.5/top1", "alpha0/top1")]
     png = np.asarray(Image.open(out.with_suffix(".png")))
     assert png.ndim == 3 and png.shape[0] > 100
 
@@ -98,4 +105,28 @@ def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint
     assert result["count"] == 6 and result["num_classes"] == 3
     assert 0.0 <= result["top1"] <= 1.0 and result["top5"] == 1.0  # 3 classes: top-5 always hits
     assert "alpha0.5/top1" in result and run["model"]["model_name"] == "grain-tiny"
+    assert run["step"] == 0 and run["label"] == f"grain-tiny {os.path.basename(tiny_checkpoint[0])}@0"
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_folder_without_descriptors_warns(tmp_path, perfect_load, caplog):
+    root = write_folder(tmp_path / "bench")
+    with caplog.at_level("WARNING"):
+        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{root}", f"--output={tmp_path / 'r.json'}",
+                       "--batch_size=8", "--num_threads=2"])
+    assert ("folder_bench: no descriptors file" in caplog.text
+            and "scored by their names alone, so there are no region (alpha < 1) results" in caplog.text)
+    result = json.loads((tmp_path / "r.json").read_text())["runs"][0]["results"]["folder_bench"]
+    assert "alpha0.5/top1" not in result
+
+
+def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp_path, perfect_load):
+    with pytest.raises(SystemExit) as exit_info:
+        eval_cli.main(["grain-jax-eval", "--checkpoint=x", "--evals=cifar10,food101",
+                       f"--data_dir={tmp_path}", f"--output={tmp_path / 'r.json'}"])
+    assert str(exit_info.value.code) == (
+        f"grain-jax-eval: error: nothing to evaluate: none of cifar10, food101 is prepared under {tmp_path}. "
+        "Building TFDS datasets needs TensorFlow (pip install tensorflow, then tfds build NAME "
+        "--file_format=array_record --data_dir DIR); without it, evaluate an image folder (--evals folder:PATH, "
+        "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)")
+    assert not (tmp_path / "r.json").exists()

@@ -40,6 +40,11 @@ def run(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from grain_jax.convert.common import ConversionError
     try:
+        import torch  # noqa: F401 -- both converters read PyTorch files
+    except ImportError:
+        raise SystemExit("grain-jax-convert: error: needs PyTorch, which the default install leaves out: "
+                         "pip install -e '.[convert]' (a CPU build is enough, see the README's Quick start)") from None
+    try:
         if args.source == "reference":
             from grain_jax.convert import reference
             summary = reference.convert_file(args.input, args.output, model_name=args.model)
@@ -47,7 +52,7 @@ def run(argv: Sequence[str] | None = None) -> None:
             from grain_jax.convert import open_clip
             summary = open_clip.convert_file(args.input, args.output, arch=args.arch, quick_gelu=args.quick_gelu)
     except ConversionError as e:
-        raise SystemExit(f"grain-jax-convert: {e}") from None
+        raise SystemExit(f"grain-jax-convert: error: {e}") from None
     log.info("wrote %s (%s, %d parameters, unused keys: %s)", args.output, summary["model_name"],
                  summary["num_params"], summary["unused"] or "none")
 

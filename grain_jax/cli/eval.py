@@ -21,7 +21,7 @@ from typing import Sequence
 from absl import flags
 
 from grain_jax.cli import parse_argv
-from grain_jax.evaluators import suite
+from grain_jax.evaluators import suite, zeroshot
 
 
 def define_flags() -> flags.FlagValues:
@@ -47,8 +47,8 @@ def define_flags() -> flags.FlagValues:
                          flag_values=fv)
     flags.DEFINE_list("alphas", ["1.0"], "Score mixes alpha*global + (1-alpha)*region to report (GRAIN with "
                       "descriptors).", flag_values=fv)
-    flags.DEFINE_list("synthetic_alphas", ["1.0", "0.5"], "Alphas for the synthetic / folder benchmarks.",
-                      flag_values=fv)
+    flags.DEFINE_list("synthetic_alphas", [str(a) for a in zeroshot.LOCAL_ALPHAS], "Alphas for the synthetic / "
+                      "folder benchmarks (0: the regions alone).", flag_values=fv)
     flags.DEFINE_bool("renormalize", False, "Re-normalise the class mean embeddings (the reference does not).",
                       flag_values=fv)
     flags.DEFINE_integer("num_threads", 8, "Image decoding threads.", flag_values=fv)
@@ -74,6 +74,8 @@ def main(argv: Sequence[str]) -> None:
                                        "batch_size", "max_examples", "alphas", "synthetic_alphas", "renormalize")}
     resolved = suite.resolve_datasets(fv.evals, data_dir=fv.data_dir, descriptors=fv.descriptors,
                                       synthetic_dir=fv.synthetic_dir, image_dir=fv.image_dir) if checkpoints else None
+    if resolved and not resolved[0]:
+        sys.exit(f"grain-jax-eval: error: {suite.nothing_prepared(resolved[1], fv.data_dir)}")
     for checkpoint in checkpoints:
         print(f"evaluating {checkpoint} on {fv.evals}", flush=True)
         run = suite.evaluate_checkpoint(

@@ -23,6 +23,7 @@ import os
 from typing import Sequence
 
 import numpy as np
+from absl import logging
 
 from grain_jax.data import images
 from grain_jax.inference import descriptors as descriptors_lib
@@ -165,10 +166,13 @@ def folder_dataset(path: str, *, descriptors: str | None = None, name: str | Non
     desc_file = _folder_descriptor_file(path, descriptors)
     desc = None
     class_names = [descriptors_lib.pretty_name(c) for c in classes]
+    name = name or "folder_" + os.path.basename(os.path.normpath(path))
     if desc_file:
         class_names, desc = descriptors_lib.align(descriptors_lib.load(desc_file), classes,
                                                   source=f"{desc_file} vs folder {path}")
-    name = name or "folder_" + os.path.basename(os.path.normpath(path))
+    else:
+        logging.warning("%s: no descriptors file (%s/descriptors.json, or --descriptors): classes are scored by "
+                        "their names alone, so there are no region (alpha < 1) results", name, path)
     return ClassificationData(name, FolderSource(paths, labels), class_names, desc)
 
 
@@ -212,7 +216,8 @@ def open_tfds(name: str, split: str, data_dir: str | None, config: str | None = 
     """
     import tensorflow_datasets as tfds
 
-    build = f"tfds build {name} --file_format=array_record" + (f" --data_dir {data_dir}" if data_dir else "")
+    build = (f"tfds build {name} --file_format=array_record" + (f" --data_dir {data_dir}" if data_dir else "")
+             + " (building needs TensorFlow: pip install tensorflow)")
     directory = prepared_directory(name, data_dir, config)
     try:
         if directory:

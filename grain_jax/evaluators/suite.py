@@ -10,13 +10,25 @@ import os
 import time
 from typing import Sequence
 
-from grain_jax import inference
+from grain_jax import checkpoints, inference
 from grain_jax.evaluators import datasets as datasets_lib
 from grain_jax.evaluators import retrieval, zeroshot
 
 
-def checkpoint_label(checkpoint: str) -> str:
-    return checkpoint if checkpoint.startswith("random:") else os.path.basename(os.path.normpath(checkpoint))
+def checkpoint_step(checkpoint: str) -> int | None:
+    """The step ``inference.load`` restores from ``checkpoint`` (its latest); None for ``random:<model>``."""
+    if checkpoint.startswith("random:") or not os.path.isdir(os.path.join(checkpoint, checkpoints.CHECKPOINTS)):
+        return None
+    with checkpoints.manager(checkpoint, read_only=True) as mngr:
+        return mngr.latest_step()
+
+
+def checkpoint_label(checkpoint: str, model_name: str | None = None, step: int | None = None) -> str:
+    """A results column's name: ``grain-tiny demo@300`` (model, workdir name, step)."""
+    if checkpoint.startswith("random:"):
+        return checkpoint
+    name = os.path.basename(os.path.normpath(checkpoint))
+    return " ".join(filter(None, (model_name, name + ("" if step is None else f"@{step}"))))
 
 
 def is_retrieval(spec: str) -> bool:
@@ -46,10 +58,19 @@ def resolve_datasets(evals: Sequence[str] | str, *, data_dir: str | None = None,
     return resolved, not_prepared
 
 
+def nothing_prepared(not_prepared: Sequence[str], data_dir: str | None) -> str:
+    """The one line for a run whose datasets are all unprepared (the binary then exits 1)."""
+    where = datasets_lib.default_data_dir(data_dir)
+    return (f"nothing to evaluate: none of {', '.join(not_prepared)} is prepared under {where}. Building TFDS "
+            "datasets needs TensorFlow (pip install tensorflow, then tfds build NAME --file_format=array_record "
+            "--data_dir DIR); without it, evaluate an image folder (--evals folder:PATH, PATH/<class>/*.jpg) "
+            "or the embedded benchmark (--evals synthetic --synthetic_dir DIR)")
+
+
 def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir: str | None = None,
                         templates: str = "ref46", descriptors: str | None = None, synthetic_dir: str | None = None,
                         image_dir: str | None = None, batch_size: int = 64, max_examples: int | None = None,
-                        alphas: Sequence[float] = (1.0,), synthetic_alphas: Sequence[float] = (1.0, 0.5),
+                        alphas: Sequence[float] = (1.0,), synthetic_alphas: Sequence[float] = zeroshot.LOCAL_ALPHAS,
                         renormalize: bool = False, num_threads: int = 8, progress: bool = True,
                         mesh=None, resolved: tuple[dict, list[str]] | None = None) -> dict:
     """Evaluates one checkpoint; returns its run record (what the results JSON lists).
@@ -59,9 +80,11 @@ def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir
     start = time.perf_counter()
     datasets, not_prepared = resolved or resolve_datasets(evals, data_dir=data_dir, descriptors=descriptors,
                                                           synthetic_dir=synthetic_dir, image_dir=image_dir)
-    model = inference.load(checkpoint, mesh=mesh, batch_size=batch_size)
-    run = {"checkpoint": checkpoint, "label": checkpoint_label(checkpoint), "model": dataclasses.asdict(model.spec),
-           "mode": model.mode, "results": {}, "not_prepared": list(not_prepared)}
+    step = checkpoint_step(checkpoint)
+    model = inference.load(checkpoint, mesh=mesh, batch_size=batch_size, step=step)
+    run = {"checkpoint": checkpoint, "step": step, "label": checkpoint_label(checkpoint, model.spec.model_name, step),
+           "model": dataclasses.asdict(model.spec), "mode": model.mode, "results": {},
+           "not_prepared": list(not_prepared)}
     for spec, data in datasets.items():
         if is_retrieval(spec):
             metrics = retrieval.evaluate(model, data, max_images=max_examples, num_threads=num_threads,
@@ -84,6 +107,22 @@ def _percent(value) -> str:
     return "" if value is None else f"{100 * value:.2f}"
 
 
+def metric_label(key: str) -> str:
+    """``alpha0.5/top1`` -> ``top1, α=0.5`` (α = 1, the global embedding alone, is left unsaid)."""
+    head, _, metric = key.rpartition("/")
+    return f"{metric}, α={head[len('alpha'):]}" if head.startswith("alpha") else key
+
+
+def _top1_series(runs: Sequence[dict]) -> list[tuple[int, str]]:
+    """(run index, results key) of every top-1 bar: each run's α = 1 and its region mixes, in α order."""
+    series = []
+    for index, run in enumerate(runs):
+        keys = {k for m in run["results"].values() if m["type"] == "zeroshot" for k in m
+                if k == "top1" or (k.startswith("alpha") and k.endswith("/top1"))}
+        series += [(index, k) for k in sorted(keys, key=lambda k: (k != "top1", -float(k[5:-5] or 1)))]
+    return series
+
+
 def markdown_table(runs: Sequence[dict]) -> str:
     """One row per dataset metric, one column per checkpoint (values in %)."""
     rows: list[tuple[str, str, str]] = []  # (row label, results key, metric)
@@ -92,11 +131,11 @@ def markdown_table(runs: Sequence[dict]) -> str:
             keys = ([k for k in metrics if "R@" in k] if metrics["type"] == "retrieval" else
                     [k for k in metrics if k.split("/")[-1] in ("top1", "top5")])
             for key in keys:
-                row = (f"{name} {key}", name, key)
+                row = (f"{name} {metric_label(key)}", name, key)
                 if row not in rows:
                     rows.append(row)
         for key in (k for k in run.get("averages", {}) if k.split("/")[-1] in ("top1", "top5")):
-            row = (key, None, key)
+            row = (metric_label(key), None, key)
             if row not in rows:
                 rows.append(row)
     header = "| dataset / metric (%) | " + " | ".join(r["label"] for r in runs) + " |"
@@ -109,7 +148,8 @@ def markdown_table(runs: Sequence[dict]) -> str:
 
 
 def bar_chart(runs: Sequence[dict], path: str) -> None:
-    """Grouped bars of per-dataset zero-shot top-1 (one colour per checkpoint)."""
+    """Grouped bars of per-dataset zero-shot top-1: one bar per checkpoint and score mix (α = 1: the global
+    embedding; α < 1 mixes in the region scores of a GRAIN model with descriptors; α = 0: regions alone)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,17 +158,20 @@ def bar_chart(runs: Sequence[dict], path: str) -> None:
     names = []
     for run in runs:
         names += [n for n, m in run["results"].items() if m["type"] == "zeroshot" and n not in names]
-    width = 0.8 / max(1, len(runs))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(names) * max(1, len(runs)) + 1.5), 4))
+    series = _top1_series(runs)
+    width = 0.8 / max(1, len(series))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(names) * max(1, len(series)) + 3.5), 4))
     x = np.arange(len(names))
-    for i, run in enumerate(runs):
-        values = [100 * run["results"].get(n, {}).get("top1", float("nan")) for n in names]
-        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=run["label"])
+    for i, (index, key) in enumerate(series):
+        run = runs[index]
+        values = [100 * run["results"].get(n, {}).get(key, float("nan")) for n in names]
+        label = run["label"] + ("" if key == "top1" else f", α={key[5:-5]}")
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, values, width, label=label)
         ax.bar_label(bars, fmt="%.1f", fontsize=7)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("zero-shot top-1 (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

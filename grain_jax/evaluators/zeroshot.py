@@ -43,7 +43,8 @@ class _Counts:
                 "mean_per_class_recall": float(np.mean(self.class_hits[present] / class_counts[present]))}
 
 
-LOCAL_ALPHAS = (1.0, 0.5)  # synthetic / folder benchmarks: where grounding matters, report the region mix too
+# Synthetic / folder benchmarks, where grounding matters: also the region mix and the regions alone.
+LOCAL_ALPHAS = (1.0, 0.5, 0.0)
 
 
 def alpha_key(alpha: float) -> str:
