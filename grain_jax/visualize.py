@@ -35,8 +35,27 @@ def match_descriptions(grounding: dict[str, np.ndarray], description_embeddings:
     return out
 
 
-def _draw(image: np.ndarray, matches, descriptions: Sequence[str], min_side: int = 256) -> Image.Image:
-    """One annotated image (upscaled so that its shorter side is at least ``min_side``)."""
+def place_labels(sizes: Sequence[tuple[float, float]], anchors: Sequence[tuple[float, float]], width: int,
+                 height: int) -> list[tuple[float, float, float, float]]:
+    """Rectangles (x0, y0, x1, y1) for labels of ``sizes`` (w, h), each as near its anchor (a box's top-left
+    corner) as it can be while inside the image and overlapping no label placed before it."""
+    placed: list[tuple[float, float, float, float]] = []
+    for (w, h), (ax, ay) in zip(sizes, anchors):
+        x = min(max(0.0, ax), max(0.0, width - w))
+        start = min(max(0.0, ay), max(0.0, height - h))
+        rows = [start + k * (h + 2) for k in range(int(height // (h + 2)) + 1)]
+        rows += [k * (h + 2) for k in range(int(height // (h + 2)) + 1)]  # then from the top, if the bottom is full
+        free = (rect for y in rows if y + h <= height
+                for rect in [(x, y, x + w, y + h)]
+                if all(rect[2] <= p[0] or rect[0] >= p[2] or rect[3] <= p[1] or rect[1] >= p[3] for p in placed))
+        placed.append(next(free, (x, start, x + w, start + h)))
+    return placed
+
+
+def _draw(image: np.ndarray, matches, descriptions: Sequence[str], title: str | None = None,
+          min_side: int = 256) -> Image.Image:
+    """One annotated image (upscaled so that its shorter side is at least ``min_side``), with ``title``
+    (e.g. the image's class) in a band above it."""
     pil = Image.fromarray(image).convert("RGB")
     scale = max(1.0, min_side / min(pil.size))
     pil = pil.resize((round(pil.width * scale), round(pil.height * scale)), Image.BICUBIC)
@@ -48,26 +67,32 @@ def _draw(image: np.ndarray, matches, descriptions: Sequence[str], min_side: int
         x0, y0, x1, y1 = (cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height
         colour = PALETTE[rank % len(PALETTE)]
         draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-        labels.append((rank, x0, y0, f"{descriptions[index]} ({score:.2f})", colour))
-    # Labels after all boxes, stacked by rank and kept inside the image, so none hides another.
-    for rank, x0, y0, label, colour in labels:
-        left, top, right, bottom = draw.textbbox((0, 0), label)
-        x = min(max(0.0, x0 + 2), max(0.0, width - (right - left) - 2))
-        y = min(max(0.0, y0 + 2 + rank * (bottom - top + 4)), max(0.0, height - (bottom - top) - 2))
+        labels.append(((x0 + 2, y0 + 2), f"{descriptions[index]} ({score:.2f})", colour))
+    # Labels after all boxes, best match first, none covering another.
+    sizes = [(r - l, b - t) for l, t, r, b in (draw.textbbox((0, 0), label) for _, label, _ in labels)]
+    for (x, y, _, _), (_, label, colour) in zip(place_labels(sizes, [a for a, _, _ in labels], width, height), labels):
         draw.rectangle(draw.textbbox((x, y), label), fill=colour)
         draw.text((x, y), label, fill=(255, 255, 255))
-    return pil
+    if not title:
+        return pil
+    band = draw.textbbox((0, 0), title)[3] + 8
+    tile = Image.new("RGB", (width, height + band), (255, 255, 255))
+    tile.paste(pil, (0, band))
+    ImageDraw.Draw(tile).text((4, 4), title, fill=(0, 0, 0))
+    return tile
 
 
 def draw_grounding(model, images: Sequence[np.ndarray], descriptions: Sequence[str], *, max_boxes: int | None = 5,
-                   columns: int = 4, output: str | None = None) -> Image.Image:
+                   columns: int = 4, output: str | None = None, titles: Sequence[str] | None = None) -> Image.Image:
     """PNG grid of ``images`` (uint8 [H, W, 3], any sizes) with GRAIN's boxes labelled by
-    the best-matching of ``descriptions``; saved to ``output`` when given."""
+    the best-matching of ``descriptions``, each under its title (``titles``, e.g. the class);
+    saved to ``output`` when given."""
     if not descriptions:
         raise ValueError("give at least one description to match the boxes against")
     grounding = model.ground(list(images))
     matches = match_descriptions(grounding, model.encode_texts(list(descriptions)), max_boxes)
-    tiles = [_draw(np.asarray(im), m, descriptions) for im, m in zip(images, matches)]
+    titles = list(titles) if titles is not None else [None] * len(images)
+    tiles = [_draw(np.asarray(im), m, descriptions, t) for im, m, t in zip(images, matches, titles)]
     columns = max(1, min(columns, len(tiles)))
     rows = -(-len(tiles) // columns)
     cell_w, cell_h = max(t.width for t in tiles), max(t.height for t in tiles)

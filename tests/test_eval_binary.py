@@ -65,7 +65,7 @@ def test_visualize_draws_a_grid(tmp_path, perfect_load):
     visualize_cli.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
                     "--descriptions=picture 0, round;picture 1;picture 2", f"--output={out}", "--columns=2"])
     grid = Image.open(out)
-    assert grid.size == (2 * 256, 2 * 256)
+    assert grid.width == 2 * 256 and 2 * 256 < grid.height < 2 * 256 + 60  # two rows of titled tiles
     matches = visualize.match_descriptions(perfect_load.ground(np.stack([fakes.label_image(i) for i in range(3)])),
                                            perfect_load.encode_texts(["picture 0", "picture 1", "picture 2"]))
     assert [m[0][1] for m in matches] == [0, 1, 2]  # each image's boxes match its own description
@@ -130,3 +130,14 @@ def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp
         "--file_format=array_record --data_dir DIR); without it, evaluate an image folder (--evals folder:PATH, "
         "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)")
     assert not (tmp_path / "r.json").exists()
+
+
+def test_labels_never_overlap_and_stay_inside():
+    sizes = [(120, 11)] * 8 + [(250, 11)]
+    anchors = [(10, 10)] * 4 + [(200, 250)] * 4 + [(0, 0)]  # several boxes sharing a corner, some at the bottom
+    rects = visualize.place_labels(sizes, anchors, 256, 256)
+    for i, a in enumerate(rects):
+        assert 0 <= a[0] and a[2] <= 256 and 0 <= a[1] and a[3] <= 256
+        for b in rects[i + 1:]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+    assert rects[0] == (10, 10, 130, 21)  # the best match sits at its box's corner

@@ -7,6 +7,7 @@ See ``grain_jax.visualize`` for the drawing.
 """
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -38,16 +39,19 @@ def main(argv: Sequence[str]) -> None:
         if not fv[name].value:
             sys.exit(f"--{name} is required")
     model = inference.load(fv.checkpoint)
-    images = []
+    images, titles = [], []
     for path in image_paths(fv.images):
         try:
             images.append(images_lib.read_rgb(path))
         except images_lib.DECODE_ERRORS as e:
             print(f"skipped unreadable image {path} ({type(e).__name__}: {e})", flush=True)
+            continue
+        # Each image's title: its folder, the class in an ImageFolder layout (zeroshot/novel/<class>/0000.jpg).
+        titles.append(os.path.basename(os.path.dirname(os.path.abspath(path))))
     if not images:
         sys.exit(f"--images: none of {fv.images!r} could be decoded")
     draw_grounding(model, images, read_descriptions(fv.descriptions), max_boxes=fv.max_boxes,
-                   columns=fv.columns, output=fv.output)
+                   columns=fv.columns, output=fv.output, titles=titles)
     print(f"wrote {fv.output}")
 
 

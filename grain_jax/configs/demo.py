@@ -6,7 +6,7 @@ benchmark's seen and *novel* concepts) takes about 5 minutes on 2 CPU cores.
 
     grain-jax-train --config configs/demo.py --workdir workdirs/grain_demo
     grain-jax-train --config configs/demo.py:model=clip --workdir workdirs/clip_demo   # the CLIP baseline
-    grain-jax-train --config configs/demo.py:runlocal --workdir workdirs/demo_smoke    # a few steps, seconds
+    grain-jax-train --config configs/demo.py:runlocal --workdir workdirs/demo_smoke    # 4 steps: ~2.5 CPU-minutes
 
 Arguments: ``model`` (grain|clip), ``runlocal``, ``evals`` (false: train only).
 """
@@ -40,7 +40,7 @@ def get_config(arg=None):
     config.checkpoint_every_steps = 100
     config.keep_checkpoints = 2
 
-    if args.runlocal:  # seconds: a smaller model, 32 px, short texts, a few steps (the tests use it)
+    if args.runlocal:  # a smaller model, 32 px, short texts, 4 steps (the tests use it); mostly compile time
         config.model.update(text_layers=1, decoder_layers=1)
         config.data.update(image_size=32, caption_length=16, description_length=8)
         config.synthetic = dict(resolution=32, num_train=64, num_test_per_class=2)

@@ -10,7 +10,7 @@ wd 0.1), lr 1e-6 -> 1e-3 over 1 warmup epoch, cosine to 1e-5.
     grain-jax-train --config configs/grain_cc12m.py:runlocal --workdir workdirs/grain_smoke   # smoke test
 
 Arguments: ``variant`` (S/16, B/16, L/14), ``runlocal`` (tiny batch and steps on the embedded
-synthetic data, the real model: a smoke test that runs anywhere).
+synthetic data, the real model: a smoke test; at B/16 it needs about 13 GB of RAM on CPU).
 """
 from grain_jax.configs import common
 
