@@ -88,8 +88,10 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
     resumed run continues the file). Returns the log file's path, or None."""
     global _log_file
     root = logging.getLogger()
-    for handler in list(root.handlers):  # absl's handler would print every record a second time
-        if handler is absl_logging.get_absl_handler() or getattr(handler, "_grain_jax_console", False):
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    for handler in list(root.handlers):  # absl's, basicConfig's or ours: each would print every record again
+        if (handler is absl_logging.get_absl_handler() or getattr(handler, "_grain_jax_console", False)
+                or type(handler) is logging.StreamHandler and handler.stream in consoles):
             root.removeHandler(handler)
     console = logging.StreamHandler(sys.stdout)
     console._grain_jax_console = True

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from absl import flags
 
-from grain_jax.cli import parse_argv
+from grain_jax.cli import console, parse_argv
 from grain_jax.evaluators import suite, zeroshot
 
 
@@ -96,6 +96,7 @@ def main(argv: Sequence[str]) -> None:
 
 def run() -> None:
     """Console-script entry point (``grain-jax-eval``)."""
+    console.setup()  # warnings (e.g. a folder without descriptors) as one plain line
     main(sys.argv)
 
 
