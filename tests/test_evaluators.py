@@ -38,7 +38,7 @@ def test_region_mix_is_reported_only_for_grain_with_descriptors(tmp_path):
     assert results["top1"] == 1.0 and not any(k.startswith("alpha") for k in results)
     plain = datasets.folder_dataset(write_folder(tmp_path / "plain", per_class=1))
     grain = fakes.make_inference_model(NAMES)
-    assert zeroshot.usable_alphas(grain, data, None) == (1.0, 0.5)
+    assert zeroshot.usable_alphas(grain, data, None) == (1.0, 0.5, 0.0)  # 0: the regions alone
     assert zeroshot.usable_alphas(grain, plain, (1.0, 0.3)) == (1.0,)
 
 

@@ -1,4 +1,5 @@
 """Exact resume after SIGKILL and clean exit on SIGTERM, with the real ``grain-jax-train`` binary."""
+import json
 import os
 import signal
 
@@ -42,6 +43,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_cache):
 
     trainer.train_and_evaluate(_train_utils.runlocal_config(data_cache, checkpoint_every_steps=2), killed_dir)
     expected, resumed = checkpoints.restore_params(reference_dir), checkpoints.restore_params(killed_dir)
+
+    # Rerunning a finished command trains and evaluates nothing, and leaves its results as they were.
+    results = [os.path.join(reference_dir, name) for name in (trainer.FINAL_METRICS, "metrics.jsonl")]
+    before = [open(path).read() for path in results]
+    again = trainer.train_and_evaluate(_train_utils.runlocal_config(data_cache, checkpoint_every_steps=2),
+                                       reference_dir)
+    assert [open(path).read() for path in results] == before
+    assert "loss/total" in again and again == {k: v for k, v in json.loads(before[0]).items() if k != "step"}
     leaves = jax.tree_util.tree_leaves_with_path(expected)
     for (path, want), got in zip(leaves, jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
@@ -50,10 +59,15 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_cache):
 def test_sigterm_saves_at_the_next_step_and_exits_zero(tmp_path, data_cache):
     workdir = str(tmp_path)
     process = _train_utils.start(_train_utils.cli(workdir, data_cache, "--config.checkpoint_every_steps=1000"))
-    _wait_for(process, f"step 2/{_train_utils.TOTAL_STEPS}")
+    output = "".join(_wait_for(process, f"step 2/{_train_utils.TOTAL_STEPS}"))
     process.send_signal(signal.SIGTERM)
-    output = process.stdout.read()
+    output += process.stdout.read()
     assert process.wait(timeout=120) == 0, output
+    # The console: our lines once each, no orbax internals or parameter table; a copy in out.log.
+    assert "array_metadata_store" not in output and "| Name" not in output, output
+    progress = [line for line in output.splitlines() if line.startswith("step ")]
+    assert progress and len(progress) == len(set(progress)), output
+    assert "preempted: saved checkpoint at step" in open(os.path.join(workdir, "out.log")).read()
     assert "preempted: saved checkpoint at step" in output, output
     with checkpoints.manager(workdir, read_only=True) as mngr:
         saved = mngr.latest_step()
