@@ -22,6 +22,7 @@ from grain_jax.data import transforms
 
 MODEL_CONFIG = "model_config.json"
 CHECKPOINTS = "checkpoints"
+CONSOLE_LOG = "out.log"  # a copy of the training binary's console, in the workdir
 
 
 @dataclasses.dataclass

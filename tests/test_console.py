@@ -11,6 +11,7 @@ import jax
 import pytest
 
 import _train_utils
+from grain_jax import checkpoints
 from grain_jax.cli import console
 from grain_jax.train import metrics
 
@@ -72,7 +73,7 @@ def test_a_failure_while_running_is_one_line_with_the_traceback_in_out_log(tmp_p
     assert last.startswith("grain-jax-train: error: ") and last.endswith(f"({console.TRACEBACK_HINT})"), quiet.stderr
     assert "Traceback" not in quiet.stdout + quiet.stderr
     assert "Traceback" in loud.stderr
-    assert "Traceback" in (tmp_path / console.CONSOLE_LOG).read_text()
+    assert "Traceback" in (tmp_path / checkpoints.CONSOLE_LOG).read_text()
 
 
 def _record(name: str, level: int, pathname: str) -> logging.LogRecord:

@@ -18,7 +18,6 @@ from typing import Callable, TextIO
 from absl import logging as absl_logging
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONSOLE_LOG = "out.log"
 TRACEBACK_HINT = "run with --verbosity=1 for the traceback"
 
 
@@ -103,7 +102,8 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
         absl_logging.set_verbosity(absl_logging.INFO)
     if workdir is None or process_index != 0 or _log_file is not None:
         return None
-    path = os.path.join(workdir, CONSOLE_LOG)
+    from grain_jax import checkpoints  # here: --help and flag errors stay free of orbax's import time
+    path = os.path.join(workdir, checkpoints.CONSOLE_LOG)
     _log_file = open(path, "a", buffering=1)
     sys.stdout, sys.stderr = _Tee(sys.stdout, _log_file), _Tee(sys.stderr, _log_file)
     # The handler was bound to the real stdout above; point it at the tee.

@@ -301,11 +301,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     _say("final metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items()))
     tensorboard = f"tensorboard --logdir {writer.tensorboard_dir}"
     if importlib.util.find_spec("tensorboard") is None:
-        tensorboard = f"pip install 'grain_jax[tensorboard]', then {tensorboard}"
+        tensorboard = f"pip install -e '.[tensorboard]' (in the repository), then {tensorboard}"
+    console_log = os.path.join(workdir, checkpoints.CONSOLE_LOG)
     _say(f"done: {step} steps. Everything is in {workdir}:\n"
          f"  results      {final_path}, {writer.jsonl_path}\n"
-         f"  console log  {os.path.join(workdir, 'out.log')}\n"
-         f"  checkpoint   {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
+         + (f"  console log  {console_log}\n" if os.path.exists(console_log) else "")
+         + f"  checkpoint   {os.path.join(workdir, checkpoints.CHECKPOINTS, str(step))} "
          f"(grain_jax.inference.load({workdir!r}))\n"
          f"  TensorBoard  {tensorboard}")
     return last
