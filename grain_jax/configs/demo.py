@@ -2,7 +2,7 @@ r"""The embedded demo: a tiny GRAIN (or CLIP) trained on the synthetic grounded 
 
 The data is generated on first use into ``--config.data_cache_dir`` (default ``WORKDIR/data``)
 and reused afterwards. Training plus evaluation (validation loss and zero-shot accuracy on the
-benchmark's seen and *novel* concepts) takes about 5 minutes on 2 CPU cores.
+benchmark's seen and *novel* concepts) takes 3-9 minutes on 2 CPU cores, depending on load (README, Quick start).
 
     grain-jax-train --config configs/demo.py --workdir workdirs/grain_demo
     grain-jax-train --config configs/demo.py:model=clip --workdir workdirs/clip_demo   # the CLIP baseline
