@@ -27,7 +27,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.maximum(squared_norm, eps * eps))
 
 
-def _masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of ``values`` where ``mask``; 0 when nothing is selected."""
     total = jnp.sum(jnp.where(mask, values, 0.0))
     return total / jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
@@ -64,8 +64,8 @@ def image_caption_loss(image_embeddings: jax.Array, caption_embeddings: jax.Arra
     labels = jnp.arange(batch_size)
     image_to_text, hits = _cross_entropy_and_accuracy(logits, labels)
     text_to_image, _ = _cross_entropy_and_accuracy(logits.T, labels)
-    loss = 0.5 * (_masked_mean(image_to_text, example_mask) + _masked_mean(text_to_image, example_mask))
-    return loss, _masked_mean(hits.astype(jnp.float32), example_mask)
+    loss = 0.5 * (masked_mean(image_to_text, example_mask) + masked_mean(text_to_image, example_mask))
+    return loss, masked_mean(hits.astype(jnp.float32), example_mask)
 
 
 def region_description_loss(region_embeddings: jax.Array, description_embeddings: jax.Array,
@@ -110,4 +110,4 @@ def region_description_loss(region_embeddings: jax.Array, description_embeddings
     labels = (position_in_group[:, None] * max_descriptions + target_index).reshape(logits.shape[:-1])
     losses, hits = _cross_entropy_and_accuracy(logits, labels)
     valid = pair_valid.reshape(logits.shape[:-1])
-    return _masked_mean(losses, valid), _masked_mean(hits.astype(jnp.float32), valid)
+    return masked_mean(losses, valid), masked_mean(hits.astype(jnp.float32), valid)

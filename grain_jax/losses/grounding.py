@@ -17,16 +17,17 @@ with no boxes).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 
+from grain_jax.losses import blockwise, chunked, contrastive, matching, ring
 from grain_jax.losses import boxes as box_lib
-from grain_jax.losses import contrastive
-from grain_jax.losses import matching
 
 NEGATIVE_MODES = ("global", "per_device")
+CONTRASTIVE_IMPLS = ("dense", "chunked", "ring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +49,11 @@ class LossConfig:
         sub-batch (reference behaviour), with ``negative_groups`` sub-batches.
       negative_groups: number of equal sub-batches for "per_device" (set it to
         the number of data-parallel devices to mimic the reference).
+      contrastive_impl: how L_ic and L_rd are computed, all with the same values and
+        gradients: "dense" (the whole logits matrix, contrastive.py), "chunked"
+        (``contrastive_chunks`` blocks of rows, rematerialised; chunked.py) or "ring"
+        (shard_map + ppermute over the mesh's batch axes; ring.py).
+      contrastive_chunks: number of row blocks of "chunked"; must divide the batch size.
     """
     image_caption: float = 1.0
     box_l1: float = 1.0
@@ -60,6 +66,8 @@ class LossConfig:
     aux_loss: bool = False
     description_negatives: str = "global"
     negative_groups: int = 1
+    contrastive_impl: str = "dense"
+    contrastive_chunks: int = 8
 
     def __post_init__(self):
         if self.description_negatives not in NEGATIVE_MODES:
@@ -67,11 +75,40 @@ class LossConfig:
                              f"got {self.description_negatives!r}")
         if int(self.negative_groups) < 1:
             raise ValueError(f"loss.negative_groups must be >= 1, got {self.negative_groups}")
+        if self.contrastive_impl not in CONTRASTIVE_IMPLS:
+            raise ValueError(f"loss.contrastive_impl must be one of {CONTRASTIVE_IMPLS}, "
+                             f"got {self.contrastive_impl!r}")
+        if int(self.contrastive_chunks) < 1:
+            raise ValueError(f"loss.contrastive_chunks must be >= 1, got {self.contrastive_chunks}")
 
     @property
     def uses_boxes(self) -> bool:
         """Whether the box term contributes to the loss."""
         return bool(self.box_factor) and bool(self.box_l1 or self.box_giou)
+
+
+def _row_statistics(config: LossConfig, num_groups: int) -> blockwise.RowStatistics:
+    """The memory-bounded ``RowStatistics`` the config names (not for "dense")."""
+    if config.contrastive_impl == "chunked":
+        return functools.partial(chunked.row_statistics, num_chunks=config.contrastive_chunks)
+    return functools.partial(ring.row_statistics, num_groups=num_groups)
+
+
+def image_caption_loss(config: LossConfig, image_embeddings: jax.Array, caption_embeddings: jax.Array,
+                       scale: jax.Array, example_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """L_ic with the config's ``contrastive_impl`` (see ``contrastive.image_caption_loss``)."""
+    if config.contrastive_impl == "dense":
+        return contrastive.image_caption_loss(image_embeddings, caption_embeddings, scale, example_mask)
+    return blockwise.image_caption_loss(image_embeddings, caption_embeddings, scale, example_mask,
+                                        _row_statistics(config, 1))
+
+
+def region_description_loss(config: LossConfig, *args, negative_groups: int) -> tuple[jax.Array, jax.Array]:
+    """L_rd with the config's ``contrastive_impl`` (arguments of ``contrastive.region_description_loss``)."""
+    if config.contrastive_impl == "dense":
+        return contrastive.region_description_loss(*args, negative_groups=negative_groups)
+    return blockwise.region_description_loss(*args, _row_statistics(config, negative_groups),
+                                             negative_groups=negative_groups)
 
 
 def box_losses(pred_boxes: jax.Array, target_boxes: jax.Array, matches: matching.Matches,
@@ -133,8 +170,8 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
     metrics: dict[str, jax.Array] = {}
     loss = jnp.zeros((), jnp.float32)
     if config.image_caption:
-        caption_loss, caption_accuracy = contrastive.image_caption_loss(
-            image_embeddings, _get(outputs, "txt/caption", "outputs"), scale, example_mask)
+        caption_loss, caption_accuracy = image_caption_loss(
+            config, image_embeddings, _get(outputs, "txt/caption", "outputs"), scale, example_mask)
         metrics["loss/image_caption"] = caption_loss
         metrics["acc/image_caption"] = caption_accuracy
         loss += config.image_caption * caption_loss
@@ -183,8 +220,8 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
 
         if use_descriptions:
             groups = config.negative_groups if config.description_negatives == "per_device" else 1
-            description_loss, description_accuracy = contrastive.region_description_loss(
-                region_embeddings, description_embeddings, target_mask, matches.query_index,
+            description_loss, description_accuracy = region_description_loss(
+                config, region_embeddings, description_embeddings, target_mask, matches.query_index,
                 matches.target_index, matches.valid, scale, negative_groups=groups)
             metrics["loss/region_description"] = description_loss
             metrics["acc/region_description"] = description_accuracy
