@@ -47,6 +47,19 @@ def axis_rules(extra_rules: Sequence[Sequence] = ()) -> tuple:
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in extra_rules) + LOGICAL_AXIS_RULES
 
 
+def mesh_axes(logical_name: str, mesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` that ``logical_name`` maps to under the active flax rules (else the defaults),
+
+    e.g. ``("data", "fsdp")`` for "batch"; for code that goes manual with ``jax.shard_map``.
+    """
+    import flax.linen as nn
+
+    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
+    spec = nn.logical_to_mesh_axes((logical_name,), rules)[0]
+    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
+    return tuple(axis for axis in axes if axis in mesh.axis_names)
+
+
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
     """Fills a single ``-1`` entry so the product equals ``num_devices``.
 

@@ -110,29 +110,3 @@ def test_non_finite_loss_stops_naming_the_metric_and_the_last_good_checkpoint(tm
     ckpt = resume.Checkpointer(str(tmp_path), keep=2)
     assert ckpt.latest_step() == (2 if poisoned == 3 else None)
     ckpt.close()
-
-
-def test_gradient_accumulation_averages_micro_batches_clip(tmp_path):
-    """k=2 micro-batches (rows j::2): the step's loss is the mean of the two micro-batch losses."""
-    from grain_jax.configs import demo
-    config = demo.get_config("model=clip,runlocal,evals=false")
-    config.update(total_steps=_train_utils.TOTAL_STEPS, grad_accum_steps=2, dtype="float32")
-    mesh = sharding.create_mesh((2, 2, 1), devices=jax.devices()[:4])  # 4 batch shards x 2 micro-batches
-    trainer.validate_config(config, num_devices=4)
-    model, schedule, tx, state, shardings, rules = _setup(config, mesh)
-    assert model.mode == "clip"
-    params = jax.device_get(state.params)
-    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule, grad_accum_steps=2,
-                                          **_image_stats(config))
-    batch_sh = state_lib.batch_sharding(mesh, rules)
-    compiled = trainer.compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
-    batch = _fixed_batch(config)
-    state, metrics = compiled(state, {k: jax.device_put(v, batch_sh) for k, v in batch.items()},
-                              jax.random.PRNGKey(0))
-    micro_losses = [float(step_lib.forward_loss(model, LossConfig(**config.loss), params,
-                                                {k: v[j::2] for k, v in batch.items()}, jax.random.PRNGKey(0),
-                                                **_image_stats(config))[0])
-                    for j in range(2)]
-    assert set(metrics) >= {"loss/image_caption", "acc/image_caption"} and "loss/box_l1" not in metrics
-    np.testing.assert_allclose(float(metrics["loss/total"]), np.mean(micro_losses), rtol=1e-5)
-    assert int(state.step) == 1 and float(metrics["finite"]) == 1.0

@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 from typing import NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,14 +109,6 @@ def _backward(ring, residuals, cotangents):
 _ring_statistics.defvjp(_forward, _backward)
 
 
-def _batch_mesh_axes(mesh) -> tuple[str, ...]:
-    """Mesh axes of the logical "batch" axis (active flax rules, else the package defaults) present in ``mesh``."""
-    rules = nn.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
-    spec = nn.logical_to_mesh_axes(("batch",), rules)[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return tuple(axis for axis in axes if axis in mesh.axis_names)
-
-
 def row_statistics(rows: jax.Array, cols: jax.Array, col_valid: jax.Array, labels: jax.Array,
                    row_group: jax.Array, col_group: jax.Array, scale: jax.Array, *,
                    num_groups: int = 1) -> blockwise.RowStats:
@@ -129,7 +120,7 @@ def row_statistics(rows: jax.Array, cols: jax.Array, col_valid: jax.Array, label
     col_index = jnp.arange(cols.shape[0], dtype=jnp.int32)
     args = (rows, cols, col_valid, labels, col_index, row_group, col_group, scale)
     mesh = jax.sharding.get_abstract_mesh()
-    axes = () if mesh.empty else _batch_mesh_axes(mesh)
+    axes = () if mesh.empty else sharding.mesh_axes("batch", mesh)
     num_shards = int(np.prod([mesh.shape[axis] for axis in axes])) if axes else 1
     if num_shards == 1:
         return _ring_statistics(_Ring((), 1, ()), *args)

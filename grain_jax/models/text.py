@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from grain_jax.models import layers
+from grain_jax.models.vocab_parallel import VocabParallelEmbed
 
 
 class TextTransformer(nn.Module):
@@ -49,7 +50,7 @@ class TextTransformer(nn.Module):
         if length > self.context_length:
             raise ValueError(f"text length {length} exceeds context_length {self.context_length}")
 
-        embed = nn.Embed(
+        embed = VocabParallelEmbed(
             self.vocab_size, self.width, dtype=jnp.float32, param_dtype=self.param_dtype,
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), ("vocab", "embed")),
             name="token_embedding")

@@ -1,10 +1,9 @@
 """The jitted train step: forward (bf16 compute), ``total_loss``, grads, AdamW, logit-scale clamp.
 
-Gradient accumulation (``config.grad_accum_steps = k``) splits the global batch
-into k micro-batches inside the step and averages their gradients. Note that the
-contrastive losses then see only B/k negatives per micro-batch, so accumulation is
-*not* equivalent to a k-times larger device batch; it trades memory for a weaker
-contrastive signal.
+Gradient accumulation (``config.grad_accum_steps = k``) is GradCache (``grad_cache.py``):
+the step embeds the global batch in k micro-batches, computes the loss on the full
+batch, and back-propagates micro-batch by micro-batch, so the contrastive losses keep
+all B negatives and the gradients equal those of one step on the full batch.
 """
 from __future__ import annotations
 
@@ -18,36 +17,47 @@ import jax.numpy as jnp
 import optax
 
 from grain_jax.data import transforms
+from grain_jax.train import grad_cache
 from grain_jax.train.state import TrainState
 
 # The reference clamps the learnable log temperature to [0, ln 100] after every update.
 LOGIT_SCALE_MAX = math.log(100.0)
 
 
-def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, rng: jax.Array,
-                 train: bool = True, *, mean: Sequence[float], std: Sequence[float]) -> tuple[jax.Array, dict]:
-    """``total_loss`` of one batch; CLIP models are not fed descriptions (they have no use for them).
+def model_outputs(model: nn.Module, params: Any, batch: dict, rng: jax.Array, train: bool = True, *,
+                  mean: Sequence[float], std: Sequence[float]) -> dict:
+    """The model's ``out`` dict for a batch; CLIP models are not fed descriptions (they have no use for them).
 
     ``batch["images"]`` are the contract's uint8 pixels, normalised here on device with the
     data's ``mean`` / ``std`` (``transforms.normalize``, as evaluation and inference do).
     """
-    from grain_jax.losses import total_loss
     descriptions = batch["description_tokens"] if model.mode == "grain" else None
     pixels = transforms.normalize(batch["images"], mean, std)
     outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"], descriptions,
                              train=train, rngs={"dropout": rng})
+    return outputs
+
+
+def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, rng: jax.Array,
+                 train: bool = True, *, mean: Sequence[float], std: Sequence[float]) -> tuple[jax.Array, dict]:
+    """``total_loss`` of one batch (``mean`` / ``std`` as in ``model_outputs``)."""
+    from grain_jax.losses import total_loss
+    outputs = model_outputs(model, params, batch, rng, train, mean=mean, std=std)
     loss, metrics = total_loss(outputs, batch, loss_config)
     if "txt/description_overflow" in outputs:  # a batch over model.description_budget (encoded in full)
         metrics = {**metrics, "txt/description_overflow": outputs["txt/description_overflow"]}
     return loss, metrics
 
 
-def _micro_batches(batch: dict, k: int) -> dict:
-    """``[B, ...] -> [k, B/k, ...]``, micro-batch j = rows j, j+k, ... so each device keeps its share of every one."""
-    def split(x):
-        x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
-    return jax.tree.map(split, batch)
+def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int = 1, *,
+                     mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """``gradients(params, batch, rng) -> ((loss, metrics), grads)``; GradCache over k > 1 micro-batches."""
+    if grad_accum_steps == 1:
+        return jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std),
+                                  has_aux=True)
+    from grain_jax.losses import total_loss
+    return grad_cache.make_gradient_fn(functools.partial(model_outputs, model, mean=mean, std=std),
+                                       functools.partial(total_loss, config=loss_config), grad_accum_steps)
 
 
 def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
@@ -63,23 +73,7 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
     gradients or new parameters are not finite leaves the state unchanged and
     reports ``finite = 0`` (the host then stops; see ``trainer``).
     """
-    grad_fn = jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std),
-                                 has_aux=True)
-
-    def gradients(params, batch, rng):
-        if grad_accum_steps == 1:
-            return grad_fn(params, batch, rng)
-
-        def accumulate(carry, micro_and_index):
-            micro, index = micro_and_index
-            (loss, metrics), grads = grad_fn(params, micro, jax.random.fold_in(rng, index))
-            return jax.tree.map(jnp.add, carry, ((loss, metrics), grads)), None
-
-        micro = _micro_batches(batch, grad_accum_steps)
-        zeros = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
-        total, _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(grad_accum_steps)))
-        return jax.tree.map(lambda x: x / grad_accum_steps, total)
+    gradients = make_gradient_fn(model, loss_config, grad_accum_steps, mean=mean, std=std)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         (loss, metrics), grads = gradients(state.params, batch, jax.random.fold_in(rng, state.step))
