@@ -70,6 +70,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         image_caption=1.0, box_l1=1.0, box_giou=1.0, box_factor=1.0, region_description=1.0,
         match_l1=5.0, match_giou=2.0, aux_loss=False, description_negatives="global", negative_groups=1, match_similarity=0.0,
+        contrastive_impl="dense", contrastive_chunks=8,  # "chunked" / "ring" for large batches (README)
         **overrides))
 
 
