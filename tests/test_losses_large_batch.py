@@ -144,3 +144,12 @@ def test_bad_contrastive_settings_name_the_key():
     with pytest.raises(ValueError, match="loss.contrastive_chunks=3 must be >= 1 and divide"):
         _caption_loss(LossConfig(contrastive_impl="chunked", contrastive_chunks=3), x["image"], x["caption"],
                       x["log_scale"], x["example_mask"])
+
+
+def test_ring_hops_only_within_a_negative_group():
+    from grain_jax.losses import ring
+    assert ring._make_ring(("data",), 8, 1).perm == tuple((i, (i + 1) % 8) for i in range(8))
+    sub_rings = ring._make_ring(("data",), 8, 2)  # groups of 4 devices
+    assert sub_rings.size == 4 and dict(sub_rings.perm) == {0: 1, 1: 2, 2: 3, 3: 0, 4: 5, 5: 6, 6: 7, 7: 4}
+    assert ring._make_ring(("data",), 8, 16).size == 1  # every group inside one device: no hop
+    assert ring._make_ring(("data",), 8, 3).size == 8  # groups straddle devices: full ring, masks decide
