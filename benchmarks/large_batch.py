@@ -5,7 +5,7 @@ r"""Large contrastive batches: per-device memory and step time of dense / chunke
     # AOT for a TPU pod without a TPU (needs `pip install libtpu==0.0.42.1`): loss step per chip
     python benchmarks/large_batch.py --topology v5e:16x16 --batch_sizes 8192,32768 --time_max_batch 0
     # AOT of the whole B/16 train step per v5e chip, one line per (batch, impl, remat policy)
-    python benchmarks/large_batch.py --topology v5e:16x16 --train_config configs/grain_cc12m.py:variant=B/16 \
+    python benchmarks/large_batch.py --topology v5e:16x16 --train_config grain_jax/configs/grain_cc12m.py:variant=B/16 \
         --batch_sizes 16384,32768 --impls dense,ring --remat_policies none,full
 
 The loss step is ``value_and_grad(total_loss)`` with respect to GRAIN-shaped model
