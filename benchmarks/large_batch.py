@@ -149,7 +149,8 @@ def train_step_rows(mesh, rules) -> None:
                 state = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=unboxed,
                                              opt_state=jax.eval_shape(tx.init, unboxed))
                 train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
-                                                      int(config.get("grad_accum_steps", 1)))
+                                                      int(config.get("grad_accum_steps", 1)),
+                                                      mean=config.data.mean, std=config.data.std)
                 start = time.perf_counter()
                 compiled = trainer.compile_train_step(train_step, state, shardings,
                                                       state_lib.batch_sharding(mesh, rules), mesh, rules, config)

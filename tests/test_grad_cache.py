@@ -39,13 +39,13 @@ def _setup(model_name):
     batch = batch_lib.fake_batch(BATCH, data.image_size, data.caption_length, data.description_length,
                                  data.max_boxes, seed=5)
     batch = jax.device_put(batch, state_lib.batch_sharding(mesh, rules))
-    return model, LossConfig(**config.loss), mesh, rules, params, batch
+    return model, LossConfig(**config.loss), mesh, rules, params, batch, dict(mean=data.mean, std=data.std)
 
 
 @functools.cache
 def _gradients(model_name, k):
-    model, loss_config, mesh, rules, params, batch = _setup(model_name)
-    fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, k))
+    model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name)
+    fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, k, **image_stats))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.device_get(fn(params, batch, jax.random.PRNGKey(1)))
 
