@@ -62,7 +62,7 @@ def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason):
     with pytest.raises(SystemExit) as error:
         convert_cli.run([command, "--input", str(path), "--output", str(tmp_path / "out"), *extra])
     message = str(error.value)
-    assert message.startswith(f"grain-jax-convert: refusing to load {path}: {reason}"), message
+    assert message.startswith(f"grain-jax-convert: error: refusing to load {path}: {reason}"), message
     assert message.endswith("Nothing from it was executed.") and "\n" not in message, message
     assert not marker.exists() and not (tmp_path / "out").exists()
 
