@@ -121,13 +121,22 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
     return compiled
 
 
-def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt):
-    """Resume order: the workdir's newest readable checkpoint -> config.init_from -> scratch."""
+def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt, fresh_start: bool):
+    """Resume order: the workdir's newest readable checkpoint -> config.init_from -> scratch.
+
+    A workdir whose checkpoints were all quarantined as unreadable does not silently start over
+    (a requeued job would lose the run): that needs ``fresh_start``.
+    """
     restored = ckpt.restore(state, shardings, data_iterator)
     if restored is not None:
         state, rng_data = restored
         _say(f"resumed from {os.path.join(workdir, checkpoints.CHECKPOINTS)} at step {int(state.step)}")
         return state, jax.device_put(rng_data, state_lib.replicated(shardings.step.mesh))
+    quarantined = ckpt.quarantined_steps()
+    if quarantined and not fresh_start:
+        raise RuntimeError(f"{workdir} has no usable checkpoint: steps {quarantined} were unreadable and are in "
+                           f"{os.path.join(workdir, resume.CORRUPT_DIR)}; pass --fresh_start to train from "
+                           f"scratch anyway")
     if config.get("init_from"):
         params = resume.load_init_params(config.init_from, state.params, shardings.params,
                                                 config.get("dont_load") or ())
@@ -152,8 +161,12 @@ def _run_evaluators(evaluators, inference_model, step: int, writer: metrics_lib.
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh_start: bool = False
+                       ) -> dict[str, float]:
+    """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics.
+
+    ``fresh_start``: train from scratch even if every checkpoint in ``workdir`` was unreadable.
+    """
     from grain_jax.data import pipeline
     from grain_jax.evaluators import from_config
     from grain_jax.inference import InferenceModel
@@ -189,8 +202,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                                  seed=config.seed)
-    ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
+    ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                      run={key: config[key] for key in resume.RUN_KEYS})
+    state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt,
+                                        fresh_start)
 
     batch_sh = state_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
