@@ -25,6 +25,8 @@ TEST = ["pytest>=8", "pytest-xdist>=3", "scipy>=1.12", "portpicker>=1.6"]
 CONVERT = ["torch>=2.4", "torchvision", "open_clip_torch>=3.3,<4", "timm>=1.0.31,<2", "safetensors>=0.8"]
 # CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
 BENCHMARK = ["clip_benchmark==1.6.2"]
+# grain-jax-compile for TPU topologies on machines without TPUs: the TPU compiler that matches jax (jax[tpu]'s pin).
+TPU_AOT = ["libtpu==0.0.42.*"]
 
 setuptools.setup(
     name="grain_jax",
@@ -34,10 +36,11 @@ setuptools.setup(
     package_data={"grain_jax.data": ["*.txt.gz"]},
     python_requires=">=3.10",
     install_requires=CORE,
-    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK},
+    extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK, "tpu-aot": TPU_AOT},
     entry_points={
         "console_scripts": [
             "grain-jax-train=grain_jax.cli.train:run",
+            "grain-jax-compile=grain_jax.cli.compile:run",
             "grain-jax-prepare=grain_jax.cli.prepare:run",
             "grain-jax-eval=grain_jax.cli.eval:run",
             "grain-jax-visualize=grain_jax.cli.visualize:run",

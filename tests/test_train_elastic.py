@@ -101,3 +101,23 @@ def test_data_state_at_matches_a_multiprocess_iterator():
     positioned = iter(dataset)
     positioned.set_state(resume.data_state_at(fresh, 4))
     np.testing.assert_array_equal(next(positioned), [8, 9])
+
+
+def test_sharding_excess_and_the_sufficiently_sharded_check():
+    import ml_collections
+    from grain_jax.train import trainer
+    mesh = sharding.create_mesh((1, 4, 2))
+    tree = {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, P("fsdp", None))),
+            "b": jax.ShapeDtypeStruct((4,), jnp.float32, sharding=NamedSharding(mesh, P()))}
+    excess, replicated = sharding.sharding_excess(tree)
+    # 144 bytes in all, ideally 144 / (fsdp 4 x tensor 2) = 18 per device; each device holds 32 + 16.
+    assert excess == pytest.approx(48 / 18 - 1)
+    assert replicated == [("['b']", 16)]
+    assert sharding.sharding_excess({"w": tree["w"].update(sharding=NamedSharding(mesh, P("fsdp", "tensor")))})[0] == 0
+    state = TrainState(step=None, params=tree, opt_state={})
+    config = ml_collections.ConfigDict({"sharding_check": {"max_excess": 0.5, "action": "fail"}})
+    with pytest.raises(ValueError, match=r"use 166.7% more bytes per device .*\.max_excess=0.5; largest replicated: "
+                                         r"\['params'\]\['b'\] \(0.0 MiB\)"):
+        trainer.check_sufficiently_sharded(state, config)
+    config.sharding_check.max_excess = 2.0
+    assert trainer.check_sufficiently_sharded(state, config) == pytest.approx(excess)

@@ -93,6 +93,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
 
 
+def check_sufficiently_sharded(state, config) -> float:
+    """Warns or raises (``config.sharding_check``) when params + optimizer state are too replicated."""
+    check = config.get("sharding_check") or {}
+    excess, replicated = sharding.sharding_excess({"params": state.params, "opt_state": state.opt_state})
+    limit, action = check.get("max_excess"), check.get("action", "warn")
+    if action not in ("warn", "fail"):
+        raise ValueError(f"config.sharding_check.action must be 'warn' or 'fail', got {action!r}")
+    if limit is not None and excess > limit:
+        largest = ", ".join(f"{path} ({size / 2**20:.1f} MiB)" for path, size in replicated[:3])
+        message = (f"params + optimizer state use {100 * excess:.1f}% more bytes per device than fully sharded over "
+                   f"(fsdp, tensor), above config.sharding_check.max_excess={limit}; largest replicated: {largest}")
+        if action == "fail":
+            raise ValueError(message)
+        _say(f"WARNING: {message}")
+    return excess
+
+
 def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
     """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
     repl = state_lib.replicated(mesh)
@@ -119,6 +136,24 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
              f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB, "
              f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB (donated {memory.alias_size_in_bytes / 2**20:.1f})")
     return compiled
+
+
+def _use_compilation_cache(config, workdir: str) -> None:
+    """A restart (after preemption) loads the compiled step instead of recompiling it."""
+    directory = config.get("compilation_cache_dir")
+    if jax.config.jax_compilation_cache_dir or directory == "":
+        return  # already chosen (JAX_COMPILATION_CACHE_DIR, the caller) or off
+    jax.config.update("jax_compilation_cache_dir", directory or os.path.join(workdir, "compilation_cache"))
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (multi-process runs only).
+
+    Processes reach the same point at different times, and the first cross-process collective
+    (gloo on CPU) only waits 30 s for the others; a coordination-service barrier waits longer.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name, timeout=3600, processes=set(range(jax.process_count())))
 
 
 def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt, fresh_start: bool):
@@ -173,6 +208,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     from grain_jax.losses import LossConfig
 
     workdir = os.path.abspath(workdir)
+    _use_compilation_cache(config, workdir)
     config = resolve_data(config, workdir)
     validate_config(config)
     mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"))
@@ -197,11 +233,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     state, shardings, tx = state_lib.create_train_state(
         model, lambda params: optimizer.make_optimizer(config, params, schedule), config, mesh, rules, init_rng)
     _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
+    check_sufficiently_sharded(state, config)
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
                                               jax_logging_process=0)
 
     data_iterator = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                                  seed=config.seed)
+    _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
     ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints,
                                       run={key: config[key] for key in resume.RUN_KEYS})
     state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt,
@@ -211,11 +249,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)))
     compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
-    if jax.process_count() > 1:
-        # Processes finish compiling at different times, and the first cross-process collective
-        # (gloo on CPU) only waits 30 s for the others; a coordination-service barrier waits longer.
-        ocp.multihost.sync_global_processes("grain_jax_train_step_compiled", timeout=3600,
-                                            processes=set(range(jax.process_count())))
+    _barrier("grain_jax_train_step_compiled")
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
     step = int(state.step)
@@ -253,11 +287,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     # One process: our own SIGTERM handler. Several: JAX's preemption service owns SIGTERM
     # and `reached_preemption` tells every process the same step to stop at.
     sigterm = contextlib.nullcontext(None) if multi_process else resume.SigtermFlag()
+    profile_start, profile_stop = config.get("profile_steps") or (-1, -1)
+    profiling = False
     with sigterm as flag:
         while step < total_steps:
+            if step == profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                profiling = True
             batch = pipeline.to_global(next(data_iterator), batch_sh)
-            state, step_metrics = compiled(state, batch, train_rng)
+            with jax.transfer_guard("disallow"):  # every step input is already on device: no hidden copies
+                state, step_metrics = compiled(state, batch, train_rng)
             step += 1
+            if profiling and step == profile_stop:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                profiling = False
+                _say(f"profile of steps [{profile_start}, {profile_stop}) in {os.path.join(workdir, 'profile')}")
             pending.append(step_metrics)
             preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
             save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
