@@ -27,7 +27,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grain_jax import sharding
-from grain_jax.train import metrics as metrics_lib, optimizer, state as state_lib, step as step_lib
+from grain_jax.train import optimizer, state as state_lib, step as step_lib
 
 GIB = 2**30
 
@@ -95,7 +95,7 @@ class CompileReport:
     temp_bytes: float
     alias_bytes: float
     hbm_bytes: float | None
-    flops_per_step: float
+    flops_per_step: float  # model FLOPs (trainer.model_flops_per_step: no remat recompute), all devices
     sharding_excess: float  # params + optimizer bytes per device over fully sharded (sharding.sharding_excess)
 
     @property
@@ -149,9 +149,9 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
     model, tx, abstract = abstract_train_state(config, mesh, rules, schedule)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)))
+    shardings, batch_sh = jax.tree.map(lambda x: x.sharding, abstract), state_lib.batch_sharding(mesh, rules)
     start = time.perf_counter()
-    compiled = trainer.compile_train_step(train_step, abstract, jax.tree.map(lambda x: x.sharding, abstract),
-                                          state_lib.batch_sharding(mesh, rules), mesh, rules, config)
+    compiled = trainer.compile_train_step(train_step, abstract, shardings, batch_sh, mesh, rules, config)
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     return CompileReport(
@@ -160,7 +160,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
         argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
         temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         hbm_bytes=target.hbm_bytes if hbm_bytes is None else hbm_bytes,
-        flops_per_step=metrics_lib.compiled_flops(compiled, len(devices)),
+        flops_per_step=trainer.model_flops_per_step(config, tx, schedule, abstract, shardings, batch_sh, mesh, rules),
         sharding_excess=sharding.sharding_excess({"params": abstract.params, "opt_state": abstract.opt_state})[0])
 
 

@@ -110,11 +110,8 @@ def check_sufficiently_sharded(state, config) -> float:
     return excess
 
 
-def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
-    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
-    repl = state_lib.replicated(mesh)
-    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-                     donate_argnums=(0,))
+def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config) -> tuple:
+    """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings."""
     data, batch = config.data, config.global_batch_size
     abstract_batch = {
         "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.float32, sharding=batch_sh),
@@ -125,10 +122,17 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
         "box_mask": jax.ShapeDtypeStruct((batch, data.max_boxes), np.bool_, sharding=batch_sh),
     }
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    abstract_rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)
+    return abstract_state, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
+
+
+def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
+    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
+    repl = state_lib.replicated(mesh)
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(abstract_state, abstract_batch, abstract_rng).compile()
+        compiled = jitted.lower(*abstract_step_inputs(state, shardings, batch_sh, mesh, config)).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         _say(f"compiled train step in {time.perf_counter() - start:.1f}s; per device: "
@@ -136,6 +140,16 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
              f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB, "
              f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB (donated {memory.alias_size_in_bytes / 2**20:.1f})")
     return compiled
+
+
+def model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh: Mesh, rules: tuple) -> float:
+    """The step's model FLOPs (MFU's numerator): the same model without remat, one micro-batch of the global batch."""
+    from grain_jax.losses import LossConfig
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.model.remat_policy = "none"
+    step = step_lib.make_train_step(state_lib.build_model(plain), LossConfig(**config.loss), tx, schedule, 1)
+    return metrics_lib.model_flops_per_step(step, abstract_step_inputs(state, shardings, batch_sh, mesh, config),
+                                            mesh, rules)
 
 
 def _use_compilation_cache(config, workdir: str) -> None:
@@ -244,6 +258,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                       run={key: config[key] for key in resume.RUN_KEYS})
     state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt,
                                         fresh_start)
+    train_rng = jax.device_put(train_rng, state_lib.replicated(mesh))  # where the step wants it (transfer guard)
 
     batch_sh = state_lib.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
@@ -255,7 +270,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     step = int(state.step)
     throughput = metrics_lib.Throughput(
         total_steps=total_steps, global_batch_size=config.global_batch_size, first_step=step,
-        flops_per_step=metrics_lib.compiled_flops(compiled, jax.device_count()),
+        flops_per_step=model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh, rules),
         peak=metrics_lib.peak_flops(jax.devices()))
 
     def inference_model():
