@@ -55,7 +55,7 @@ def test_tpu_slice_names_map_to_chip_grids():
 def test_cli_exits_nonzero_when_the_step_does_not_fit(report):
     limit_gib = report.total_bytes / 2**30 / 2
     result = subprocess.run(
-        [sys.executable, "-m", "grain_jax.train.aot", f"--config={_train_utils.REPO}/configs/demo.py:runlocal",
+        [sys.executable, "-m", "grain_jax.cli.compile", f"--config={_train_utils.REPO}/grain_jax/configs/demo.py:runlocal",
          f"--config.total_steps={_train_utils.TOTAL_STEPS}", "--topology=cpu", f"--hbm_gib={limit_gib}"],
         cwd=_train_utils.REPO, env=_train_utils.subprocess_env(), capture_output=True, text=True, timeout=900)
     assert result.returncode == 1, result.stdout + result.stderr

@@ -167,7 +167,7 @@ def test_tpu_pod_script_runs_the_trainer_on_every_worker(tmp_path):
     remote = next(a for a in args if a.startswith("--command=")).removeprefix("--command=")
     subprocess.run(["bash", "-n", "-c", remote], check=True)  # valid shell
     last = remote.strip().splitlines()[-1]
-    assert shlex.split(last) == ["python3", "-m", "grain_jax.main", "--config", "configs/grain_cc12m.py:variant=B/16",
+    assert shlex.split(last) == ["python3", "-m", "grain_jax.cli.train", "--config", "configs/grain_cc12m.py:variant=B/16",
                                  "--workdir", "/mnt/shared/run one", "--config.data.dir=/mnt/shared/cc12m's"]
 
 
@@ -177,7 +177,7 @@ def test_slurm_script_starts_one_trainer_per_gpu(tmp_path):
     subprocess.run(["bash", "launch/slurm_gpu.sbatch", "configs/grain_cc12m.py:variant=B/16", "/shared/run",
                     "--config.data.dir=/shared/cc12m"], cwd=REPO, env=env, check=True)
     args = _args(tmp_path, "srun")
-    assert args[args.index("python"):] == ["python", "-m", "grain_jax.main", "--config",
+    assert args[args.index("python"):] == ["python", "-m", "grain_jax.cli.train", "--config",
                                            "configs/grain_cc12m.py:variant=B/16", "--workdir", "/shared/run",
                                            "--config.data.dir=/shared/cc12m"]
     with open(os.path.join(REPO, "launch", "slurm_gpu.sbatch")) as f:

@@ -13,7 +13,7 @@ from grain_jax import checkpoints, sharding
 from grain_jax.data import pipeline
 from grain_jax.data.synthetic import ensure_synthetic
 from grain_jax.losses import LossConfig
-from grain_jax.train import checkpointing, optimizer, state as state_lib, step as step_lib, trainer
+from grain_jax.train import optimizer, resume, state as state_lib, step as step_lib, trainer
 
 STEPS = 3
 
@@ -116,7 +116,7 @@ def test_resume_on_another_process_count(tmp_path):
     output = _run(command, 2, logs)[0]
     assert "data position re-derived: the checkpoint was written by 1 process(es), this run has 2" in output
     assert "resumed step 4" in output and "step 6/6" in output
-    assert not (workdir / checkpointing.CORRUPT_DIR).exists()
+    assert not (workdir / resume.CORRUPT_DIR).exists()
     after = checkpoints.restore_params(str(workdir), step=2)  # the step-2 checkpoint was read, never changed
     for want, got in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

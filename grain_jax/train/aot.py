@@ -7,24 +7,18 @@ shardings over the *target* devices, lowers and compiles the same step function
 from ``jax.experimental.topologies.get_topology_desc`` and need libtpu (the ``tpu-aot``
 extra), not a TPU; ``cpu`` compiles for this machine's (fake) CPU devices.
 
-    grain-jax-compile --config configs/grain_cc12m.py:variant=B/16 --topology v5e-256
-
-Exits 1 when the step does not fit in the chip's HBM (``--hbm_gib`` overrides the known size).
+The binary is ``grain-jax-compile`` (``grain_jax/cli/compile.py``).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import re
-import sys
 import time
-from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import ml_collections
-from absl import app, flags
-from ml_collections import config_flags
 
 from grain_jax import sharding
 from grain_jax.train import optimizer, state as state_lib, step as step_lib
@@ -162,29 +156,3 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
         hbm_bytes=target.hbm_bytes if hbm_bytes is None else hbm_bytes,
         flops_per_step=trainer.model_flops_per_step(config, tx, schedule, abstract, shardings, batch_sh, mesh, rules),
         sharding_excess=sharding.sharding_excess({"params": abstract.params, "opt_state": abstract.opt_state})[0])
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:args]).",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "'cpu' or a TPU slice: v4-32, v5e-256, v5p-128, v6e-64, ...")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multi-slice; set config.dcn_mesh_shape to match).")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", None, "Memory per device to check against (default: the chip's HBM).")
-
-
-def main(argv: Sequence[str]) -> int:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    target = topology(_TOPOLOGY.value, _NUM_SLICES.value)
-    report = compile_train_step(_CONFIG.value, target,
-                                hbm_bytes=None if _HBM_GIB.value is None else _HBM_GIB.value * GIB)
-    print(report.summary(), flush=True)
-    return 0 if report.fits else 1
-
-
-def run() -> Any:
-    flags.mark_flags_as_required(["config", "topology"])
-    app.run(lambda argv: sys.exit(main(argv)))
-
-
-if __name__ == "__main__":
-    run()
