@@ -32,6 +32,8 @@ TENSORBOARD = ["tensorboard>=2.16"]
 # CLIP_benchmark plug-in; pinned because the launcher patches its top-k accuracy for NumPy >= 2.3.
 # (benchmarks/pipeline_throughput.py also uses webdataset and psutil.)
 BENCHMARK = ["clip_benchmark==1.6.2", "webdataset>=0.2", "psutil>=5"]
+# grain-jax-compile for TPU topologies on machines without TPUs: the TPU compiler that matches jax (jax[tpu]'s pin).
+TPU_AOT = ["libtpu==0.0.42.*"]
 
 setuptools.setup(
     name="grain_jax",
@@ -42,10 +44,11 @@ setuptools.setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={"test": TEST, "convert": CONVERT, "benchmark": BENCHMARK, "annotate": ANNOTATE,
-                    "tensorboard": TENSORBOARD},
+                    "tensorboard": TENSORBOARD, "tpu-aot": TPU_AOT},
     entry_points={
         "console_scripts": [
             "grain-jax-train=grain_jax.cli.train:run",
+            "grain-jax-compile=grain_jax.cli.compile:run",
             "grain-jax-prepare=grain_jax.cli.prepare:run",
             "grain-jax-eval=grain_jax.cli.eval:run",
             "grain-jax-visualize=grain_jax.cli.visualize:run",

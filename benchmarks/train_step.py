@@ -59,7 +59,7 @@ def main(argv):
         times.append(time.perf_counter() - start)
 
     step_s = float(np.median(times))
-    flops = metrics.compiled_flops(compiled, jax.device_count())
+    flops = trainer.model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh, rules)
     peak = metrics.peak_flops(jax.devices())
     print(f"{config.model_name} @ {data.image_size}px, global batch {config.global_batch_size}, "
           f"{state_lib.count_params(state.params) / 1e6:.2f} M params, {jax.device_count()} x "

@@ -55,9 +55,9 @@ def read_model_spec(directory: str) -> ModelSpec:
         return ModelSpec(**json.load(f))
 
 
-def manager(directory: str, **options: Any) -> ocp.CheckpointManager:
+def manager(directory: str, item_handlers: dict[str, Any] | None = None, **options: Any) -> ocp.CheckpointManager:
     """The CheckpointManager over ``DIR/checkpoints`` (options: CheckpointManagerOptions kwargs)."""
-    return ocp.CheckpointManager(os.path.join(os.path.abspath(directory), CHECKPOINTS),
+    return ocp.CheckpointManager(os.path.join(os.path.abspath(directory), CHECKPOINTS), item_handlers=item_handlers,
                                  options=ocp.CheckpointManagerOptions(**options))
 
 

@@ -106,3 +106,29 @@ def create_mesh(mesh_shape: Sequence[int] = (-1, 1, 1), dcn_mesh_shape: Sequence
             # CPU / odd topologies: plain row-major order is fine.
             device_array = np.asarray(devices).reshape(shape)
     return Mesh(device_array, MESH_AXES)
+
+
+def sharding_excess(tree, weight_axes: Sequence[str] = ("fsdp", "tensor")) -> tuple[float, list[tuple[str, int]]]:
+    """How far the arrays of ``tree`` (each with a ``NamedSharding``) are from fully sharded weights.
+
+    MaxText's ``assert_params_sufficiently_sharded`` idea: over the ``weight_axes`` (the data axis
+    replicates by design), the ideal bytes per device are total / (their size); the excess is
+    ``bytes per device / ideal - 1`` (0 = fully sharded). LayerNorms, biases and other small
+    leaves stay replicated, so a few percent is normal.
+
+    Returns:
+      ``(excess, [(path, replicated bytes per device), ...])``, largest replicated leaves first.
+    """
+    total = per_device = 0
+    replicated = []
+    weight_devices = 1
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        nbytes = int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+        shard_bytes = int(np.prod(leaf.sharding.shard_shape(leaf.shape))) * np.dtype(leaf.dtype).itemsize
+        mesh_shape = dict(leaf.sharding.mesh.shape)
+        weight_devices = int(np.prod([mesh_shape.get(axis, 1) for axis in weight_axes]))
+        total, per_device = total + nbytes, per_device + shard_bytes
+        if shard_bytes == nbytes and weight_devices > 1:
+            replicated.append((jax.tree_util.keystr(path), shard_bytes))
+    excess = per_device / (total / weight_devices) - 1 if total else 0.0
+    return excess, sorted(replicated, key=lambda item: -item[1])

@@ -17,7 +17,7 @@ LAYERS = [
     {"checkpoints"},
     {"data"},
     {"models", "losses"},
-    {"sharding", "batch"},
+    {"sharding", "batch", "distributed"},
 ]
 RANK = {unit: rank for rank, units in enumerate(LAYERS) for unit in units}
 

@@ -1,17 +1,19 @@
 """Two processes on localhost (jax.distributed, CPU, 2 devices each) train like one process with the same global batch."""
 import json
 import os
+import shutil
+import subprocess
 
 import jax
 import numpy as np
 import portpicker
 
 import _train_utils
-from grain_jax import sharding
+from grain_jax import checkpoints, sharding
 from grain_jax.data import pipeline
 from grain_jax.data.synthetic import ensure_synthetic
 from grain_jax.losses import LossConfig
-from grain_jax.train import optimizer, state as state_lib, step as step_lib, trainer
+from grain_jax.train import optimizer, resume, state as state_lib, step as step_lib, trainer
 
 STEPS = 3
 
@@ -61,3 +63,61 @@ def test_two_processes_match_one_process(tmp_path):
 
     config.data.dir = data_dir
     np.testing.assert_allclose([m["loss/total"] for m in logged], _one_process_losses(config), rtol=1e-4)
+
+
+def _run(command, processes: int, log_dir) -> list[str]:
+    """Runs ``command`` as ``processes`` local JAX processes sharing 4 CPU devices; returns their outputs.
+
+    Output goes to files: a child blocked on a full pipe while we wait on another would hang both.
+    """
+    port = portpicker.pick_unused_port()
+    children, logs = [], []
+    for index in range(processes):
+        env = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(processes),
+                   JAX_PROCESS_ID=str(index)) if processes > 1 else {}
+        logs.append(open(log_dir / f"{len(list(log_dir.iterdir()))}.log", "w+"))
+        children.append(subprocess.Popen(command, cwd=_train_utils.REPO, stdout=logs[-1], stderr=subprocess.STDOUT,
+                                         env=_train_utils.subprocess_env(
+                                             XLA_FLAGS=f"--xla_force_host_platform_device_count={4 // processes}",
+                                             **env)))
+    outputs = []
+    for child, log in zip(children, logs):
+        child.wait(timeout=600)
+        log.seek(0)
+        outputs.append(log.read())
+        assert child.returncode == 0, outputs[-1]
+    return outputs
+
+
+def test_resume_on_another_process_count(tmp_path):
+    """2 processes -> 1 -> 2 over one workdir (4 devices each time): every run continues the last checkpoint."""
+    config = _train_utils.runlocal_config(str(tmp_path / "data"))
+    ensure_synthetic(str(tmp_path / "data"), **config.synthetic)
+    workdir = tmp_path / "run"
+    command = _train_utils.cli(str(workdir), str(tmp_path / "data"), "--config.total_steps=6",
+                               "--config.checkpoint_every_steps=2", "--config.keep_checkpoints=5",
+                               config_args="runlocal,evals=false")
+    saved = workdir / checkpoints.CHECKPOINTS
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def forget(*steps):  # as if the run had been stopped after the step before
+        for step in steps:
+            shutil.rmtree(saved / str(step))
+
+    _run(command, 2, logs)
+    forget(4, 6)
+    before = checkpoints.restore_params(str(workdir), step=2)
+    (output,) = _run(command, 1, logs)
+    assert ("resumed step 2: params, optimizer state and rng restored (onto this run's shardings); data position "
+            "re-derived: the checkpoint was written by 2 process(es), this run has 1; every process continues its "
+            "own data stream at batch 2") in output
+    assert "step 6/6" in output and "step 2/6" not in output
+    forget(6)
+    output = _run(command, 2, logs)[0]
+    assert "data position re-derived: the checkpoint was written by 1 process(es), this run has 2" in output
+    assert "resumed step 4" in output and "step 6/6" in output
+    assert not (workdir / resume.CORRUPT_DIR).exists()
+    after = checkpoints.restore_params(str(workdir), step=2)  # the step-2 checkpoint was read, never changed
+    for want, got in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -13,6 +13,8 @@ flags:
   --config        a config file (configs/*.py) and its arguments after a colon (e.g. demo.py:model=clip,runlocal)
   --config.KEY=V  override one key of the config (--print_config lists them all)
   --workdir       where checkpoints, metrics.jsonl, TensorBoard events, final_metrics.json and out.log go
+  --fresh_start   train from scratch although WORKDIR has checkpoints that cannot be used (by default
+                  that stops with an error)
   --print_config  print every key of the config with its value (after overrides) and exit
   --verbosity     0: progress, evaluation and result lines; 1: also library logs (orbax, clu's parameter
                   table) and tracebacks
@@ -22,9 +24,9 @@ Rerun the same command with the same --workdir to resume from its newest checkpo
 not trained or evaluated again. Exit status: 0 done (or preempted and saved), 2 a mistake in the command
 line or config, 1 a failure while running.
 
-Multi-process launches call jax.distributed.initialize() first: on TPU pods and under SLURM it finds the
-coordinator and process ids itself; elsewhere set JAX_COORDINATOR_ADDRESS (host:port of process 0),
-JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process.
+Multi-process launches are detected first (grain_jax.distributed: TPU VMs and pods, SLURM, or
+JAX_COORDINATOR_ADDRESS (host:port of process 0) + JAX_NUM_PROCESSES + JAX_PROCESS_ID on every process),
+and jax.distributed.initialize() is called for them.
 """
 import os
 import sys
@@ -39,15 +41,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and model_config.json.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print every config key with its value and exit.")
-
-# Environment variables that mean "this is one process of a multi-process job".
-_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS")
-
-
-def _is_multi_process() -> bool:
-    if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
-        return True
-    return any(os.environ.get(name) for name in _MULTI_PROCESS_ENV if name != "SLURM_NTASKS")
+_FRESH_START = flags.DEFINE_bool("fresh_start", False, "Train from scratch even though WORKDIR has checkpoints "
+                                  "that cannot be used (by default that stops with an error).")
 
 
 def _verbosity() -> int:
@@ -108,16 +103,12 @@ def main(argv):
         raise console.UsageError("--workdir is required: the directory for checkpoints, logs and results")
     workdir = _make_workdir(_WORKDIR.value)
     import jax
-    process_index = 0
-    if _is_multi_process():
-        explicit = {key: int(os.environ[name]) for key, name in (("num_processes", "JAX_NUM_PROCESSES"),
-                                                                 ("process_id", "JAX_PROCESS_ID")) if name in os.environ}
-        jax.distributed.initialize(**explicit)
-        process_index = jax.process_index()
+    from grain_jax import distributed
+    launch = distributed.initialize()
     # Before anything else touches the backends, whose start-up chatter then stays off the console.
-    console.setup(_verbosity(), workdir, process_index)
+    console.setup(_verbosity(), workdir, 0 if launch.kwargs is None else jax.process_index())
     from grain_jax.train.trainer import train_and_evaluate
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(config, workdir, fresh_start=_FRESH_START.value)
 
 
 def run():

@@ -109,11 +109,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) per slice; -1 fills the rest
     config.dcn_mesh_shape = ml_collections.FieldReference(None, field_type=tuple)  # multi-slice: slices per axis
     config.sharding_rules = ()  # extra (logical name, mesh axes) rules; first match wins
+    # Param + optimizer bytes per device above fully sharded over (fsdp, tensor): warn or fail beyond max_excess.
+    config.sharding_check = ml_collections.ConfigDict(dict(max_excess=0.05, action="warn"))
 
     config.log_every_steps = 50
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 3
     config.init_from = ml_collections.FieldReference(None, field_type=str)
     config.dont_load = ()  # regexes of params kept freshly initialised when loading init_from
+    # Pod operations: persistent XLA cache (None = WORKDIR/compilation_cache, "" = off; an already set
+    # JAX_COMPILATION_CACHE_DIR wins), a jax.profiler trace of steps [start, stop) into WORKDIR/profile.
+    config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
+    config.profile_steps = ml_collections.FieldReference(None, field_type=tuple)
     config.evals = ml_collections.ConfigDict()
     return config

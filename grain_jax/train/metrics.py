@@ -14,7 +14,8 @@ import jax
 import numpy as np
 
 # Dense bf16 peak FLOP/s per chip (vendor datasheets). Matched against
-# ``jax.Device.device_kind`` in order, so more specific names come first.
+# ``jax.Device.device_kind`` (e.g. "NVIDIA H100 80GB HBM3" = SXM, "NVIDIA H100 PCIe") in order,
+# so more specific names come first.
 PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
     ("tpu v5 lite", 197e12),  # v5e
     ("tpu v5e", 197e12),
@@ -24,8 +25,13 @@ PEAK_FLOPS_PER_DEVICE: tuple[tuple[str, float], ...] = (
     ("tpu v6e", 918e12),
     ("tpu v4", 275e12),
     ("h200", 989e12),
-    ("h100", 989e12),
-    ("a100", 312e12),
+    ("h100 pcie", 756e12),
+    ("h100 nvl", 835e12),
+    ("h100", 989e12),  # SXM
+    ("b200", 2250e12),
+    ("a100", 312e12),  # SXM and PCIe alike
+    ("l40s", 362e12),
+    ("l4", 121e12),
 )
 
 
@@ -42,8 +48,25 @@ def peak_flops(devices: list[jax.Device]) -> float | None:
                    f"add it to grain_jax.train.metrics.PEAK_FLOPS_PER_DEVICE")
 
 
+def model_flops_per_step(train_step, abstract_args: tuple, mesh, rules: tuple) -> float:
+    """Model FLOPs of one optimizer step over all devices, for MFU.
+
+    ``train_step`` must be the step without rematerialisation and without gradient accumulation
+    (``grad_accum_steps=1``): recomputed activations are not useful work, and XLA's cost analysis
+    counts a loop body (the accumulation scan) once, not once per micro-batch. The step is lowered,
+    not compiled: the unpartitioned program counts the whole global batch.
+    """
+    import flax.linen as nn
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        analysis = jax.jit(train_step).lower(*abstract_args).cost_analysis()
+    return float(analysis.get("flops", 0.0))
+
+
 def compiled_flops(compiled: jax.stages.Compiled, num_devices: int) -> float:
-    """Model FLOPs of one call of ``compiled`` over all devices (cost analysis is per device)."""
+    """FLOPs XLA counts in one call of ``compiled`` over all devices (cost analysis is per device).
+
+    Counts remat recompute and only one iteration of any loop: use ``model_flops_per_step`` for MFU.
+    """
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
         analysis = analysis[0]

@@ -34,20 +34,75 @@ def _abstract(tree: Any, shardings: Any) -> Any:
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-class Checkpointer:
-    """Saves and restores the train state, the base rng and the data iterator under ``workdir``."""
+class CheckpointMismatch(ValueError):
+    """A readable checkpoint that does not fit this run (model shapes, run settings): nothing is moved."""
 
-    def __init__(self, workdir: str, *, keep: int):
+
+# Settings a checkpoint's data position depends on: a different value is a mismatch, not a resume.
+RUN_KEYS = ("global_batch_size", "seed")
+_DATA_FILE = re.compile(r"process_(\d+)-of-(\d+)\.json")
+
+
+def _shape_mismatches(metadata: Any, abstract: Any, name: str) -> list[str]:
+    """Differences between a saved item's tree metadata and the abstract tree this run wants."""
+    saved = jax.tree_util.tree_leaves_with_path(metadata.tree)
+    wanted = jax.tree_util.tree_leaves_with_path(abstract)
+    if name == "params":  # dict trees: compare by path, naming each parameter
+        saved_shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in saved}
+        wanted_shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in wanted}
+        problems = [f"params{k} is missing from the checkpoint" for k in wanted_shapes if k not in saved_shapes]
+        problems += [f"params{k} is in the checkpoint but not in this model" for k in saved_shapes
+                     if k not in wanted_shapes]
+        problems += [f"params{k} has shape {saved_shapes[k]} in the checkpoint, this model has {shape}"
+                     for k, shape in wanted_shapes.items() if k in saved_shapes and saved_shapes[k] != shape]
+        return problems
+    # Optimizer states are saved as lists (namedtuples are not kept): compare leaf by leaf.
+    if len(saved) != len(wanted):
+        return [f"{name} has {len(saved)} arrays in the checkpoint, this run's optimizer has {len(wanted)}"]
+    return [f"{name}{jax.tree_util.keystr(path)} has shape {tuple(s.shape)} in the checkpoint, this run has {w.shape}"
+            for (_, s), (path, w) in zip(saved, wanted) if tuple(s.shape) != tuple(w.shape)]
+
+
+def data_state_at(fresh_state: dict, batches: int) -> dict:
+    """The state of a grain train iterator after ``batches`` batches, from its state before the first.
+
+    The train stream is a function of (seed, process index, process count) and the batch index
+    (``grain_jax.data.pipeline``), so the position after step S is batch S of every process's
+    stream. ``mp_prefetch`` iterators hand batch i to worker i mod W.
+    """
+    if set(fresh_state) == {"next_index"}:
+        return {"next_index": batches}
+    if "iterators_in_use_states" in fresh_state and "next_index_in_cycle" in fresh_state:
+        workers = len(fresh_state["iterators_in_use_states"])
+        return {**fresh_state, "next_index_in_cycle": batches % workers,
+                "iterators_in_use_states": [data_state_at(worker, (batches - w + workers - 1) // workers)
+                                            for w, worker in enumerate(fresh_state["iterators_in_use_states"])]}
+    raise ValueError(f"cannot re-derive the position of a data iterator with state keys {sorted(fresh_state)}")
+
+
+class Checkpointer:
+    """Saves and restores the train state, the base rng and the data iterator under ``workdir``.
+
+    ``run`` holds the values of ``RUN_KEYS`` for this run; they are saved with every step and a
+    checkpoint written with other values is refused (``CheckpointMismatch``).
+    """
+
+    def __init__(self, workdir: str, *, keep: int, run: dict[str, int] | None = None):
         self.workdir = workdir
+        self.run = dict(run or {})
+        # Handlers named up front: item_metadata() of a step needs them before any restore.
+        handlers = {name: ocp.StandardCheckpointHandler() for name in ("params", "opt_state", "extra")}
+        handlers.update({"data": grain.checkpoint.CheckpointHandler(), integrity.ITEM: ocp.JsonCheckpointHandler()})
         # cleanup_tmp_directories: a save cut short (kill, full disk) leaves <step>.orbax-checkpoint-tmp behind.
-        self.manager = checkpoints.manager(workdir, max_to_keep=keep, create=True, enable_async_checkpointing=True,
-                                           cleanup_tmp_directories=True)
+        self.manager = checkpoints.manager(workdir, item_handlers=handlers, max_to_keep=keep, create=True,
+                                           enable_async_checkpointing=True, cleanup_tmp_directories=True)
         self._pending = (None, 0)  # (step, bytes) of the async save in flight; its errors surface later
 
     def save(self, state: TrainState, rng: jax.Array, data_iterator: Any) -> None:
         """Starts an async save of ``state`` at ``state.step`` (returns before the write finishes)."""
         step = int(state.step)
-        extra = {"step": np.int64(step), "rng": np.asarray(jax.device_get(rng))}
+        extra = {"step": np.int64(step), "rng": np.asarray(jax.device_get(rng)),
+                 **{key: np.int64(value) for key, value in self.run.items()}}
         digests = integrity.digests(dict(zip(integrity.CHECKED_ITEMS, (state.params, state.opt_state, extra))))
         needed = disk_space.bytes_to_write(state.params, state.opt_state)
         self.wait()  # the previous save's errors (e.g. a full disk) are reported for its own step
@@ -64,14 +119,45 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def quarantined_steps(self) -> list[int]:
+        """Steps moved to ``WORKDIR/corrupt_checkpoints/`` (by this or an earlier run)."""
+        directory = os.path.join(self.workdir, CORRUPT_DIR)
+        return sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
+
+    def _check(self, step: int, abstract: TrainState) -> dict:
+        """Reads step's metadata and ``extra``; raises CheckpointMismatch if it does not fit this run.
+
+        Read errors propagate (the caller quarantines); returns ``extra``.
+        """
+        metadata = self.manager.item_metadata(step)
+        problems = (_shape_mismatches(metadata["params"], abstract.params, "params")
+                    + _shape_mismatches(metadata["opt_state"], abstract.opt_state, "opt_state"))
+        extra = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.StandardRestore()))["extra"]
+        problems += [f"{key}={int(extra[key])} in the checkpoint, {value} in this run" for key, value in self.run.items()
+                     if key in extra and int(extra[key]) != value]
+        if problems:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} under {self.manager.directory} does not fit this run (nothing was moved; "
+                f"use the matching config, or another --workdir): " + "; ".join(problems[:5])
+                + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
+        return extra
+
+    def _saved_process_counts(self, step: int) -> set[int]:
+        directory = os.path.join(str(self.manager.directory), str(step), "data")
+        names = os.listdir(directory) if os.path.isdir(directory) else []
+        return {int(match.group(2)) for match in map(_DATA_FILE.fullmatch, names) if match}
+
     def restore(self, state: TrainState, shardings: TrainState,
                 data_iterator: Any) -> tuple[TrainState, np.ndarray] | None:
         """Restores the newest readable checkpoint onto ``shardings`` (any mesh), or None if there is none.
 
         A step that fails to read (truncated or corrupt files) or whose arrays differ from
         their save-time digests (``grain_jax.train.integrity``) is moved to
-        ``WORKDIR/corrupt_checkpoints/`` with a warning and the previous one is tried.
-        ``data_iterator`` is positioned in place.
+        ``WORKDIR/corrupt_checkpoints/`` with a warning and the previous one is tried. A readable
+        step that does not fit (``_check``) raises ``CheckpointMismatch`` and moves nothing.
+        ``data_iterator`` (not yet read from) is positioned in place: from the saved iterator state
+        when the checkpoint was written by as many processes as this run has, else re-derived
+        (``data_state_at``) from the step: every process continues its own stream at batch ``step``.
 
         Returns:
           ``(state, rng)`` where ``rng`` is the saved base key data.
@@ -81,12 +167,18 @@ class Checkpointer:
         for step in steps:
             checked = os.path.isdir(os.path.join(str(self.manager.directory), str(step), integrity.ITEM))
             try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(abstract.params),
-                    opt_state=ocp.args.StandardRestore(abstract.opt_state),
-                    extra=ocp.args.StandardRestore(),
-                    data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    **({integrity.ITEM: ocp.args.JsonRestore()} if checked else {})))
+                extra = self._check(step, abstract)
+                saved_counts = self._saved_process_counts(step)
+                same_layout = jax.process_count() in saved_counts or not saved_counts  # no files: corrupt, read fails
+                items = dict(params=ocp.args.StandardRestore(abstract.params),
+                             opt_state=ocp.args.StandardRestore(abstract.opt_state),
+                             extra=ocp.args.StandardRestore(),
+                             **({integrity.ITEM: ocp.args.JsonRestore()} if checked else {}))
+                if same_layout:
+                    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+                restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+            except CheckpointMismatch:
+                raise
             except Exception as error:  # noqa: BLE001  (any read failure means: unusable step)
                 self._skip(step, type(error).__name__, error)
                 continue
@@ -99,9 +191,22 @@ class Checkpointer:
             if not verified:
                 print(f"WARNING: checkpoint step {step} has no integrity digests this version can check (saved by "
                       "another version); restoring it unverified", flush=True)
-            restored_state = TrainState(step=jax.device_put(np.int32(restored["extra"]["step"]), shardings.step),
+            saved_step = int(extra["step"])
+            if same_layout:
+                data = f"restored from the checkpoint (written by {jax.process_count()} process(es), as many as now)"
+            else:
+                data_iterator.set_state(data_state_at(data_iterator.get_state(), saved_step))
+                data = (f"re-derived: the checkpoint was written by {'/'.join(map(str, sorted(saved_counts)))} "
+                        f"process(es), this run has {jax.process_count()}; every process continues its own data "
+                        f"stream at batch {saved_step}")
+            message = (f"resumed step {saved_step}: params, optimizer state and rng restored (onto this run's "
+                       f"shardings); data position {data}")
+            logging.info(message)
+            if jax.process_index() == 0:
+                print(message, flush=True)
+            restored_state = TrainState(step=jax.device_put(np.int32(saved_step), shardings.step),
                                         params=restored["params"], opt_state=restored["opt_state"])
-            return restored_state, np.asarray(restored["extra"]["rng"])
+            return restored_state, np.asarray(extra["rng"])
         if steps:
             raise RuntimeError(f"none of the checkpoints {steps} under {self.manager.directory} could be read")
         return None

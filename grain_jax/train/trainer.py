@@ -97,11 +97,25 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
         raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
 
 
-def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
-    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
-    repl = state_lib.replicated(mesh)
-    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
-                     donate_argnums=(0,))
+def check_sufficiently_sharded(state, config) -> float:
+    """Warns or raises (``config.sharding_check``) when params + optimizer state are too replicated."""
+    check = config.get("sharding_check") or {}
+    excess, replicated = sharding.sharding_excess({"params": state.params, "opt_state": state.opt_state})
+    limit, action = check.get("max_excess"), check.get("action", "warn")
+    if action not in ("warn", "fail"):
+        raise ValueError(f"config.sharding_check.action must be 'warn' or 'fail', got {action!r}")
+    if limit is not None and excess > limit:
+        largest = ", ".join(f"{path} ({size / 2**20:.1f} MiB)" for path, size in replicated[:3])
+        message = (f"params + optimizer state use {100 * excess:.1f}% more bytes per device than fully sharded over "
+                   f"(fsdp, tensor), above config.sharding_check.max_excess={limit}; largest replicated: {largest}")
+        if action == "fail":
+            raise ValueError(message)
+        _say(f"WARNING: {message}")
+    return excess
+
+
+def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config) -> tuple:
+    """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings."""
     data, batch = config.data, config.global_batch_size
     abstract_batch = {
         "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.uint8, sharding=batch_sh),
@@ -112,10 +126,17 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
         "box_mask": jax.ShapeDtypeStruct((batch, data.max_boxes), np.bool_, sharding=batch_sh),
     }
     abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    abstract_rng = jax.ShapeDtypeStruct((2,), np.uint32, sharding=repl)
+    return abstract_state, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
+
+
+def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
+    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
+    repl = state_lib.replicated(mesh)
+    jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
+                     donate_argnums=(0,))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(abstract_state, abstract_batch, abstract_rng).compile()
+        compiled = jitted.lower(*abstract_step_inputs(state, shardings, batch_sh, mesh, config)).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
         _say(f"compiled train step in {time.perf_counter() - start:.1f}s; per device: "
@@ -125,13 +146,51 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
     return compiled
 
 
-def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt):
-    """Resume order: the workdir's newest readable checkpoint -> config.init_from -> scratch."""
+def model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh: Mesh, rules: tuple) -> float:
+    """The step's model FLOPs (MFU's numerator): the same model without remat, one micro-batch of the global batch."""
+    from grain_jax.losses import LossConfig
+    plain = ml_collections.ConfigDict(config.to_dict())
+    plain.model.remat_policy = "none"
+    step = step_lib.make_train_step(state_lib.build_model(plain), LossConfig(**config.loss), tx, schedule, 1,
+                                   mean=config.data.mean, std=config.data.std)
+    return metrics_lib.model_flops_per_step(step, abstract_step_inputs(state, shardings, batch_sh, mesh, config),
+                                            mesh, rules)
+
+
+def _use_compilation_cache(config, workdir: str) -> None:
+    """A restart (after preemption) loads the compiled step instead of recompiling it."""
+    directory = config.get("compilation_cache_dir")
+    if jax.config.jax_compilation_cache_dir or directory == "":
+        return  # already chosen (JAX_COMPILATION_CACHE_DIR, the caller) or off
+    jax.config.update("jax_compilation_cache_dir", directory or os.path.join(workdir, "compilation_cache"))
+
+
+def _barrier(name: str) -> None:
+    """Waits for every process (multi-process runs only).
+
+    Processes reach the same point at different times, and the first cross-process collective
+    (gloo on CPU) only waits 30 s for the others; a coordination-service barrier waits longer.
+    """
+    if jax.process_count() > 1:
+        ocp.multihost.sync_global_processes(name, timeout=3600, processes=set(range(jax.process_count())))
+
+
+def _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt, fresh_start: bool):
+    """Resume order: the workdir's newest readable checkpoint -> config.init_from -> scratch.
+
+    A workdir whose checkpoints were all quarantined as unreadable does not silently start over
+    (a requeued job would lose the run): that needs ``fresh_start``.
+    """
     restored = ckpt.restore(state, shardings, data_iterator)
     if restored is not None:
         state, rng_data = restored
         _say(f"resumed from {os.path.join(workdir, checkpoints.CHECKPOINTS)} at step {int(state.step)}")
         return state, jax.device_put(rng_data, state_lib.replicated(shardings.step.mesh))
+    quarantined = ckpt.quarantined_steps()
+    if quarantined and not fresh_start:
+        raise RuntimeError(f"{workdir} has no usable checkpoint: steps {quarantined} were unreadable and are in "
+                           f"{os.path.join(workdir, resume.CORRUPT_DIR)}; pass --fresh_start to train from "
+                           f"scratch anyway")
     if config.get("init_from"):
         params = resume.load_init_params(config.init_from, state.params, shardings.params,
                                                 config.get("dont_load") or ())
@@ -156,14 +215,19 @@ def _run_evaluators(evaluators, inference_model, step: int, writer: metrics_lib.
     return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh_start: bool = False
+                       ) -> dict[str, float]:
+    """Trains (resuming if ``workdir`` has checkpoints) and evaluates; returns the last logged metrics.
+
+    ``fresh_start``: train from scratch even if every checkpoint in ``workdir`` was unreadable.
+    """
     from grain_jax.data import pipeline
     from grain_jax.evaluators import from_config
     from grain_jax.inference import InferenceModel
     from grain_jax.losses import LossConfig
 
     workdir = os.path.abspath(workdir)
+    _use_compilation_cache(config, workdir)
     validate_config(config)
     config = resolve_data(config, workdir)
     mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"))
@@ -189,6 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, shardings, tx = state_lib.create_train_state(
         model, lambda params: optimizer.make_optimizer(config, params, schedule), config, mesh, rules, init_rng)
     _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
+    check_sufficiently_sharded(state, config)
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
                                               jax_logging_process=0)
 
@@ -198,8 +263,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # The next global batch is transferred while the current step runs; its state is the host
     # iterator's before the batches still queued, so checkpoints resume at the step's next batch.
     data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(batch, batch_sh))
-    ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints)
-    state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt)
+    _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
+    ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints,
+                               run={key: config[key] for key in resume.RUN_KEYS})
+    state, train_rng = _restore_or_init(config, workdir, state, shardings, data_iterator, train_rng, ckpt,
+                                        fresh_start)
+    train_rng = jax.device_put(train_rng, state_lib.replicated(mesh))  # where the step wants it (transfer guard)
     _say(f"input pipeline: {host_batches.num_workers} worker process(es)")
     final_path = os.path.join(workdir, FINAL_METRICS)
     if int(state.step) >= total_steps and os.path.exists(final_path):
@@ -214,17 +283,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
                                           std=config.data.std)
     compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
-    if jax.process_count() > 1:
-        # Processes finish compiling at different times, and the first cross-process collective
-        # (gloo on CPU) only waits 30 s for the others; a coordination-service barrier waits longer.
-        ocp.multihost.sync_global_processes("grain_jax_train_step_compiled", timeout=3600,
-                                            processes=set(range(jax.process_count())))
+    _barrier("grain_jax_train_step_compiled")
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
     step = int(state.step)
     throughput = metrics_lib.Throughput(
         total_steps=total_steps, global_batch_size=config.global_batch_size, first_step=step,
-        flops_per_step=metrics_lib.compiled_flops(compiled, jax.device_count()),
+        flops_per_step=model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh, rules),
         peak=metrics_lib.peak_flops(jax.devices()), data=data_iterator)
 
     def inference_model():
@@ -263,11 +328,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # One process: our own SIGTERM handler. Several: JAX's preemption service owns SIGTERM
     # and `reached_preemption` tells every process the same step to stop at.
     sigterm = contextlib.nullcontext(None) if multi_process else resume.SigtermFlag()
+    profile_start, profile_stop = config.get("profile_steps") or (-1, -1)
+    profiling = False
     with sigterm as flag:
         while step < total_steps:
+            if step == profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                profiling = True
             batch = next(data_iterator)
-            state, step_metrics = compiled(state, batch, train_rng)
+            with jax.transfer_guard("disallow"):  # every step input is already on device: no hidden copies
+                state, step_metrics = compiled(state, batch, train_rng)
             step += 1
+            if profiling and step == profile_stop:
+                jax.block_until_ready(state)
+                jax.profiler.stop_trace()
+                profiling = False
+                _say(f"profile of steps [{profile_start}, {profile_stop}) in {os.path.join(workdir, 'profile')}")
             pending.append(step_metrics)
             preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
             save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
