@@ -32,7 +32,7 @@ def test_cpu_report_counts_every_sharded_argument(config, report):
     state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                       for leaf in jax.tree.leaves(abstract))
     rows, data = config.global_batch_size // 8, config.data
-    batch_bytes = rows * (data.image_size ** 2 * 3 * 4 + data.caption_length * 4
+    batch_bytes = rows * (data.image_size ** 2 * 3 + data.caption_length * 4  # uint8 images
                           + data.max_boxes * (data.description_length * 4 + 4 * 4 + 1))
     assert report.num_devices == 8 and report.mesh_shape == {"data": 8, "fsdp": 1, "tensor": 1}
     assert report.argument_bytes == state_bytes + batch_bytes + 2 * 4
