@@ -16,6 +16,7 @@ import json
 import os
 from typing import Any, Sequence
 
+import jax
 import orbax.checkpoint as ocp
 
 from grain_jax.data import transforms
@@ -67,15 +68,19 @@ def restore_params(directory: str, abstract_params: Any = None, step: int | None
     Args:
       directory: a checkpoint DIR (see module docstring).
       abstract_params: optional pytree of ``jax.ShapeDtypeStruct`` (with shardings) to
-        restore into; ``None`` restores as saved.
+        restore into; ``None`` restores the saved shapes and dtypes onto this process's first
+        device (whatever devices or process count wrote the checkpoint).
       step: defaults to the latest step.
     """
-    with manager(directory, read_only=True) as mngr:
+    with manager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint steps under {os.path.join(directory, CHECKPOINTS)}")
-        restore = ocp.args.StandardRestore(abstract_params) if abstract_params is not None else ocp.args.StandardRestore()
-        return mngr.restore(step, args=ocp.args.Composite(params=restore))["params"]
+        if abstract_params is None:  # orbax would place arrays on the saving run's devices, which may not exist here
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                           mngr.item_metadata(step)["params"].tree)
+        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
 
 
 def save_params(directory: str, params: Any, spec: ModelSpec, step: int = 0) -> None:
