@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict
 
 from grain_jax.convert import towers
 from grain_jax.convert.common import (
@@ -22,7 +23,6 @@ from grain_jax.convert.common import (
     TensorSource,
     check_against_model,
     conv_kernel,
-    flatten,
     linear_kernel,
     load_checkpoint,
     matches_any,
@@ -102,7 +102,7 @@ def param_shapes(config: OwlV2Config) -> dict[tuple[str, ...], tuple[int, ...]]:
     size, length = config.image_size, config.text_length
     abstract = jax.eval_shape(OwlV2(config).init, jax.random.key(0), jnp.zeros((1, size, size, 3)),
                               jnp.zeros((1, 1, length), jnp.int32))
-    return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(abstract)["params"]).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(nn.unbox(abstract)["params"]).items()}
 
 
 def load_transformers_dir(path: str) -> tuple[OwlV2Config, dict]:
