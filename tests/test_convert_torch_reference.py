@@ -1,7 +1,7 @@
 """(Helper module, no tests.) A small PyTorch re-creation of the authors' GRAIN modules (clip/custom_models.py,
 model/tfm.py) with their exact state-dict names, for the converter parity tests.
 
-Written from the reference's description (method-reference.md sections 1-2), not copied:
+Written from the reference's description, not copied:
 the image tower is timm's VisionTransformer with ``qk_norm=True`` (same keys and maths
 as the reference's rebuilt blocks), the text tower is OpenAI-CLIP style, the decoder is
 DETR's pre-norm decoder (self-attention first) without encoder, and the dead weights

@@ -93,7 +93,7 @@ def test_encode_methods_shapes(name):
 
 
 def test_paper_configuration_parameter_counts():
-    # Used parameters of the reference (method-reference.md 1.1, 1.2, 2.4): B/16 image tower 85.8 M
+    # Used parameters of the reference (its model definition): B/16 image tower 85.8 M
     # (without the unused image_projection), text tower 63.4 M (incl. 25.3 M token embedding and
     # text_projection), decoder 26.7 M (without the dead 22048-way class head, pos_embed, temporal_embed).
     counts = {k: _count(v) for k, v in _abstract_forward("grain-vit-b16")[3]["params"].items()}

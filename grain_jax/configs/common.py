@@ -75,7 +75,7 @@ def loss_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """Every key the trainer reads, with the reference's optimizer and schedule (method-reference §5)."""
+    """Every key the trainer reads, with the reference's optimizer and schedule."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model_name = "grain-vit-b16"

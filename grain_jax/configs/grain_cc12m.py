@@ -1,4 +1,4 @@
-r"""GRAIN on CC12M (the paper's main setting; method-reference §5, §8).
+r"""GRAIN on CC12M (the paper's main setting).
 
 ViT-B/16 image tower (``:variant=S/16|B/16|L/14``), 5 region queries + 1 global query,
 global batch 2048 (16 GPUs x 128 in the reference), 35 epochs, AdamW (0.9, 0.98, 1e-8,

@@ -76,7 +76,7 @@ def make_schedule(config: Any, *, total_steps: int, warmup_steps: int) -> optax.
 # Weight-decay rules: a parameter decays unless its rule says otherwise, given the "/"-joined
 # path (e.g. "decoder/layers_0/self_attn/qkv_bias") and its number of dimensions.
 # "default": no decay for biases (including the packed [3, H, Dh] `qkv_bias`), norm scales
-# and logit_scale. "reference": the PyTorch code's `optim_policy` (method-reference §5): the
+# and logit_scale. "reference": the PyTorch code's `optim_policy`: the
 # towers skip every 1-D torch parameter (the same set as "default"); the decoder skips only
 # names containing ".bias", so its LayerNorm scales, query embeddings, projections and packed
 # attention input bias (torch `in_proj_bias`, our `qkv_bias`) *are* decayed, while Linear,
