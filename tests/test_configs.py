@@ -86,6 +86,16 @@ def test_validation_names_the_bad_key():
         trainer.validate_config(config, num_devices=8)
 
 
+def test_demo_on_prepared_data_evaluates_zero_shot_on_the_generated_benchmark(tmp_path):
+    """--config.data.dir=PREPARED trains on the user's data; the zero-shot eval still finds its benchmark."""
+    config = _load("demo.py").get_config("runlocal")
+    config.data.dir, config.data_cache_dir = str(tmp_path / "prepared"), str(tmp_path / "cache")
+    resolved = trainer.resolve_data(config, str(tmp_path / "workdir"))
+    assert resolved.data.dir == resolved.evals.val.data.dir == str(tmp_path / "prepared")
+    assert resolved.evals.zeroshot.synthetic_dir == str(tmp_path / "cache")
+    assert os.path.isdir(tmp_path / "cache" / "zeroshot" / "novel")
+
+
 def test_missing_data_dir_is_named(tmp_path):
     with pytest.raises(ValueError, match="--config.data.dir="):
         trainer.resolve_data(_load("grain_cc12m.py").get_config(None), str(tmp_path))
