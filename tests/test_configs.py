@@ -7,6 +7,7 @@ import sys
 import pytest
 
 import _train_utils
+from grain_jax.losses import LossConfig
 from grain_jax.models import list_models
 from grain_jax.train import optimizer, trainer
 
@@ -94,6 +95,21 @@ def test_demo_on_prepared_data_evaluates_zero_shot_on_the_generated_benchmark(tm
     assert resolved.data.dir == resolved.evals.val.data.dir == str(tmp_path / "prepared")
     assert resolved.evals.zeroshot.synthetic_dir == str(tmp_path / "cache")
     assert os.path.isdir(tmp_path / "cache" / "zeroshot" / "novel")
+
+
+def test_every_model_and_loss_field_is_overridable_from_the_command_line():
+    """The binary locks the config (unknown keys are rejected): every GrainModel / LossConfig field is a key."""
+    from grain_jax.train import state
+    config = _load("demo.py").get_config("runlocal")
+    config.lock()
+    config.model.vit_qk_norm, config.model.decoder_layers, config.model.vit_ln_eps = False, 3, 1e-5
+    config.loss.box_factor = 1.5
+    with pytest.raises(TypeError):
+        config.model.vit_qk_norm = "no"
+    model = state.build_model(config)
+    assert (model.vit_qk_norm, model.decoder_layers, model.vit_ln_eps) == (False, 3, 1e-5)
+    assert (model.vit_variant, model.text_layers) == ("Mu/8", 1)  # unset fields: the registry's / the config's
+    assert LossConfig(**config.loss).box_factor == 1.5
 
 
 def test_missing_data_dir_is_named(tmp_path):

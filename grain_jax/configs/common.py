@@ -5,9 +5,13 @@ from the repository root, which links here) and import this module as ``grain_ja
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.losses import LossConfig
+from grain_jax.models import GrainModel
 
 _TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
 
@@ -66,12 +70,24 @@ def data_config(*, image_size: int, caption_length: int = 77, description_length
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:
-    """``LossConfig`` fields (docs/interfaces.md §5); the reference's box factor is 1.5, the paper's 1."""
-    return ml_collections.ConfigDict(dict(
-        image_caption=1.0, box_l1=1.0, box_giou=1.0, box_factor=1.0, region_description=1.0,
-        match_l1=5.0, match_giou=2.0, aux_loss=False, description_negatives="global", negative_groups=1, match_similarity=0.0,
-        contrastive_impl="dense", contrastive_chunks=8,  # "chunked" / "ring" for large batches (README)
-        **overrides))
+    """``config.loss``: every ``LossConfig`` field with its default (the reference's box factor is 1.5, the paper's 1)."""
+    return ml_collections.ConfigDict(dataclasses.asdict(LossConfig(**overrides)))
+
+
+# Model fields the config sets elsewhere: the name picks the mode, data.image_size the size, dtype/param_dtype.
+_MODEL_FIELDS_ELSEWHERE = ("parent", "name", "mode", "image_size", "dtype", "param_dtype")
+
+
+def model_config(**overrides) -> ml_collections.ConfigDict:
+    """``config.model``: every ``GrainModel`` field as a ``create_model`` override, so each one can be set on the
+    command line (``--config.model.vit_qk_norm=False``); None keeps the registered model's value."""
+    fields = [f for f in dataclasses.fields(GrainModel) if f.name not in _MODEL_FIELDS_ELSEWHERE]
+    unknown = sorted(set(overrides) - {f.name for f in fields})
+    if unknown:
+        raise ValueError(f"config.model has no field(s) {unknown}")
+    return ml_collections.ConfigDict({f.name: ml_collections.FieldReference(overrides.get(f.name),
+                                                                            field_type=type(f.default))
+                                      for f in fields})
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,9 +95,7 @@ def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.model_name = "grain-vit-b16"
-    # create_model overrides; keys beyond these (e.g. vit_* tower options) are added in a config file.
-    config.model = ml_collections.ConfigDict(dict(remat_policy="none", attention_impl="auto", description_budget=1.0,
-                                                  text_length_buckets=()))
+    config.model = model_config(remat_policy="none")
     config.dtype = "bfloat16"  # compute; params and norms/softmax/losses stay fp32
     config.param_dtype = "float32"
     config.data = data_config(image_size=224)

@@ -29,9 +29,10 @@ class TrainState:
 
 
 def model_overrides(config: Any) -> dict:
-    """``create_model`` overrides: the config's ``model`` section plus image size and dtypes."""
+    """``create_model`` overrides: the fields set in the config's ``model`` section (None: the registered
+    model's value) plus image size and dtypes."""
     return {"image_size": config.data.image_size, "dtype": config.dtype, "param_dtype": config.param_dtype,
-            **config.model.to_dict()}
+            **{key: value for key, value in config.model.to_dict().items() if value is not None}}
 
 
 def model_spec(config: Any) -> ModelSpec:
