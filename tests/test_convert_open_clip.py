@@ -7,6 +7,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from flax.traverse_util import flatten_dict, unflatten_dict
 from test_convert_torch_reference import randomize_
 
 from grain_jax import checkpoints, inference
@@ -81,7 +82,7 @@ def test_torchscript_archive_converts_like_the_state_dict(tiny_arch, tiny_model,
     assert checkpoints.read_model_spec(str(tmp_path / "out")).create_model().vit_activation == "quick_gelu"
     scripted = checkpoints.restore_params(str(tmp_path / "out"))
     plain, _, _, _ = converter.convert_state_dict(tiny_model.state_dict(), tiny_arch)
-    scripted, plain = common.flatten(scripted), common.flatten(plain)
+    scripted, plain = flatten_dict(scripted), flatten_dict(plain)
     assert scripted.keys() == plain.keys()
     for path in plain:
         np.testing.assert_array_equal(scripted[path], plain[path], err_msg="/".join(path))
@@ -137,12 +138,12 @@ def test_grain_init_from_clip_towers(tiny_arch, tiny_model, tmp_path):
     clip_model = checkpoints.read_model_spec(converted).create_model()
     towers = ("vit_variant", "image_size", "embed_dim", "text_width", "text_heads", "text_layers", *OPENAI_VIT)
     grain = create_model("grain-tiny", **{k: getattr(clip_model, k) for k in towers})
-    fresh = common.unflatten({p: np.full(s, 7.0, np.float32) for p, s in common.abstract_param_shapes(grain).items()})
+    fresh = unflatten_dict({p: np.full(s, 7.0, np.float32) for p, s in common.abstract_param_shapes(grain).items()})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = resume.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh),
                                             dont_load=["decoder/.*"])
     saved = traverse_util.flatten_dict(checkpoints.restore_params(converted))
-    for path, value in common.flatten(params).items():
+    for path, value in flatten_dict(params).items():
         if path[0] == "decoder":
             assert np.all(np.asarray(value) == 7.0), path
         else:

@@ -5,6 +5,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from flax.traverse_util import flatten_dict, unflatten_dict
 from test_convert_torch_reference import build_reference
 
 from grain_jax import checkpoints, inference
@@ -87,8 +88,8 @@ def test_safetensors_input_gives_same_params(reference_checkpoint, converted, tm
     summary = reference.convert_file(str(tmp_path / "ref.safetensors"), str(tmp_path / "out"), MODEL)
     assert summary["unused"] == ["class_embed.bias", "class_embed.weight", "pos_embed", "temporal_embed",
                                  "image_projection"]
-    ours = common.flatten(checkpoints.restore_params(str(tmp_path / "out")))
-    previous = common.flatten(checkpoints.restore_params(converted))
+    ours = flatten_dict(checkpoints.restore_params(str(tmp_path / "out")))
+    previous = flatten_dict(checkpoints.restore_params(converted))
     assert ours.keys() == previous.keys()
     for path in ours:
         np.testing.assert_array_equal(ours[path], previous[path], err_msg="/".join(path))
@@ -117,11 +118,11 @@ def test_trainer_init_from_accepts_conversion(converted):
     """config.init_from loads every leaf of a converted checkpoint into a fresh model."""
     from grain_jax.train import resume
     shapes = common.abstract_param_shapes(create_model(MODEL))
-    fresh = common.unflatten({p: np.zeros(s, np.float32) for p, s in shapes.items()})
+    fresh = unflatten_dict({p: np.zeros(s, np.float32) for p, s in shapes.items()})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     params = resume.load_init_params(converted, fresh, jax.tree.map(lambda _: device, fresh))
-    saved = common.flatten(checkpoints.restore_params(converted))
-    loaded = common.flatten(params)
+    saved = flatten_dict(checkpoints.restore_params(converted))
+    loaded = flatten_dict(params)
     assert loaded.keys() == saved.keys()
     for path in saved:
         np.testing.assert_array_equal(np.asarray(loaded[path]), saved[path], err_msg="/".join(path))

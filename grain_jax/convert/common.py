@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 log = logging.getLogger(__name__)
 
@@ -161,39 +162,18 @@ def conv_kernel(weight: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- checking
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    flat = {}
-    for key, value in tree.items():
-        path = prefix + (str(key),)
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, path))
-        else:
-            flat[path] = value
-    return flat
-
-
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> Params:
-    tree: Params = {}
-    for path, value in flat.items():
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
-    return tree
-
-
 def abstract_param_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of a grain_jax model's params, without allocating them."""
     import flax.linen as nn
 
     from grain_jax.models import abstract_variables
 
-    return {path: tuple(leaf.shape) for path, leaf in flatten(nn.unbox(abstract_variables(model)["params"])).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(nn.unbox(abstract_variables(model)["params"])).items()}
 
 
 def check_against_model(converted: Params, expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> None:
     """Raises ConversionError listing every missing, unexpected or mis-shaped parameter."""
-    got = flatten(converted)
+    got = flatten_dict(converted)
     missing = sorted(set(expected_shapes) - set(got))
     extra = sorted(set(got) - set(expected_shapes))
     mismatched = sorted(p for p in set(got) & set(expected_shapes) if tuple(got[p].shape) != expected_shapes[p])
@@ -223,9 +203,9 @@ def write_checkpoint(output_dir: str, params: Params, model, spec) -> int:
     from grain_jax import checkpoints
 
     check_against_model(params, abstract_param_shapes(model))
-    params = unflatten({p: np.asarray(v, np.float32) for p, v in flatten(params).items()})
+    params = unflatten_dict({p: np.asarray(v, np.float32) for p, v in flatten_dict(params).items()})
     checkpoints.save_params(output_dir, params, spec)
-    return sum(int(v.size) for v in flatten(params).values())
+    return sum(int(v.size) for v in flatten_dict(params).values())
 
 
 def matches_any(prefixes: Iterable[str]) -> Callable[[str], bool]:

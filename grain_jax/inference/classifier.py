@@ -11,6 +11,7 @@ import numpy as np
 
 from grain_jax.inference import descriptors as descriptors_lib
 from grain_jax.inference import prompts
+from grain_jax.losses.contrastive import l2_normalize
 
 
 @dataclasses.dataclass
@@ -56,7 +57,7 @@ def build(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence
                  for c in class_names]
     embeddings = _mean_embeddings(encode_texts, per_class, chunk_prompts)
     if renormalize:
-        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        embeddings = np.asarray(l2_normalize(embeddings))
     clf = Classifier(class_names, embeddings)
     if descriptors is not None:
         raw = [list(descriptors[c]) for c in class_names]

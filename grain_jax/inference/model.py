@@ -31,6 +31,7 @@ from grain_jax.data import tokenizer, transforms
 from grain_jax.inference import classifier as classifier_lib
 from grain_jax.inference.batching import fixed_size_batches, round_up
 from grain_jax.inference.classifier import Classifier
+from grain_jax.losses.contrastive import l2_normalize
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -64,11 +65,6 @@ def preprocess_images(images, spec: ModelSpec) -> np.ndarray:
                                                                                                 np.uint8)
 
 
-def _l2_normalize(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 @functools.lru_cache(maxsize=32)
 def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple, mean: tuple, std: tuple):
     """Jitted encoders for one (model, mesh, image statistics); cached so a new InferenceModel
@@ -77,14 +73,14 @@ def _compiled(model: nn.Module, mesh: Mesh | None, rules: tuple, mean: tuple, st
     def encode_image(params, images):
         pixels = transforms.normalize(images, mean, std)  # uint8 -> model input; float passes as is
         out = model.apply({"params": params}, pixels, method="encode_image")
-        result = {"image_embedding": _l2_normalize(out["img/embedding"])}
+        result = {"image_embedding": l2_normalize(out["img/embedding"])}
         if "dec/region_embeddings" in out:
-            result["region_embeddings"] = _l2_normalize(out["dec/region_embeddings"])
+            result["region_embeddings"] = l2_normalize(out["dec/region_embeddings"])
             result["boxes"] = out["dec/boxes"].astype(jnp.float32)
         return result
 
     def encode_text(params, tokens):
-        return _l2_normalize(model.apply({"params": params}, tokens, method="encode_text"))
+        return l2_normalize(model.apply({"params": params}, tokens, method="encode_text"))
 
     def scores(image_out, class_embeddings, desc, desc_mask):
         global_scores = image_out["image_embedding"] @ class_embeddings.T
@@ -177,7 +173,11 @@ class InferenceModel:
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """list of N strings -> L2-normalised [N, D]."""
-        tokens = self.tokenize(texts)
+        return self.encode_tokens(self.tokenize(texts))
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """BPE ids [N, L] (``tokenize``) -> L2-normalised [N, D]."""
+        tokens = np.asarray(tokens, np.int32)
         if not len(tokens):
             return np.zeros((0, getattr(self.model, "embed_dim", 0)), np.float32)
         parts = [to_host(self._call(self._encode_text, chunk))[:n]

@@ -15,27 +15,16 @@ CLIP_benchmark's model type ``grain_jax``; the console script ``grain-jax-clip-b
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
-import jax
 import numpy as np
 import torch
 from PIL import Image
 
 from grain_jax import inference
 from grain_jax.data import tokenizer as tokenizer_lib
-from grain_jax.inference.batching import fixed_size_batches
 
 MODEL_TYPE = "grain_jax"
-
-
-@functools.lru_cache(maxsize=8)
-def _text_encoder(model):
-    """Jitted token ids [N, L] -> unnormalised [N, E]; cached per model so every loader
-    call reuses one compilation. (CLIP_benchmark hands over ids, not strings, so
-    InferenceModel.encode_texts does not fit.)"""
-    return jax.jit(lambda params, ids: model.apply({"params": params}, ids, method="encode_text"))
 
 
 class JaxClipModel(torch.nn.Module):
@@ -47,11 +36,9 @@ class JaxClipModel(torch.nn.Module):
     reference's zero-shot evaluation; for CLIP checkpoints it is the projected CLS token.
     """
 
-    def __init__(self, model: inference.InferenceModel, text_batch_size: int = 256):
+    def __init__(self, model: inference.InferenceModel):
         super().__init__()
         self.inference_model = model
-        self.text_batch_size = text_batch_size
-        self._encode_ids = _text_encoder(model.model)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, S, S] uint8 from ``transform`` (normalised on device, like training),
@@ -64,12 +51,7 @@ class JaxClipModel(torch.nn.Module):
 
     def encode_text(self, token_ids: torch.Tensor) -> torch.Tensor:
         """token_ids [N, L] int (from ``tokenizer``) -> [N, D]."""
-        ids = token_ids.detach().cpu().numpy().astype(np.int32)
-        params = self.inference_model.params
-        parts = [np.asarray(self._encode_ids(params, chunk), np.float32)[:n]
-                 for chunk, n in fixed_size_batches(ids, self.text_batch_size)]
-        embeddings = np.concatenate(parts)
-        embeddings /= np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        embeddings = self.inference_model.encode_tokens(token_ids.detach().cpu().numpy())
         return torch.from_numpy(embeddings).to(token_ids.device)
 
 
