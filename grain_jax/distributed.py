@@ -22,7 +22,6 @@ import os
 import re
 from typing import Any
 
-from absl import logging
 
 _TPU_CLUSTERS = ("GkeTpuCluster", "GceTpuCluster")  # JAX's TPU cluster classes, GKE's env vars first
 
@@ -127,11 +126,12 @@ def detect() -> Launch:
 
 
 def initialize() -> Launch:
-    """``detect()``, then ``jax.distributed.initialize`` when it found a multi-process launch; logs the result."""
+    """``detect()``, then ``jax.distributed.initialize`` when it found a multi-process launch.
+
+    Returns what was detected; the caller logs ``launch.description`` once its console is set up.
+    """
     import jax
     launch = detect()
-    logging.info("multi-host start: %s", launch.description)
-    print(f"multi-host start: {launch.description}", flush=True)
     if launch.kwargs is not None:
         jax.distributed.initialize(**launch.kwargs)
     return launch

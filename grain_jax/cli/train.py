@@ -31,7 +31,7 @@ and jax.distributed.initialize() is called for them.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from grain_jax.cli import config_help, console
@@ -107,6 +107,7 @@ def main(argv):
     launch = distributed.initialize()
     # Before anything else touches the backends, whose start-up chatter then stays off the console.
     console.setup(_verbosity(), workdir, 0 if launch.kwargs is None else jax.process_index())
+    logging.info("multi-host start: %s", launch.description)
     from grain_jax.train.trainer import train_and_evaluate
     train_and_evaluate(config, workdir, fresh_start=_FRESH_START.value)
 
