@@ -153,7 +153,7 @@ def train_step_rows(mesh, rules) -> None:
                                                       mean=config.data.mean, std=config.data.std)
                 start = time.perf_counter()
                 compiled = trainer.compile_train_step(train_step, state, shardings,
-                                                      state_lib.batch_sharding(mesh, rules), mesh, rules, config)
+                                                      sharding.batch_sharding(mesh, rules), mesh, rules, config)
                 temp, total = _memory(compiled)
                 print(f"{batch_size:>7} {impl:>8} {remat:>22} {temp:>14.2f} {total:>15.2f} "
                       f"{time.perf_counter() - start:>10.0f}", flush=True)

@@ -35,7 +35,7 @@ def main(argv):
     model = state_lib.build_model(config)
     state, shardings, tx = state_lib.create_train_state(
         model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
-    batch_sh = state_lib.batch_sharding(mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
     data = config.data
     start = time.perf_counter()
     compiled = trainer.compile_train_step(

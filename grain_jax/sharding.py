@@ -7,6 +7,10 @@ the names below, and key activations are constrained with
 each logical name is sharded over. A config can prepend its own rules
 (``config.sharding_rules``) to override the defaults: the first match wins.
 
+Every batch that goes on device (train step inputs, the input pipeline's global arrays,
+evaluation and inference) is placed with ``batch_sharding(mesh, rules)``, so overriding the
+``batch`` rule moves all of them together.
+
 | logical name | used for                                          | mesh axis        |
 |--------------|---------------------------------------------------|------------------|
 | batch        | activation batch dim (images, texts)              | (data, fsdp)     |
@@ -21,11 +25,12 @@ each logical name is sharded over. A config can prepend its own rules
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -47,17 +52,34 @@ def axis_rules(extra_rules: Sequence[Sequence] = ()) -> tuple:
     return tuple((name, tuple(ax) if isinstance(ax, list) else ax) for name, ax in extra_rules) + LOGICAL_AXIS_RULES
 
 
-def mesh_axes(logical_name: str, mesh) -> tuple[str, ...]:
-    """The axes of ``mesh`` that ``logical_name`` maps to under the active flax rules (else the defaults),
+def logical_mesh_axes(logical_name: str, rules: Sequence | None = None) -> tuple[str, ...]:
+    """The mesh axes ``logical_name`` maps to under ``rules`` (None: the active flax rules, else the defaults)."""
+    rules = rules if rules is not None else (nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+    spec = nn.logical_to_mesh_axes((logical_name,), tuple(rules))[0]
+    return (spec,) if isinstance(spec, str) else tuple(spec or ())
 
-    e.g. ``("data", "fsdp")`` for "batch"; for code that goes manual with ``jax.shard_map``.
+
+def mesh_axes(logical_name: str, mesh, rules: Sequence | None = None) -> tuple[str, ...]:
+    """The axes of ``mesh`` that ``logical_name`` maps to, e.g. ``("data", "fsdp")`` for "batch".
+
+    ``rules``: full rules (``axis_rules(...)``); None = the active flax rules, else the defaults
+    (for code that goes manual with ``jax.shard_map`` inside a ``nn.logical_axis_rules`` block).
     """
-    import flax.linen as nn
+    return tuple(axis for axis in logical_mesh_axes(logical_name, rules) if axis in mesh.axis_names)
 
-    rules = nn.get_logical_axis_rules() or LOGICAL_AXIS_RULES
-    spec = nn.logical_to_mesh_axes((logical_name,), rules)[0]
-    axes = (spec,) if isinstance(spec, str) else tuple(spec or ())
-    return tuple(axis for axis in axes if axis in mesh.axis_names)
+
+def batch_sharding(mesh: Mesh, rules: Sequence = LOGICAL_AXIS_RULES) -> NamedSharding:
+    """Leading (batch) dim over the ``batch`` logical axis (``("data", "fsdp")`` by default), the rest
+    replicated. ``rules``: full rules (``axis_rules(config.sharding_rules)``)."""
+    return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, tuple(rules))
+
+
+def batch_shards(axis_sizes: Mapping[str, int], rules: Sequence = LOGICAL_AXIS_RULES) -> int:
+    """How many ways ``batch_sharding`` splits a batch: the product of the batch axes' sizes.
+
+    ``axis_sizes``: ``mesh.shape``, or ``{axis: size}`` of a mesh not built yet.
+    """
+    return int(np.prod([axis_sizes.get(axis, 1) for axis in logical_mesh_axes("batch", rules)]))
 
 
 def resolve_mesh_shape(mesh_shape: Sequence[int], num_devices: int) -> tuple[int, ...]:

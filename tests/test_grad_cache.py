@@ -38,7 +38,7 @@ def _setup(model_name):
     data = config.data
     batch = batch_lib.fake_batch(BATCH, data.image_size, data.caption_length, data.description_length,
                                  data.max_boxes, seed=5)
-    batch = jax.device_put(batch, state_lib.batch_sharding(mesh, rules))
+    batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
     return model, LossConfig(**config.loss), mesh, rules, params, batch, dict(mean=data.mean, std=data.std)
 
 

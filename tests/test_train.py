@@ -42,9 +42,9 @@ def test_loss_decreases_on_a_fixed_batch_and_bad_steps_are_skipped(tmp_path):
     mesh = sharding.create_mesh((8, 1, 1))
     model, schedule, tx, state, shardings, rules = _setup(config, mesh)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule, **_image_stats(config))
-    compiled = trainer.compile_train_step(train_step, state, shardings, state_lib.batch_sharding(mesh, rules),
+    compiled = trainer.compile_train_step(train_step, state, shardings, sharding.batch_sharding(mesh, rules),
                                           mesh, rules, config)
-    batch_sh = state_lib.batch_sharding(mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
     batch = {k: jax.device_put(v, batch_sh) for k, v in _fixed_batch(config).items()}
     rng = jax.device_put(jax.random.PRNGKey(1), state_lib.replicated(mesh))
     losses = []
@@ -78,7 +78,7 @@ def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
         boxed = state_lib.abstract_params(model, config)
         params_sh = state_lib.param_shardings(boxed, mesh, rules)
         placed = jax.device_put(params, params_sh)
-        placed_batch = jax.device_put(batch, state_lib.batch_sharding(mesh, rules))
+        placed_batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
         fn = jax.jit(lambda p, b: step_lib.forward_loss(model, loss_config, p, b, jax.random.PRNGKey(0),
                                                         train=False, **_image_stats(config))[0])
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -36,7 +36,7 @@ def test_trainer_flops_ignore_remat_and_accumulation(tmp_path):
         schedule = optimizer.make_schedule(config, total_steps=10, warmup_steps=0)
         _, tx, abstract = aot.abstract_train_state(config, mesh, rules, schedule)
         return trainer.model_flops_per_step(config, tx, schedule, abstract, jax.tree.map(lambda x: x.sharding, abstract),
-                                            state_lib.batch_sharding(mesh, rules), mesh, rules)
+                                            sharding.batch_sharding(mesh, rules), mesh, rules)
 
     plain = flops()
     assert plain > 0

@@ -12,8 +12,8 @@ Per image (method-reference §4.1):
 The "<pad>" strings are real queries (their first token is SOT), so, exactly as in the reference, a padding
 query can win a patch and hide a real description's box there.
 
-``JaxDetector`` runs batches jitted and data-parallel over the local devices (batch sharded over the mesh's
-("data", "fsdp") axes, parameters replicated); a multi-host job gives each process its own images.
+``JaxDetector`` runs batches jitted and data-parallel over the local devices (batch placed with
+``sharding.batch_sharding``, parameters replicated); a multi-host job gives each process its own images.
 ``TorchDetector`` runs transformers' ``Owlv2ForObjectDetection`` with the same inputs and post-processing.
 """
 from __future__ import annotations
@@ -32,7 +32,6 @@ CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 STRIP_CHARS = ".,!? -*"
 PAD_QUERY = "<pad>"
-BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +101,8 @@ class JaxDetector:
 
         self.config, self.protocol, self.text_length = config, protocol, config.text_length
         self.mesh = mesh if mesh is not None else sharding.create_mesh((-1, 1, 1), devices=jax.local_devices())
-        shards = int(np.prod([self.mesh.shape[a] for a in BATCH_AXES]))
-        self.batch_size = round_up(batch_size, shards)
-        self._batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
+        self.batch_size = round_up(batch_size, sharding.batch_shards(self.mesh.shape))
+        self._batch_sharding = sharding.batch_sharding(self.mesh)
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         model = OwlV2(config, dtype=dtype or jnp.float32)
         size, canvas = config.image_size, protocol.box_canvas

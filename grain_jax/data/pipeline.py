@@ -38,7 +38,7 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding
 
 from grain_jax.data import loader, tokenizer, transforms
 
@@ -327,14 +327,12 @@ def make_eval_iterator(data_config: Any, split: str | None = None, *, global_bat
     return _to_iterator(dataset, data_config)
 
 
-def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding | Mesh) -> dict[str, jax.Array]:
+def to_global(batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
     """This process's numpy batch -> global ``jax.Array``s sharded over the batch dimension.
 
     Args:
       batch: per-process arrays, leading dim = global batch / process count.
-      sharding: a ``NamedSharding`` of the batch dimension, or a ``("data", "fsdp", ...)``
-        mesh, whose batch dimension is then split over ``("data", "fsdp")``.
+      batch_sharding: ``sharding.batch_sharding(mesh, rules)``.
     """
-    if isinstance(sharding, Mesh):
-        sharding = NamedSharding(sharding, PartitionSpec(("data", "fsdp")))
-    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
+    return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
+            for key, value in batch.items()}

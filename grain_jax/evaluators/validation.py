@@ -76,7 +76,7 @@ class Evaluator:
                     metrics = step(inference_model.params, batch)
                 else:
                     with jax.set_mesh(mesh):
-                        metrics = step(inference_model.params, pipeline.to_global(batch, mesh))
+                        metrics = step(inference_model.params, pipeline.to_global(batch, inference_model.batch_sharding))
             for key, value in to_host(metrics).items():
                 if key.startswith(("loss/", "acc/")):
                     sums[key] = sums.get(key, 0.0) + float(value) * valid

@@ -11,7 +11,8 @@ Images are preprocessed like training: squash-resized to ``spec.image_size`` (bi
 the host, sent as uint8 and normalised on device with ``spec.mean`` / ``spec.std``
 (``data.transforms``, the same code as the train step). Work runs in fixed-size batches (zero padding,
 results sliced back) so each jitted function compiles once; with a ``mesh`` the batch is
-sharded over ``("data", "fsdp")`` and parameters follow the model's logical partitioning.
+placed with ``sharding.batch_sharding`` (``("data", "fsdp")`` unless the rules say otherwise) and
+parameters follow the model's logical partitioning.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
 from grain_jax.checkpoints import ModelSpec
@@ -32,8 +33,6 @@ from grain_jax.inference import classifier as classifier_lib
 from grain_jax.inference.batching import fixed_size_batches, round_up
 from grain_jax.inference.classifier import Classifier
 from grain_jax.losses.contrastive import l2_normalize
-
-BATCH_AXES = ("data", "fsdp")
 
 
 def preprocess_image(image: np.ndarray, spec: ModelSpec) -> np.ndarray:
@@ -105,8 +104,8 @@ class InferenceModel:
       model: a grain_jax model (``mode`` "grain" or "clip").
       params: its parameters (unboxed pytree; sharded or not).
       spec: the checkpoint's ModelSpec (image size, mean/std, text length).
-      mesh: optional ``("data", "fsdp", "tensor")`` mesh; batches are sharded over
-        ``("data", "fsdp")``. ``None`` runs on the default device.
+      mesh: optional ``("data", "fsdp", "tensor")`` mesh; batches are placed with
+        ``sharding.batch_sharding(mesh, rules)``. ``None`` runs on the default device.
       batch_size: images per jitted call (rounded up to the number of batch shards).
       text_batch_size: texts per jitted call.
       rules: extra logical-axis rules (``config.sharding_rules``).
@@ -117,7 +116,8 @@ class InferenceModel:
         self.model, self.params, self.spec, self.mesh = model, params, spec, mesh
         self.mode = getattr(model, "mode", "grain")
         self.rules = sharding.axis_rules(rules)
-        shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        self.batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, self.rules)
+        shards = 1 if mesh is None else sharding.batch_shards(mesh.shape, self.rules)
         self.batch_size = round_up(batch_size, shards)
         self.text_batch_size = round_up(text_batch_size, shards)
         self._encode_image, self._encode_text, self._scores = _compiled(
@@ -129,8 +129,8 @@ class InferenceModel:
         if self.mesh is None:
             with nn.logical_axis_rules(self.rules):
                 return fn(self.params, *args)
-        batch_sharding = NamedSharding(self.mesh, P(BATCH_AXES))
-        placed = [jax.make_array_from_callback(a.shape, batch_sharding, lambda idx, a=a: a[idx]) for a in args]
+        placed = [jax.make_array_from_callback(a.shape, self.batch_sharding, lambda idx, a=a: a[idx])
+                  for a in args]
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return fn(self.params, *placed)
 

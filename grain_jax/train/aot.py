@@ -144,7 +144,7 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
                                           std=config.data.std)
-    shardings, batch_sh = jax.tree.map(lambda x: x.sharding, abstract), state_lib.batch_sharding(mesh, rules)
+    shardings, batch_sh = jax.tree.map(lambda x: x.sharding, abstract), sharding.batch_sharding(mesh, rules)
     start = time.perf_counter()
     compiled = trainer.compile_train_step(train_step, abstract, shardings, batch_sh, mesh, rules, config)
     seconds = time.perf_counter() - start

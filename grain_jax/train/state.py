@@ -59,11 +59,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def batch_sharding(mesh: Mesh, rules: tuple) -> NamedSharding:
-    """Leading (batch) dim over the ``batch`` logical axis, i.e. ``("data", "fsdp")`` by default."""
-    return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, rules)
-
-
 def abstract_params(model: nn.Module, config: Any) -> Any:
     """Boxed (logically annotated) ``ShapeDtypeStruct`` params."""
     return jax.eval_shape(lambda rng: model.init({"params": rng}, *init_inputs(config))["params"],

@@ -77,11 +77,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
     num_devices = jax.device_count() if num_devices is None else num_devices
     dcn = tuple(config.get("dcn_mesh_shape") or (1, 1, 1))
     per_slice = sharding.resolve_mesh_shape(config.mesh_shape, num_devices // int(np.prod(dcn)))
-    batch_shards = per_slice[0] * per_slice[1] * dcn[0] * dcn[1]
+    axis_sizes = {axis: ici * slices for axis, ici, slices in zip(sharding.MESH_AXES, per_slice, dcn)}
+    rules = sharding.axis_rules(config.get("sharding_rules") or ())
+    batch_shards = sharding.batch_shards(axis_sizes, rules)
     accum = int(config.get("grad_accum_steps", 1))
     if config.global_batch_size <= 0 or config.global_batch_size % (batch_shards * accum):
+        axes = " x ".join(sharding.logical_mesh_axes("batch", rules)) or "batch replicated"
         raise ValueError(f"global_batch_size={config.global_batch_size} must be a positive multiple of the "
-                         f"batch shards ({batch_shards} = data x fsdp) times grad_accum_steps ({accum})")
+                         f"batch shards ({batch_shards} = {axes}) times grad_accum_steps ({accum})")
     for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
         if config[key] <= 0:
             raise ValueError(f"config.{key} must be positive, got {config[key]}")
@@ -262,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
                                               jax_logging_process=0)
 
-    batch_sh = state_lib.batch_sharding(mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh, rules)
     host_batches = pipeline.make_train_iterator(config.data, global_batch_size=config.global_batch_size,
                                                 seed=config.seed)
     # The next global batch is transferred while the current step runs; its state is the host
