@@ -2,16 +2,24 @@
 import io
 import os
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from PIL import Image
 
 import evaluator_fakes as fakes
+from grain_jax.checkpoints import ModelSpec
 from grain_jax.data import pipeline, records, transforms
 from grain_jax.data.tokenizer import tokenize
 from grain_jax.evaluators import common
+from grain_jax.inference import InferenceModel
 from grain_jax.losses import LossConfig, total_loss
+from grain_jax.models import create_model
+from grain_jax.train import step as step_lib
+from grain_jax.train.state import TrainState
 
 RESOLUTION, MAX_BOXES, NUM_VALIDATION = 16, 5, 11
 
@@ -69,3 +77,32 @@ def test_validation_losses_weight_batches_by_real_examples(data_config):
     assert set(got) == {f"val/{k}" for k in expected} and "val/loss/image_caption" in got
     for key, value in expected.items():
         assert got[f"val/{key}"] == pytest.approx(value / total, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("model_name", ["grain-tiny", "clip-tiny"])
+def test_validation_losses_are_the_train_step_losses(data_config, model_name):
+    """One eval batch without padding: the evaluator reports the train step's losses on the same params and batch."""
+    data = {**data_config, "image_size": RESOLUTION}
+    # No dropout, so the train step's train=True forward computes what validation's train=False does.
+    model = create_model(model_name, image_size=RESOLUTION, decoder_dropout=0.0)
+    spec = ModelSpec(model_name=model_name, image_size=RESOLUTION, caption_length=32, description_length=8)
+    params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, RESOLUTION, RESOLUTION, 3)),
+                                 jnp.zeros((1, 32), jnp.int32), jnp.zeros((1, MAX_BOXES, 8), jnp.int32))["params"])
+    batch = next(iter(pipeline.make_eval_iterator(data, global_batch_size=NUM_VALIDATION)))
+    assert batch["mask"].all()
+
+    tx = optax.sgd(0.0)
+    train_step = jax.jit(step_lib.make_train_step(model, LossConfig(), tx, lambda count: jnp.zeros(()),
+                                                  mean=spec.mean, std=spec.std))
+    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+    _, trained = train_step(state, {k: v for k, v in batch.items() if k != "mask"}, jax.random.PRNGKey(0))
+
+    (_, evaluator, _, _), = common.from_config({"val": {"type": "validation", "data": data,
+                                                        "batch_size": NUM_VALIDATION}})
+    got = dict(evaluator.run(InferenceModel(model, params, spec)))
+    expected = {f"val/{k}": float(v) for k, v in trained.items() if k.startswith(("loss/", "acc/"))}
+    assert set(got) == set(expected) and "val/loss/total" in got
+    if model_name == "grain-tiny":
+        assert "val/loss/region_description" in got
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key

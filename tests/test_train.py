@@ -9,6 +9,7 @@ import pytest
 
 import _train_utils
 from grain_jax import batch as batch_lib, sharding
+from grain_jax.inference import objective
 from grain_jax.losses import LossConfig
 from grain_jax.train import resume, optimizer, state as state_lib, step as step_lib, trainer
 
@@ -79,7 +80,7 @@ def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
         params_sh = state_lib.param_shardings(boxed, mesh, rules)
         placed = jax.device_put(params, params_sh)
         placed_batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
-        fn = jax.jit(lambda p, b: step_lib.forward_loss(model, loss_config, p, b, jax.random.PRNGKey(0),
+        fn = jax.jit(lambda p, b: objective.forward_loss(model, loss_config, p, b, jax.random.PRNGKey(0),
                                                         train=False, **_image_stats(config))[0])
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             return float(fn(placed, placed_batch))

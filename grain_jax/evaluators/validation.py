@@ -1,6 +1,6 @@
 """Validation-loss evaluator: the training losses on a prepared eval split.
 
-Runs the model's full forward pass (``train=False``) and ``losses.total_loss`` on
+Runs the train step's forward pass and loss (``inference.objective.forward_loss``, ``train=False``) on
 ``pipeline.make_eval_iterator`` batches; padding examples carry ``mask=False`` and are
 excluded by the loss. Losses and accuracies are averaged over batches weighted by their
 number of real examples (contrastive terms use in-batch negatives, so they depend on the
@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from grain_jax.inference import to_host
+from grain_jax.inference.objective import forward_loss
 
 
 class Evaluator:
@@ -41,17 +42,8 @@ class Evaluator:
     def _step_fn(self, model: nn.Module, mean, std):
         key = (model, tuple(mean), tuple(std))
         if key not in self._step_fns:
-            from grain_jax.data import transforms
-            from grain_jax.losses import total_loss
-            config = self.loss_config
-
-            def step(params, batch):
-                pixels = transforms.normalize(batch["images"], mean, std)  # uint8 -> model input, as in training
-                outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"],
-                                         batch["description_tokens"], train=False)
-                return total_loss(outputs, batch, config)[1]
-
-            self._step_fns[key] = jax.jit(step)
+            self._step_fns[key] = jax.jit(lambda params, batch: forward_loss(
+                model, self.loss_config, params, batch, train=False, mean=mean, std=std)[1])
         return self._step_fns[key]
 
     def run(self, inference_model) -> Iterator[tuple[str, float]]:

@@ -5,7 +5,8 @@
     probs = m.classify(uint8_images, clf)             # [N, C]
 
 Modules: ``model`` (``InferenceModel``, ``load``), ``classifier`` (class embeddings from
-``prompts`` templates and ``descriptors``), ``batching`` (fixed-size padded batches).
+``prompts`` templates and ``descriptors``), ``batching`` (fixed-size padded batches), ``objective`` (forward +
+loss of a batch: the train step's and the validation evaluator's).
 The evaluators, integrations and binaries build on this package; it imports none of them.
 """
 from grain_jax.inference.classifier import Classifier

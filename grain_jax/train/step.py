@@ -1,4 +1,4 @@
-"""The jitted train step: forward (bf16 compute), ``total_loss``, grads, AdamW, logit-scale clamp.
+"""The jitted train step: forward + ``total_loss`` (``inference.objective``), grads, AdamW, logit-scale clamp.
 
 Gradient accumulation (``config.grad_accum_steps = k``) is GradCache (``grad_cache.py``):
 the step embeds the global batch in k micro-batches, computes the loss on the full
@@ -16,37 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grain_jax.data import transforms
+from grain_jax.inference.objective import forward_loss, model_outputs
+from grain_jax.losses import total_loss
 from grain_jax.train import grad_cache
 from grain_jax.train.state import TrainState
 
 # The reference clamps the learnable log temperature to [0, ln 100] after every update.
 LOGIT_SCALE_MAX = math.log(100.0)
-
-
-def model_outputs(model: nn.Module, params: Any, batch: dict, rng: jax.Array, train: bool = True, *,
-                  mean: Sequence[float], std: Sequence[float]) -> dict:
-    """The model's ``out`` dict for a batch; CLIP models are not fed descriptions (they have no use for them).
-
-    ``batch["images"]`` are the contract's uint8 pixels, normalised here on device with the
-    data's ``mean`` / ``std`` (``transforms.normalize``, as evaluation and inference do).
-    """
-    descriptions = batch["description_tokens"] if model.mode == "grain" else None
-    pixels = transforms.normalize(batch["images"], mean, std)
-    outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"], descriptions,
-                             train=train, rngs={"dropout": rng})
-    return outputs
-
-
-def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, rng: jax.Array,
-                 train: bool = True, *, mean: Sequence[float], std: Sequence[float]) -> tuple[jax.Array, dict]:
-    """``total_loss`` of one batch (``mean`` / ``std`` as in ``model_outputs``)."""
-    from grain_jax.losses import total_loss
-    outputs = model_outputs(model, params, batch, rng, train, mean=mean, std=std)
-    loss, metrics = total_loss(outputs, batch, loss_config)
-    if "txt/description_overflow" in outputs:  # a batch over model.description_budget (encoded in full)
-        metrics = {**metrics, "txt/description_overflow": outputs["txt/description_overflow"]}
-    return loss, metrics
 
 
 def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int = 1, *,
@@ -55,7 +31,6 @@ def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int =
     if grad_accum_steps == 1:
         return jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std),
                                   has_aux=True)
-    from grain_jax.losses import total_loss
     return grad_cache.make_gradient_fn(functools.partial(model_outputs, model, mean=mean, std=std),
                                        functools.partial(total_loss, config=loss_config), grad_accum_steps)
 
