@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from grain_jax import sharding
+from grain_jax import models, sharding
 from grain_jax.train import integrity, optimizer, resume, state as state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grain_cc12m.py:variant=B/16",
@@ -32,7 +32,7 @@ _DIR = flags.DEFINE_string("dir", None, "Where to write the checkpoints (default
 def _random_state(config, mesh, rules):
     """A TrainState of random values with the trainer's shapes and shardings, and its shardings."""
     model = state_lib.build_model(config)
-    boxed = state_lib.abstract_params(model, config)
+    boxed = models.abstract_params(model)
     unboxed = nn.meta.unbox(boxed)
     schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
     tx = optimizer.make_optimizer(config, unboxed, schedule)

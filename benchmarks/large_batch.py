@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from grain_jax import sharding
+from grain_jax import models, sharding
 from grain_jax.losses import LossConfig, total_loss
 
 _BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["256", "1024", "4096"], "Global batch sizes.")
@@ -141,7 +141,7 @@ def train_step_rows(mesh, rules) -> None:
                 config.loss.contrastive_chunks = _CHUNKS.value
                 schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
                 model = state_lib.build_model(config)
-                boxed = state_lib.abstract_params(model, config)
+                boxed = models.abstract_params(model)
                 unboxed = nn.meta.unbox(boxed)
                 tx = optimizer.make_optimizer(config, unboxed, schedule)
                 shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules),

@@ -34,7 +34,7 @@ def main(argv):
     schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
     model = state_lib.build_model(config)
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     batch_sh = sharding.batch_sharding(mesh, rules)
     data = config.data
     start = time.perf_counter()

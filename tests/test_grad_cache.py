@@ -33,7 +33,7 @@ def _setup(model_name):
     model = state_lib.build_model(config)
     schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
     state, _, _ = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     params = state.params
     data = config.data
     batch = batch_lib.fake_batch(BATCH, data.image_size, data.caption_length, data.description_length,

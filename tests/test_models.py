@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import pytest
 
 from grain_jax import models
-from grain_jax.models import abstract_variables, create_model, init_inputs, list_models, param_counts
+from grain_jax.models import abstract_params, create_model, init_inputs, list_models, param_counts
 
 EXPECTED_NAMES = {"grain-vit-s16", "grain-vit-b16", "grain-vit-l14", "clip-vit-s16", "clip-vit-b16", "clip-vit-l14",
                   "grain-tiny", "clip-tiny", "clip-vit-b16-openai", "clip-tiny-openai"}
@@ -120,7 +120,7 @@ def test_vit_options_for_openai_clip_change_the_parameter_tree():
 def test_overrides_reach_the_modules():
     model = create_model("grain-tiny", num_queries=7, decoder_layers=3, decoder_mlp_dim=64, decoder_heads=2,
                          embed_dim=32, image_size=48, vit_variant="Mu/16")
-    params = abstract_variables(model)["params"]
+    params = abstract_params(model)
     assert params["decoder"]["query_embed"].value.shape == (8, model.decoder_width)
     assert {k for k in params["decoder"] if k.startswith("layers_")} == {"layers_0", "layers_1", "layers_2"}
     assert params["decoder"]["layers_0"]["mlp"]["fc1"]["kernel"].value.shape == (model.decoder_width, 64)

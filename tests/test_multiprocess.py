@@ -26,7 +26,7 @@ def _one_process_losses(config) -> list[float]:
     model = state_lib.build_model(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, init_rng)
+        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, init_rng)
     batch_sh = sharding.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           mean=config.data.mean, std=config.data.std)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import _train_utils
-from grain_jax import batch as batch_lib, sharding
+from grain_jax import batch as batch_lib, models, sharding
 from grain_jax.inference import objective
 from grain_jax.losses import LossConfig
 from grain_jax.train import resume, optimizer, state as state_lib, step as step_lib, trainer
@@ -24,7 +24,7 @@ def _setup(config, mesh):
     schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
     model = state_lib.build_model(config)
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), config, mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     return model, schedule, tx, state, shardings, rules
 
 
@@ -76,7 +76,7 @@ def test_sharded_loss_equals_unsharded(tmp_path, mesh_shape):
     batch = _fixed_batch(config)
 
     def loss_on(mesh):
-        boxed = state_lib.abstract_params(model, config)
+        boxed = models.abstract_params(model)
         params_sh = state_lib.param_shardings(boxed, mesh, rules)
         placed = jax.device_put(params, params_sh)
         placed_batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))

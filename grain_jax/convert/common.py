@@ -166,9 +166,9 @@ def abstract_param_shapes(model) -> dict[tuple[str, ...], tuple[int, ...]]:
     """{path: shape} of a grain_jax model's params, without allocating them."""
     import flax.linen as nn
 
-    from grain_jax.models import abstract_variables
+    from grain_jax.models import abstract_params
 
-    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(nn.unbox(abstract_variables(model)["params"])).items()}
+    return {path: tuple(leaf.shape) for path, leaf in flatten_dict(nn.unbox(abstract_params(model))).items()}
 
 
 def check_against_model(converted: Params, expected_shapes: Mapping[tuple[str, ...], tuple[int, ...]]) -> None:

@@ -26,7 +26,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from grain_jax import checkpoints, sharding
+from grain_jax import checkpoints, models, sharding
 from grain_jax.checkpoints import ModelSpec
 from grain_jax.data import tokenizer, transforms
 from grain_jax.inference import classifier as classifier_lib
@@ -232,15 +232,9 @@ class InferenceModel:
 
 
 # --------------------------------------------------------------------- loading
-def _init_inputs(spec: ModelSpec):
-    images = jnp.zeros((1, spec.image_size, spec.image_size, 3), jnp.float32)
-    return images, jnp.zeros((1, spec.caption_length), jnp.int32)
-
-
-def abstract_params(model: nn.Module, spec: ModelSpec, mesh: Mesh | None, rules: tuple):
+def abstract_params(model: nn.Module, mesh: Mesh | None, rules: tuple):
     """Unboxed ``jax.ShapeDtypeStruct`` params with the shardings inference uses."""
-    boxed = jax.eval_shape(lambda k: model.init({"params": k}, *_init_inputs(spec), None)["params"],
-                           jax.random.key(0))
+    boxed = models.abstract_params(model)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
@@ -268,9 +262,8 @@ def load(path_or_name: str, *, mesh: Mesh | None = None, step: int | None = None
         spec = ModelSpec(model_name=name, model_overrides=dict(model_overrides),
                          image_size=int(getattr(model, "image_size", 224)), caption_length=text_length,
                          description_length=text_length)
-        init = lambda key: nn.unbox(model.init({"params": key}, *_init_inputs(spec), None)["params"])  # noqa: E731
-        shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding,
-                                                           abstract_params(model, spec, mesh, rules))
+        init = lambda key: nn.unbox(models.init_params(model, key))  # noqa: E731
+        shardings = None if mesh is None else jax.tree.map(lambda x: x.sharding, abstract_params(model, mesh, rules))
         with nn.logical_axis_rules(rules):
             params = jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
     else:
@@ -279,5 +272,5 @@ def load(path_or_name: str, *, mesh: Mesh | None = None, step: int | None = None
                              "checkpoint's model_config.json defines its model")
         spec = checkpoints.read_model_spec(path_or_name)
         model = spec.create_model()
-        params = checkpoints.restore_params(path_or_name, abstract_params(model, spec, mesh, rules), step=step)
+        params = checkpoints.restore_params(path_or_name, abstract_params(model, mesh, rules), step=step)
     return InferenceModel(model, params, spec, mesh, rules=extra_rules, batch_size=batch_size)

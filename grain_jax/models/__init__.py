@@ -6,6 +6,7 @@ Every name builds a :class:`GrainModel`; overrides are any of its attributes (e.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -69,17 +70,29 @@ def init_inputs(model: GrainModel, batch_size: int = 1, caption_length: int | No
             jax.ShapeDtypeStruct((batch_size, max_boxes, description_length), jnp.int32))
 
 
-def abstract_variables(model: GrainModel) -> dict:
-    """``jax.eval_shape`` of ``model.init``: the variable tree (logically partitioned boxes of shapes), no allocation."""
-    return jax.eval_shape(lambda key, *inputs: model.init({"params": key}, *inputs),
-                          jax.random.key(0), *init_inputs(model))
+def init_params(model: GrainModel, rng: jax.Array) -> Any:
+    """``model.init``'s parameters (logically partitioned boxes), initialised on zero ``init_inputs(model)``.
+
+    Parameter shapes and values do not depend on the input lengths or on whether descriptions are given
+    (the text tower is the same module and initialisation folds the rng by module path), so this one
+    init serves training, inference and conversion. Jit it with ``out_shardings`` to create them sharded.
+    """
+    inputs = [jnp.zeros(x.shape, x.dtype) for x in init_inputs(model)]
+    return model.init({"params": rng}, *inputs)["params"]
+
+
+def abstract_params(model: GrainModel) -> Any:
+    """``jax.eval_shape`` of ``init_params``: the parameter tree as logically partitioned boxes of
+    ``ShapeDtypeStruct``s, no allocation."""
+    return jax.eval_shape(functools.partial(init_params, model), jax.random.key(0))
 
 
 def param_counts(model: GrainModel) -> dict[str, int]:
     """Number of parameters per top-level subtree (``image``, ``text``, ``decoder`` | ``image_projection``,
     ``logit_scale``), computed from shapes only."""
-    params = abstract_variables(model)["params"]
+    params = abstract_params(model)
     return {name: sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)) for name, tree in params.items()}
 
 
-__all__ = ["GrainModel", "abstract_variables", "create_model", "init_inputs", "list_models", "param_counts"]
+__all__ = ["GrainModel", "abstract_params", "create_model", "init_inputs", "init_params", "list_models",
+           "param_counts"]

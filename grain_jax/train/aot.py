@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from grain_jax import sharding
+from grain_jax import models, sharding
 from grain_jax.train import optimizer, state as state_lib, step as step_lib
 
 GIB = 2**30
@@ -114,7 +114,7 @@ class CompileReport:
 def abstract_train_state(config: ml_collections.ConfigDict, mesh, rules: tuple, schedule):
     """``(model, tx, abstract state with shardings)``: the trainer's state, without allocating it."""
     model = state_lib.build_model(config)
-    boxed = state_lib.abstract_params(model, config)
+    boxed = models.abstract_params(model)
     unboxed = nn.meta.unbox(boxed)
     tx = optimizer.make_optimizer(config, unboxed, schedule)
     shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules), mesh)

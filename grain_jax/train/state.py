@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from grain_jax import models
 from grain_jax.checkpoints import ModelSpec
 
 
@@ -43,26 +44,11 @@ def model_spec(config: Any) -> ModelSpec:
 
 
 def build_model(config: Any) -> nn.Module:
-    from grain_jax.models import create_model
-    return create_model(config.model_name, **model_overrides(config))
-
-
-def init_inputs(config: Any, batch_size: int = 1) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Zero ``(images [B,H,W,3], caption_tokens [B,Lc], description_tokens [B,M,Ld])`` for ``model.init``."""
-    data = config.data
-    return (jnp.zeros((batch_size, data.image_size, data.image_size, 3), jnp.float32),
-            jnp.zeros((batch_size, data.caption_length), jnp.int32),
-            jnp.zeros((batch_size, data.max_boxes, data.description_length), jnp.int32))
+    return models.create_model(config.model_name, **model_overrides(config))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
-
-
-def abstract_params(model: nn.Module, config: Any) -> Any:
-    """Boxed (logically annotated) ``ShapeDtypeStruct`` params."""
-    return jax.eval_shape(lambda rng: model.init({"params": rng}, *init_inputs(config))["params"],
-                          jax.random.key(0))
 
 
 def param_shardings(boxed_abstract_params: Any, mesh: Mesh, rules: tuple) -> Any:
@@ -78,7 +64,7 @@ def state_shardings(tx: optax.GradientTransformation, unboxed_abstract_params: A
     return TrainState(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
 
 
-def create_train_state(model: nn.Module, tx_for: Any, config: Any, mesh: Mesh, rules: tuple,
+def create_train_state(model: nn.Module, tx_for: Any, mesh: Mesh, rules: tuple,
                        rng: jax.Array) -> tuple[TrainState, TrainState, optax.GradientTransformation]:
     """Initialises the state directly sharded over ``mesh``.
 
@@ -88,13 +74,13 @@ def create_train_state(model: nn.Module, tx_for: Any, config: Any, mesh: Mesh, r
     Returns:
       ``(state, shardings, tx)``; ``shardings`` is a ``TrainState`` of ``NamedSharding``.
     """
-    boxed = abstract_params(model, config)
+    boxed = models.abstract_params(model)
     unboxed = nn.meta.unbox(boxed)
     tx = tx_for(unboxed)
     shardings = state_shardings(tx, unboxed, param_shardings(boxed, mesh, rules), mesh)
 
     def init(rng):
-        params = nn.meta.unbox(model.init({"params": rng}, *init_inputs(config))["params"])
+        params = nn.meta.unbox(models.init_params(model, rng))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

@@ -259,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     model = state_lib.build_model(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda params: optimizer.make_optimizer(config, params, schedule), config, mesh, rules, init_rng)
+        model, lambda params: optimizer.make_optimizer(config, params, schedule), mesh, rules, init_rng)
     _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
     check_sufficiently_sharded(state, config)
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
