@@ -21,7 +21,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from grain_jax import models, sharding
-from grain_jax.train import integrity, optimizer, resume, state as state_lib
+from grain_jax.train import integrity, resume, state as state_lib, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/grain_cc12m.py:variant=B/16",
                                           "Config whose train state to checkpoint.", lock_config=True)
@@ -34,8 +34,8 @@ def _random_state(config, mesh, rules):
     model = state_lib.build_model(config)
     boxed = models.abstract_params(model)
     unboxed = nn.meta.unbox(boxed)
-    schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
-    tx = optimizer.make_optimizer(config, unboxed, schedule)
+    schedule = trainer.schedule_from_config(config, total_steps=1000, warmup_steps=10)
+    tx = trainer.optimizer_from_config(config, unboxed, schedule)
     shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules), mesh)
     abstract = state_lib.TrainState(step=jax.ShapeDtypeStruct((), np.int32), params=unboxed,
                                     opt_state=jax.eval_shape(tx.init, unboxed))

@@ -124,7 +124,7 @@ def loss_step_rows(mesh, rules) -> None:
 
 def train_step_rows(mesh, rules) -> None:
     """AOT per-chip memory of the whole train step (no execution)."""
-    from grain_jax.train import optimizer, state as state_lib, step as step_lib, trainer
+    from grain_jax.train import state as state_lib, step as step_lib, trainer
     path, _, arg = _TRAIN_CONFIG.value.partition(":")
     spec = importlib.util.spec_from_file_location("train_config", path)
     module = importlib.util.module_from_spec(spec)
@@ -139,11 +139,11 @@ def train_step_rows(mesh, rules) -> None:
                 config.model.remat_policy = remat
                 config.loss.contrastive_impl = impl
                 config.loss.contrastive_chunks = _CHUNKS.value
-                schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
+                schedule = trainer.schedule_from_config(config, total_steps=1000, warmup_steps=10)
                 model = state_lib.build_model(config)
                 boxed = models.abstract_params(model)
                 unboxed = nn.meta.unbox(boxed)
-                tx = optimizer.make_optimizer(config, unboxed, schedule)
+                tx = trainer.optimizer_from_config(config, unboxed, schedule)
                 shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules),
                                                       mesh)
                 state = state_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=unboxed,

@@ -18,7 +18,7 @@ from ml_collections import config_flags
 
 from grain_jax import batch as batch_lib, sharding
 from grain_jax.losses import LossConfig
-from grain_jax.train import metrics, optimizer, state as state_lib, step as step_lib, trainer
+from grain_jax.train import metrics, state as state_lib, step as step_lib, trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Config whose model and batch to time.",
                                           lock_config=True)
@@ -31,10 +31,10 @@ def main(argv):
     trainer.validate_config(config)
     mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"))
     rules = sharding.axis_rules(config.get("sharding_rules") or ())
-    schedule = optimizer.make_schedule(config, total_steps=1000, warmup_steps=10)
+    schedule = trainer.schedule_from_config(config, total_steps=1000, warmup_steps=10)
     model = state_lib.build_model(config)
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: trainer.optimizer_from_config(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     batch_sh = sharding.batch_sharding(mesh, rules)
     data = config.data
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """The batch contract between the input pipeline, the model and the losses.
 
-One training batch is a dict of arrays (numpy on the host, ``jax.Array`` sharded
-over ``("data", "fsdp")`` on device), B = batch size, M = max boxes (5),
+One training batch is a dict of arrays (numpy on the host, ``jax.Array`` placed with
+``sharding.batch_sharding`` on device), B = batch size, M = max boxes (5),
 Lc / Ld = caption / description context lengths (each at most 77, may differ):
 
 | key                  | shape / dtype            | meaning                                                    |

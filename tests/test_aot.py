@@ -10,7 +10,7 @@ import pytest
 
 import _train_utils
 from grain_jax import sharding
-from grain_jax.train import aot, optimizer
+from grain_jax.train import aot, trainer
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def report(config):
 def test_cpu_report_counts_every_sharded_argument(config, report):
     """Argument bytes per device = the state's shards + this device's batch rows + the rng key."""
     mesh = sharding.create_mesh(config.mesh_shape, devices=jax.devices())
-    schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=0)  # shapes only
+    schedule = trainer.schedule_from_config(config, total_steps=config.total_steps, warmup_steps=0)  # shapes only
     _, _, abstract = aot.abstract_train_state(config, mesh, sharding.axis_rules(), schedule)
     state_bytes = sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                       for leaf in jax.tree.leaves(abstract))

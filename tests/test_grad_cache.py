@@ -9,7 +9,7 @@ import pytest
 import _train_utils
 from grain_jax import batch as batch_lib, sharding
 from grain_jax.losses import LossConfig
-from grain_jax.train import grad_cache, optimizer, state as state_lib, step as step_lib
+from grain_jax.train import grad_cache, state as state_lib, step as step_lib, trainer
 
 BATCH = 16
 
@@ -31,9 +31,9 @@ def _setup(model_name):
     mesh = sharding.create_mesh((2, 2, 1), devices=jax.devices()[:4])
     rules = sharding.axis_rules()
     model = state_lib.build_model(config)
-    schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
+    schedule = trainer.schedule_from_config(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
     state, _, _ = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: trainer.optimizer_from_config(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     params = state.params
     data = config.data
     batch = batch_lib.fake_batch(BATCH, data.image_size, data.caption_length, data.description_length,

@@ -13,7 +13,7 @@ from grain_jax import checkpoints, sharding
 from grain_jax.data import pipeline
 from grain_jax.data.synthetic import ensure_synthetic
 from grain_jax.losses import LossConfig
-from grain_jax.train import optimizer, resume, state as state_lib, step as step_lib, trainer
+from grain_jax.train import resume, state as state_lib, step as step_lib, trainer
 
 STEPS = 3
 
@@ -22,11 +22,11 @@ def _one_process_losses(config) -> list[float]:
     """The trainer's recipe on a 4-device mesh in this process, fed both processes' data slices."""
     mesh = sharding.create_mesh((-1, 1, 1), devices=jax.devices()[:4])
     rules = sharding.axis_rules()
-    schedule = optimizer.make_schedule(config, total_steps=STEPS, warmup_steps=config.warmup_steps)
+    schedule = trainer.schedule_from_config(config, total_steps=STEPS, warmup_steps=config.warmup_steps)
     model = state_lib.build_model(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, init_rng)
+        model, lambda p: trainer.optimizer_from_config(config, p, schedule), mesh, rules, init_rng)
     batch_sh = sharding.batch_sharding(mesh, rules)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           mean=config.data.mean, std=config.data.std)

@@ -11,7 +11,7 @@ import _train_utils
 from grain_jax import batch as batch_lib, models, sharding
 from grain_jax.inference import objective
 from grain_jax.losses import LossConfig
-from grain_jax.train import resume, optimizer, state as state_lib, step as step_lib, trainer
+from grain_jax.train import resume, state as state_lib, step as step_lib, trainer
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,10 @@ def data_cache(tmp_path_factory):
 
 def _setup(config, mesh):
     rules = sharding.axis_rules()
-    schedule = optimizer.make_schedule(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
+    schedule = trainer.schedule_from_config(config, total_steps=config.total_steps, warmup_steps=config.warmup_steps)
     model = state_lib.build_model(config)
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda p: optimizer.make_optimizer(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
+        model, lambda p: trainer.optimizer_from_config(config, p, schedule), mesh, rules, jax.random.PRNGKey(0))
     return model, schedule, tx, state, shardings, rules
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import _train_utils
 from grain_jax import sharding
-from grain_jax.train import aot, metrics, optimizer, state as state_lib, trainer
+from grain_jax.train import aot, metrics, trainer
 
 B, D, K = 32, 64, 4
 
@@ -33,7 +33,7 @@ def test_trainer_flops_ignore_remat_and_accumulation(tmp_path):
         config.model.remat_policy = remat
         mesh = sharding.create_mesh(config.mesh_shape)
         rules = sharding.axis_rules()
-        schedule = optimizer.make_schedule(config, total_steps=10, warmup_steps=0)
+        schedule = trainer.schedule_from_config(config, total_steps=10, warmup_steps=0)
         _, tx, abstract = aot.abstract_train_state(config, mesh, rules, schedule)
         return trainer.model_flops_per_step(config, tx, schedule, abstract, jax.tree.map(lambda x: x.sharding, abstract),
                                             sharding.batch_sharding(mesh, rules), mesh, rules)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from grain_jax.train import optimizer
+from grain_jax.train import optimizer, trainer
 
 
 def _config(**overrides):
@@ -22,7 +22,7 @@ def _config(**overrides):
 
 
 def test_schedule_warmup_then_cosine():
-    schedule = optimizer.make_schedule(_config(), total_steps=110, warmup_steps=10)
+    schedule = optimizer.make_schedule(lr=1e-3, lr_start=1e-6, lr_end=1e-5, total_steps=110, warmup_steps=10)
     np.testing.assert_allclose(schedule(0), 1e-6, rtol=2e-5)
     np.testing.assert_allclose(schedule(5), 1e-6 + (1e-3 - 1e-6) * 0.5, rtol=2e-5)
     np.testing.assert_allclose(schedule(10), 1e-3, rtol=2e-5)
@@ -35,7 +35,7 @@ def test_schedule_warmup_then_cosine():
 
 def test_schedule_rejects_warmup_longer_than_training():
     with pytest.raises(ValueError, match="warmup"):
-        optimizer.make_schedule(_config(), total_steps=5, warmup_steps=10)
+        optimizer.make_schedule(lr=1e-3, lr_start=1e-6, lr_end=1e-5, total_steps=5, warmup_steps=10)
 
 
 @pytest.mark.parametrize("key,value,expected", [
@@ -102,12 +102,32 @@ def test_reference_mask_follows_the_pytorch_rule():
 
 def test_masked_params_are_not_decayed():
     params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2), "logit_scale": jnp.ones(())}
-    tx = optimizer.make_optimizer(_config(weight_decay=0.5), params, optax.constant_schedule(0.1))
+    tx = optimizer.make_optimizer(params, optax.constant_schedule(0.1), weight_decay=0.5, wd_rule="default", b1=0.9,
+                                  b2=0.98, eps=1e-8)
     zero = {"w": jnp.zeros((2, 2)), "b": jnp.zeros(2), "logit_scale": jnp.zeros(())}
     updates, _ = tx.update(zero, tx.init(params), params)
     np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * np.ones((2, 2)), rtol=1e-6)  # decay only
     np.testing.assert_array_equal(updates["b"], 0)
     np.testing.assert_array_equal(updates["logit_scale"], 0)
+
+
+def test_the_trainer_passes_the_config_to_the_optimizer_and_schedule():
+    config = _config(weight_decay=0.5, wd_rule="reference", grad_clip_norm=1.0, adam=dict(b1=0.5, b2=0.9, eps=1.0))
+    schedule = trainer.schedule_from_config(config, total_steps=110, warmup_steps=10)
+    assert [float(schedule(step)) for step in (0, 10, 110)] == pytest.approx([1e-6, 1e-3, 1e-5], rel=2e-5)
+    params = {"w": jnp.ones((2, 2)), "decoder": {"norm": {"scale": jnp.ones(2)}}}
+    grads = {"w": jnp.full((2, 2), 30.0), "decoder": {"norm": {"scale": jnp.full(2, -40.0)}}}
+
+    def update(tx):
+        return tx.update(grads, tx.init(params), params)[0]
+
+    explicit = dict(weight_decay=0.5, wd_rule="reference", b1=0.5, b2=0.9, eps=1.0, grad_clip_norm=1.0)
+    got = update(trainer.optimizer_from_config(config, params, schedule))
+    jax.tree.map(np.testing.assert_array_equal, got, update(optimizer.make_optimizer(params, schedule, **explicit)))
+    # Each setting matters here (eps=1 makes Adam's step depend on the gradient's size, so on the clipping).
+    for change in (dict(grad_clip_norm=None), dict(wd_rule="default"), dict(eps=1e-8), dict(weight_decay=0.0)):
+        other = update(optimizer.make_optimizer(params, schedule, **{**explicit, **change}))
+        assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(other))), change
 
 
 def test_unknown_wd_rule_is_rejected():

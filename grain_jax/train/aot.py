@@ -21,7 +21,7 @@ import jax
 import ml_collections
 
 from grain_jax import models, sharding
-from grain_jax.train import optimizer, state as state_lib, step as step_lib
+from grain_jax.train import optimizer, state as state_lib, step as step_lib, trainer
 
 GIB = 2**30
 
@@ -116,7 +116,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh, rules: tuple, 
     model = state_lib.build_model(config)
     boxed = models.abstract_params(model)
     unboxed = nn.meta.unbox(boxed)
-    tx = optimizer.make_optimizer(config, unboxed, schedule)
+    tx = trainer.optimizer_from_config(config, unboxed, schedule)
     shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules), mesh)
     abstract = jax.eval_shape(lambda params: state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
                                                                   params=params, opt_state=tx.init(params)), unboxed)
@@ -131,15 +131,15 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
     FLOPs do not depend on it.
     """
     from grain_jax.losses import LossConfig
-    from grain_jax.train import trainer
     target = topology(target) if isinstance(target, str) else target
     devices = list(target.devices)
     trainer.validate_config(config, num_devices=len(devices))
     mesh = sharding.create_mesh(config.mesh_shape, config.get("dcn_mesh_shape"), devices=devices)
     rules = sharding.axis_rules(config.get("sharding_rules") or ())
     sizes = dict(num_train_examples=num_train_examples, global_batch_size=config.global_batch_size)
-    schedule = optimizer.make_schedule(config, total_steps=optimizer.steps_from_duration(config, "total", **sizes),
-                                       warmup_steps=optimizer.steps_from_duration(config, "warmup", default=0, **sizes))
+    schedule = trainer.schedule_from_config(
+        config, total_steps=optimizer.steps_from_duration(config, "total", **sizes),
+        warmup_steps=optimizer.steps_from_duration(config, "warmup", default=0, **sizes))
     model, tx, abstract = abstract_train_state(config, mesh, rules, schedule)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,

@@ -1,6 +1,7 @@
 """AdamW with a weight-decay mask by rule, the warmup+cosine schedule, and duration conversion.
 
-Config keys read here (all top level):
+``make_schedule`` and ``make_optimizer`` take their values as arguments; ``trainer.schedule_from_config`` and
+``trainer.optimizer_from_config`` read them from these config keys (all top level):
 
 | key | meaning |
 |---|---|
@@ -60,7 +61,8 @@ def steps_from_duration(config: Any, prefix: str, *, num_train_examples: int | N
     return int(round(value * steps_per_epoch))
 
 
-def make_schedule(config: Any, *, total_steps: int, warmup_steps: int) -> optax.Schedule:
+def make_schedule(*, lr: float, lr_start: float, lr_end: float, total_steps: int,
+                  warmup_steps: int) -> optax.Schedule:
     """Linear warmup ``lr_start -> lr`` over ``warmup_steps``, then cosine ``lr -> lr_end`` until ``total_steps``.
 
     Same shape as the reference's ``cosine_scheduler`` (which uses an inclusive
@@ -69,8 +71,8 @@ def make_schedule(config: Any, *, total_steps: int, warmup_steps: int) -> optax.
     if warmup_steps > total_steps:
         raise ValueError(f"warmup ({warmup_steps} steps) is longer than training ({total_steps} steps)")
     return optax.warmup_cosine_decay_schedule(
-        init_value=config.lr_start, peak_value=config.lr, warmup_steps=warmup_steps,
-        decay_steps=max(total_steps, 1), end_value=config.lr_end)
+        init_value=lr_start, peak_value=lr, warmup_steps=warmup_steps, decay_steps=max(total_steps, 1),
+        end_value=lr_end)
 
 
 # Weight-decay rules: a parameter decays unless its rule says otherwise, given the "/"-joined
@@ -107,11 +109,14 @@ def weight_decay_mask(params: Any, rule: str = "default") -> Any:
     return traverse_util.unflatten_dict({path: decays(path, leaf.ndim) for path, leaf in flat.items()}, sep="/")
 
 
-def make_optimizer(config: Any, params: Any, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """``[clip_by_global_norm] -> adamw(schedule, mask)``; ``params`` may be abstract (only shapes are read)."""
-    adamw = optax.adamw(schedule, b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
-                        weight_decay=config.weight_decay, mask=weight_decay_mask(params, config.wd_rule))
-    if config.get("grad_clip_norm"):
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
-    return adamw
+def make_optimizer(params: Any, schedule: optax.Schedule, *, weight_decay: float, wd_rule: str, b1: float,
+                   b2: float, eps: float, grad_clip_norm: float | None = None) -> optax.GradientTransformation:
+    """``[clip_by_global_norm] -> adamw(schedule, mask)``; ``params`` may be abstract (only shapes are read).
 
+    ``wd_rule``: which parameters decay (``WD_RULES``); ``grad_clip_norm``: None or 0 = no clipping.
+    """
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=weight_decay_mask(params, wd_rule))
+    if grad_clip_norm:
+        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
+    return adamw

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import parameter_overview
@@ -103,6 +104,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
                          f"{config.global_batch_size}")
     if config.wd_rule not in optimizer.WD_RULES:
         raise ValueError(f"config.wd_rule must be one of {sorted(optimizer.WD_RULES)}, got {config.wd_rule!r}")
+
+
+def schedule_from_config(config: ml_collections.ConfigDict, *, total_steps: int,
+                         warmup_steps: int) -> optax.Schedule:
+    """``optimizer.make_schedule`` with ``config.lr``, ``lr_start``, ``lr_end``."""
+    return optimizer.make_schedule(lr=config.lr, lr_start=config.lr_start, lr_end=config.lr_end,
+                                   total_steps=total_steps, warmup_steps=warmup_steps)
+
+
+def optimizer_from_config(config: ml_collections.ConfigDict, params, schedule: optax.Schedule
+                          ) -> optax.GradientTransformation:
+    """``optimizer.make_optimizer`` with ``config.weight_decay``, ``wd_rule``, ``adam`` and ``grad_clip_norm``."""
+    return optimizer.make_optimizer(params, schedule, weight_decay=config.weight_decay, wd_rule=config.wd_rule,
+                                    b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
+                                    grad_clip_norm=config.get("grad_clip_norm"))
 
 
 def check_sufficiently_sharded(state, config) -> float:
@@ -251,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     total_steps = optimizer.steps_from_duration(config, "total", **sizes)
     warmup_steps = optimizer.steps_from_duration(config, "warmup", default=0, **sizes)
     config_checks.check_warmup(config, warmup_steps, total_steps)
-    schedule = optimizer.make_schedule(config, total_steps=total_steps, warmup_steps=warmup_steps)
+    schedule = schedule_from_config(config, total_steps=total_steps, warmup_steps=warmup_steps)
     _say(f"{num_train} training records, global batch {config.global_batch_size}: {total_steps} steps "
          f"({warmup_steps} warmup); mesh {dict(mesh.shape)} over {jax.device_count()} {jax.devices()[0].platform} "
          f"devices in {jax.process_count()} process(es)")
@@ -259,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     model = state_lib.build_model(config)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(config.seed))
     state, shardings, tx = state_lib.create_train_state(
-        model, lambda params: optimizer.make_optimizer(config, params, schedule), mesh, rules, init_rng)
+        model, lambda params: optimizer_from_config(config, params, schedule), mesh, rules, init_rng)
     _say(f"model {config.model_name}: {state_lib.count_params(state.params) / 1e6:.2f} M parameters")
     check_sufficiently_sharded(state, config)
     parameter_overview.log_parameter_overview(state.params, include_stats=False, max_lines=200,
