@@ -1,6 +1,8 @@
 """Every config file with every documented argument loads and validates; the binary rejects unknown keys."""
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -87,14 +89,35 @@ def test_validation_names_the_bad_key():
         trainer.validate_config(config, num_devices=8)
 
 
-def test_demo_on_prepared_data_evaluates_zero_shot_on_the_generated_benchmark(tmp_path):
-    """--config.data.dir=PREPARED trains on the user's data; the zero-shot eval still finds its benchmark."""
+def test_demo_zero_shot_benchmark_follows_the_data_cache_whatever_data_trains(tmp_path):
     config = _load("demo.py").get_config("runlocal")
     config.data.dir, config.data_cache_dir = str(tmp_path / "prepared"), str(tmp_path / "cache")
     resolved = trainer.resolve_data(config, str(tmp_path / "workdir"))
     assert resolved.data.dir == resolved.evals.val.data.dir == str(tmp_path / "prepared")
     assert resolved.evals.zeroshot.synthetic_dir == str(tmp_path / "cache")
-    assert os.path.isdir(tmp_path / "cache" / "zeroshot" / "novel")
+    assert resolved.evals.zeroshot.synthetic.to_dict() == dict(resolution=32, num_train=64, num_test_per_class=2)
+    assert not os.path.exists(tmp_path / "cache")  # made by the evaluator when it first needs it
+    config.data_cache_dir = None  # default: WORKDIR/data
+    assert trainer.resolve_data(config, str(tmp_path / "w")).evals.zeroshot.synthetic_dir == str(tmp_path / "w" / "data")
+
+
+def test_demo_trains_on_prepared_data_and_evaluates_zero_shot_on_the_benchmark(tmp_path):
+    """--config.data.dir=PREPARED (a user's prepared data: no synthetic.json) trains, evaluates, exits 0."""
+    from grain_jax.data.synthetic import ensure_synthetic
+    generated = ensure_synthetic(str(tmp_path / "generated"), **_load("demo.py").get_config("runlocal").synthetic)
+    prepared = tmp_path / "prepared"
+    shutil.copytree(generated, prepared, ignore=shutil.ignore_patterns("synthetic.json", "zeroshot"))
+    workdir, cache = tmp_path / "workdir", tmp_path / "cache"
+    result = subprocess.run(_train_utils.cli(str(workdir), str(cache), f"--config.data.dir={prepared}"),
+                            cwd=_train_utils.REPO, env=_train_utils.subprocess_env(), capture_output=True, text=True,
+                            timeout=1500)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["data"]["dir"] == str(prepared)
+    with open(workdir / trainer.FINAL_METRICS) as f:
+        final = json.load(f)
+    assert {"eval/val/loss/total", "eval/0shot/synthetic_novel/top1", "eval/0shot/synthetic_seen/top1"} <= set(final)
+    assert os.path.isdir(cache / "zeroshot" / "novel")
 
 
 def test_every_model_and_loss_field_is_overridable_from_the_command_line():

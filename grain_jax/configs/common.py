@@ -101,6 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.data = data_config(image_size=224)
     # ensure_synthetic(**sizes) of the embedded benchmark, used when data.dir is None (demo, runlocal).
     config.synthetic = ml_collections.FieldReference(None, field_type=dict)
+    # Where data made for the run goes (None: WORKDIR/data); evaluator entries can follow it with
+    # config.get_ref("data_cache_dir").
     config.data_cache_dir = ml_collections.FieldReference(None, field_type=str)
     config.loss = loss_config()
 

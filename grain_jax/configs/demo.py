@@ -54,6 +54,8 @@ def get_config(arg=None):
         # Same batch size as training, so the contrastive losses are comparable to the train ones.
         config.evals.val = dict(type="validation", every_steps=0, data=config.data, loss=config.loss,
                                 batch_size=config.global_batch_size, max_batches=1 if args.runlocal else 16)
-        config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", synthetic_dir=None,
-                                     templates="short")
+        # The benchmark in the data cache, whatever data trains (--config.data.dir=PREPARED too).
+        config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic", templates="short",
+                                     synthetic_dir=config.get_ref("data_cache_dir"),
+                                     synthetic=config.get_ref("synthetic"))
     return config

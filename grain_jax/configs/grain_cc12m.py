@@ -50,8 +50,9 @@ def build(*, variant: str = "B/16", runlocal: bool = False, model: str = "grain"
         config.checkpoint_every_steps = 2
         config.evals.val.update(batch_size=8, max_batches=1)
         config.evals.val.every_steps = 0
-        config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic:novel", synthetic_dir=None,
-                                     templates="short", max_examples=16)
+        config.evals.zeroshot = dict(type="zeroshot", every_steps=0, datasets="synthetic:novel", templates="short",
+                                     max_examples=16, synthetic_dir=config.get_ref("data_cache_dir"),
+                                     synthetic=config.get_ref("synthetic"))
     return config
 
 

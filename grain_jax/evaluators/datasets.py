@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from absl import logging
@@ -176,16 +176,18 @@ def folder_dataset(path: str, *, descriptors: str | None = None, name: str | Non
     return ClassificationData(name, FolderSource(paths, labels), class_names, desc)
 
 
-def synthetic_dataset(split: str, synthetic_dir: str | None) -> ClassificationData:
-    """``synthetic:seen|novel``; generates the benchmark into ``synthetic_dir`` if absent."""
+def synthetic_dataset(split: str, synthetic_dir: str | None,
+                      synthetic: Mapping[str, Any] | None = None) -> ClassificationData:
+    """``synthetic:seen|novel``; generates the benchmark (``ensure_synthetic`` sizes ``synthetic``, default
+    its defaults) into ``synthetic_dir`` if absent."""
     if split not in ("seen", "novel"):
         raise ValueError(f"synthetic split must be 'seen' or 'novel', got {split!r}")
     if not synthetic_dir:
         raise ValueError("synthetic:<split> needs synthetic_dir (--synthetic_dir), the grain-jax-prepare "
                          "synthetic output directory")
     if not os.path.isdir(os.path.join(synthetic_dir, "zeroshot", split)):
-        from grain_jax.data import synthetic
-        synthetic_dir = synthetic.ensure_synthetic(synthetic_dir)
+        from grain_jax.data import synthetic as synthetic_lib
+        synthetic_dir = synthetic_lib.ensure_synthetic(synthetic_dir, **(synthetic or {}))
     return folder_dataset(os.path.join(synthetic_dir, "zeroshot", split), name=f"synthetic_{split}")
 
 
@@ -257,12 +259,13 @@ def tfds_dataset(name: str, *, data_dir: str | None, descriptors: str | None = N
 
 
 def classification_dataset(spec: str, *, data_dir: str | None = None, descriptors: str | None = None,
-                           synthetic_dir: str | None = None) -> ClassificationData:
-    """Resolves a dataset spec (see module docstring)."""
+                           synthetic_dir: str | None = None,
+                           synthetic: Mapping[str, Any] | None = None) -> ClassificationData:
+    """Resolves a dataset spec (see module docstring); ``synthetic_dir`` / ``synthetic`` as in ``synthetic_dataset``."""
     if spec.startswith("folder:"):
         return folder_dataset(spec.split(":", 1)[1], descriptors=descriptors)
     if spec.startswith("synthetic:"):
-        return synthetic_dataset(spec.split(":", 1)[1], synthetic_dir)
+        return synthetic_dataset(spec.split(":", 1)[1], synthetic_dir, synthetic)
     return tfds_dataset(spec, data_dir=data_dir, descriptors=descriptors)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -158,19 +158,20 @@ class Evaluator:
       datasets: specs (``"synthetic:novel"``, ``"cifar10"``, ``"folder:PATH"``; see
         ``evaluators.datasets``) as a list or comma string.
       data_dir: TFDS data dir; descriptors: a descriptor file or directory;
-      synthetic_dir: the synthetic benchmark's directory.
+      synthetic_dir: the synthetic benchmark's directory; synthetic: its ``ensure_synthetic`` sizes, for
+        generating it there if absent (None: the generator's defaults).
       templates: template set name or list; renormalize: re-normalise class means.
       alphas: score mixes to report (1.0 = global only; None: see ``usable_alphas``).
       max_examples: evaluate a fixed random subset of each dataset.
     """
 
     def __init__(self, datasets, *, data_dir: str | None = None, descriptors: str | None = None,
-                 synthetic_dir: str | None = None, templates="ref46", renormalize: bool = False,
+                 synthetic_dir: str | None = None, synthetic: Mapping[str, Any] | None = None, templates="ref46", renormalize: bool = False,
                  alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8):
         self.specs = datasets_lib.expand(datasets)
         # "" (a config's "not given", overridable from the command line) means None.
         self.data_dir, self.descriptors = data_dir or None, descriptors or None
-        self.synthetic_dir = synthetic_dir
+        self.synthetic_dir, self.synthetic = synthetic_dir, synthetic
         self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=alphas,
                            max_examples=max_examples, num_threads=num_threads)
         self._data: dict[str, datasets_lib.ClassificationData] = {}
@@ -180,7 +181,8 @@ class Evaluator:
     def _dataset(self, spec: str) -> datasets_lib.ClassificationData:
         if spec not in self._data:  # built lazily, once (scans folders / opens TFDS files)
             self._data[spec] = datasets_lib.classification_dataset(
-                spec, data_dir=self.data_dir, descriptors=self.descriptors, synthetic_dir=self.synthetic_dir)
+                spec, data_dir=self.data_dir, descriptors=self.descriptors, synthetic_dir=self.synthetic_dir,
+                synthetic=self.synthetic)
             datasets_lib.give_unique_name(self._data[spec], spec, self._names)
         return self._data[spec]
 

@@ -2,7 +2,7 @@
 
 Order of events:
   1. resolve the data (``resolve_data``: ``config.data.dir`` None = the embedded synthetic
-     benchmark, generated into ``config.data_cache_dir`` or ``WORKDIR/data``), durations and schedule;
+     benchmark, generated into ``config.data_cache_dir``, default ``WORKDIR/data``), durations and schedule;
   2. build the mesh and initialise the state sharded over it;
   3. resume: the workdir's newest readable checkpoint -> ``config.init_from`` -> scratch;
   4. AOT-compile the train step (memory analysis and FLOPs logged);
@@ -13,6 +13,7 @@ Order of events:
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import json
 import os
@@ -29,8 +30,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
-from grain_jax.data import loader
-from grain_jax.data.synthetic import ensure_synthetic
+from grain_jax.data import loader, resolve
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
 
@@ -43,33 +43,21 @@ def _say(message: str) -> None:
 
 
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-    """A copy of ``config`` whose ``data.dir`` and the evaluators' data dirs point at real data.
+    """A copy of ``config`` whose ``data_cache_dir`` and ``data.dir`` are set.
 
-    The embedded synthetic benchmark (``config.synthetic``: ``ensure_synthetic`` sizes) lives in
-    ``config.data_cache_dir`` if set, else ``WORKDIR/data``; it is generated on first use and reused.
-    It is the training data when ``data.dir`` is None, and the zero-shot benchmark of evaluator entries
-    whose ``synthetic_dir`` is None, whatever data trains. Evaluator entries with a ``data.dir`` of None
-    read ``data.dir``.
+    ``data_cache_dir`` (where data made for the run goes; evaluator entries may refer to it) defaults to
+    ``WORKDIR/data``; ``data.dir`` None is resolved by the data layer (``data.resolve``: the embedded
+    benchmark of ``config.synthetic``). Evaluator entries with a ``data.dir`` of None read ``data.dir``.
     """
-    config = ml_collections.ConfigDict(config.to_dict())
-    cache = config.get("data_cache_dir") or os.path.join(workdir, "data")
-
-    def synthetic_dir() -> str:
-        # Every process generates (deterministically) into its own local disk, or process 0 into a
-        # shared one; ensure_synthetic is a no-op once the directory is complete.
-        return ensure_synthetic(cache, **(config.get("synthetic") or {}))
-
-    if config.data.dir is None:
-        if config.get("synthetic") is None:
-            raise ValueError("config.data.dir is not set: pass --config.data.dir=PREPARED_DIR "
-                             "(a directory written by grain-jax-prepare)")
-        config.data.dir = synthetic_dir()
+    config = copy.deepcopy(config)  # keeps the config's field references (evaluator entries that follow a key)
+    if config.get("data_cache_dir") is None:
+        with config.unlocked():
+            config.data_cache_dir = os.path.join(workdir, "data")
+    config.data.dir = resolve.data_dir(config.data.dir, config.get("synthetic"), config.data_cache_dir)
     for evaluator in config.get("evals", {}).values():
-        if "synthetic_dir" in evaluator and evaluator.synthetic_dir is None:
-            evaluator.synthetic_dir = synthetic_dir()
         if "data" in evaluator and evaluator.data.get("dir") is None:
             evaluator.data.dir = config.data.dir
-    return config
+    return ml_collections.ConfigDict(config.to_dict())
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
