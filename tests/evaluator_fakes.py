@@ -47,6 +47,10 @@ class LabelModel(nn.Module):
     num_queries: int = 3
     embed_dim: int = EMBED_DIM
 
+    @property
+    def has_grounding(self) -> bool:
+        return self.mode == "grain"
+
     def setup(self):
         self.logit_scale = self.param("logit_scale", nn.initializers.constant(np.log(10.0)), ())
 

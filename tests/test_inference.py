@@ -93,6 +93,7 @@ def test_classify_probabilities(perfect):
 class BagOfTokens(nn.Module):
     """Text embedding = sum of a random table's rows over the non-zero tokens (numpy-checkable)."""
     mode: str = "clip"
+    has_grounding = False  # a text-only fake
     vocab: int = 97
 
     def setup(self):

@@ -60,7 +60,7 @@ def convert_state_dicts(backbone_state: Mapping[str, Any], decoder_state: Mappin
     backbone = common.TensorSource(common.state_dict_arrays(backbone_state), "backbone_state_dict")
     overrides = dict(model_overrides or {})
     probe = create_model(model_name, **overrides)
-    if probe.mode == "grain":
+    if probe.has_grounding:
         if decoder_state is None:
             raise common.ConversionError(f"{model_name} is a GRAIN model but the checkpoint has no decoder 'state_dict'")
         decoder = common.TensorSource(common.state_dict_arrays(decoder_state), "state_dict (decoder)")
@@ -80,7 +80,7 @@ def convert_state_dicts(backbone_state: Mapping[str, Any], decoder_state: Mappin
         "logit_scale": backbone.take("logit_scale").reshape(()),
     }
     unused = []
-    if model.mode == "grain":
+    if model.has_grounding:
         params["decoder"] = towers.grounding_decoder(decoder, depth=model.decoder_layers, num_heads=model.decoder_heads)
         unused += common.report_unused(decoder, common.matches_any(DEAD_DECODER_KEYS))
         unused += common.report_unused(backbone, common.matches_any(DEAD_GRAIN_BACKBONE_KEYS))

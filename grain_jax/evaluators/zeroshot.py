@@ -57,7 +57,7 @@ def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence
     impossible (a CLIP model or a dataset without descriptors)."""
     if alphas is None:
         alphas = LOCAL_ALPHAS if data.name.startswith(("synthetic_", "folder_")) else (1.0,)
-    if model.mode != "grain" or data.descriptors is None:
+    if not model.has_grounding or data.descriptors is None:
         return (1.0,)
     return tuple(float(a) for a in alphas)
 

@@ -114,7 +114,7 @@ class InferenceModel:
     def __init__(self, model: nn.Module, params, spec: ModelSpec, mesh: Mesh | None = None, *,
                  batch_size: int = 64, text_batch_size: int = 256, rules: Sequence = ()):
         self.model, self.params, self.spec, self.mesh = model, params, spec, mesh
-        self.mode = getattr(model, "mode", "grain")
+        self.mode, self.has_grounding = model.mode, model.has_grounding  # mode: reported; has_grounding: decides
         self.rules = sharding.axis_rules(rules)
         self.batch_sharding = None if mesh is None else sharding.batch_sharding(mesh, self.rules)
         shards = 1 if mesh is None else sharding.batch_shards(mesh.shape, self.rules)
@@ -160,7 +160,7 @@ class InferenceModel:
     def ground(self, images) -> dict[str, np.ndarray]:
         """GRAIN only: ``boxes`` [N, Q, 4] cxcywh in [0, 1], ``region_embeddings`` [N, Q, D]
         and ``image_embedding`` [N, D] (both L2-normalised)."""
-        if self.mode != "grain":
+        if not self.has_grounding:
             raise ValueError(f"ground() needs a GRAIN model; {self.spec.model_name} is mode {self.mode!r}")
         return self._image_outputs(images)
 
@@ -207,7 +207,7 @@ class InferenceModel:
     def score_parts(self, images, classifier: Classifier) -> tuple[np.ndarray, np.ndarray | None]:
         """(global scores [N, C] = image embedding . class embedding, region scores [N, C]
         as in the reference's our_eval.py, or None without descriptors / for CLIP)."""
-        desc = classifier.descriptor_embeddings if self.mode == "grain" else None
+        desc = classifier.descriptor_embeddings if self.has_grounding else None
         mask = classifier.descriptor_mask if desc is not None else None
         global_parts, region_parts = [], []
         for out, n in self._image_batches(images):

@@ -22,7 +22,7 @@ def model_outputs(model: nn.Module, params: Any, batch: dict, rng: jax.Array | N
     data's ``mean`` / ``std`` (``transforms.normalize``, as inference does). ``rng``: dropout
     randomness (None: none, for ``train=False``).
     """
-    descriptions = batch["description_tokens"] if model.mode == "grain" else None
+    descriptions = batch["description_tokens"] if model.has_grounding else None
     pixels = transforms.normalize(batch["images"], mean, std)
     outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"], descriptions,
                              train=train, rngs={} if rng is None else {"dropout": rng})

@@ -70,6 +70,12 @@ class GrainModel(nn.Module):
     description_budget: float = 1.0
     text_length_buckets: tuple[int, ...] = ()
 
+    @property
+    def has_grounding(self) -> bool:
+        """GRAIN mode: a grounding decoder (boxes, region embeddings) trained on region descriptions; the CLIP
+        baseline has an image projection instead and no use for descriptions."""
+        return self.mode == "grain"
+
     def setup(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
@@ -83,7 +89,7 @@ class GrainModel(nn.Module):
             width=self.text_width, depth=self.text_layers, num_heads=self.text_heads,
             context_length=self.context_length, vocab_size=self.vocab_size, embed_dim=self.embed_dim,
             activation=self.text_activation, **common)
-        if self.mode == "grain":
+        if self.has_grounding:
             self.decoder = GroundingDecoder(
                 num_queries=self.num_queries, width=self.decoder_width, num_heads=self.decoder_heads,
                 depth=self.decoder_layers, mlp_dim=self.decoder_mlp_dim, dropout_rate=self.decoder_dropout,
@@ -97,7 +103,7 @@ class GrainModel(nn.Module):
     def _image_outputs(self, images: jax.Array, train: bool) -> tuple[dict, dict]:
         tokens = self.image(images)  # [B, 1+N, Wv] f32
         aux = {"img/tokens": tokens}
-        if self.mode == "clip":
+        if not self.has_grounding:
             embedding = tokens[:, 0] @ self.image_projection.astype(jnp.float32)
             return {"img/embedding": embedding}, aux
         dec = self.decoder(tokens, train=train)
