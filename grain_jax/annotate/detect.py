@@ -1,6 +1,6 @@
 """Boxes for region descriptions with OWLv2: the authors' box_supervision.py protocol, in JAX (or PyTorch).
 
-Per image (method-reference §4.1):
+Per image:
 1. squash the image to 224x224 (PIL bicubic, RGB) and scale to [0, 1];
 2. resize bilinearly to the detector's input size (960 for OWLv2 B/16) and normalise with CLIP's mean/std
    (transformers' Owlv2ImageProcessor with do_pad=False, do_rescale=False);

@@ -58,7 +58,7 @@ def _typed(key: str, value: str, default):
 
 def data_config(*, image_size: int, caption_length: int = 77, description_length: int = 77,
                 max_boxes: int = 5, dir: str | None = None) -> ml_collections.ConfigDict:  # noqa: A002
-    """``config.data`` (docs/interfaces.md §6): squash resize + ImageNet normalisation, no augmentation.
+    """``config.data`` (docs/interfaces.md section 6): squash resize + ImageNet normalisation, no augmentation.
 
     ``num_workers=-1``: worker processes sized from this process's CPU cores
     (``grain_jax.data.loader.resolve_num_workers``); 0 decodes in the training process.

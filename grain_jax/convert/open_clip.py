@@ -60,7 +60,7 @@ def _check_supported(arch: str, tower: str, cfg: Mapping[str, Any], free: set[st
 
 def model_for_arch(arch: str, quick_gelu: bool | None = None) -> tuple[str, dict]:
     """(model name, overrides) of the grain_jax model computing what open_clip's ``arch`` computes."""
-    from grain_jax.models import GrainModel, create_model
+    from grain_jax.models import create_model
     from grain_jax.models.vit import VIT_VARIANTS
 
     config = _arch_config(arch)

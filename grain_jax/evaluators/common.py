@@ -43,7 +43,7 @@ def from_config(evals_config: Mapping[str, Mapping[str, Any]] | None) -> list[tu
         eval_type = kwargs.pop("type", None)
         if eval_type not in TYPES:
             raise ValueError(f"config.evals[{name!r}]: type must be one of {sorted(TYPES)}, got {eval_type!r}")
-        every_steps = int(kwargs.pop("every_steps", kwargs.pop("log_steps", 0)) or 0)
+        every_steps = int(kwargs.pop("every_steps", 0) or 0)
         prefix = kwargs.pop("prefix", DEFAULT_PREFIX)
         module = importlib.import_module(TYPES[eval_type])
         try:

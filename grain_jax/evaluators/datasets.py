@@ -66,7 +66,6 @@ CATALOG: dict[str, CatalogEntry] = {
     "places365_small": CatalogEntry("validation", ("descriptors_places365.json", "descriptors_places365_small.json")),
     "food101": CatalogEntry("validation", ("descriptors_food101.json",)),
 }
-IMAGENETS = ("imagenet2012", "imagenet_v2")
 # The reference's "Average Accuracy" is over these 11 (ImageNet excluded).
 ELEVEN = ("cifar10", "cifar100", "sun397", "cars196", "dtd", "oxford_iiit_pet", "caltech101",
           "oxford_flowers102", "caltech_birds2011", "places365_small", "food101")

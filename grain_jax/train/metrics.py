@@ -100,14 +100,6 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
 
-    def write_text(self, step: int, name: str, text: str) -> None:
-        if self.enabled:
-            self._tb.add_text(name, text, step)
-
-    def flush(self) -> None:
-        if self.enabled:
-            self._tb.flush()
-
     def close(self) -> None:
         if self.enabled:
             self._tb.close()
