@@ -8,12 +8,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
+from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from grain_jax import batch as batch_lib
 from grain_jax.data import pipeline, records
 from grain_jax.data.tokenizer import EOT, SOT
-from grain_jax.sharding import batch_sharding, create_mesh
+from grain_jax.sharding import create_mesh
 
 RESOLUTION, MAX_BOXES, CONTEXT = 16, 5, 77
 NUM_TRAIN, NUM_VALIDATION = 24, 11
@@ -254,15 +255,17 @@ def test_eval_pads_without_double_counting(data_dir, process_count):
 
 def test_to_global_on_fake_devices(data_dir):
     local = next(pipeline.make_eval_iterator(_config(data_dir), global_batch_size=8))
-    arrays = pipeline.to_global(local, batch_sharding(create_mesh((4, 2, 1))))
-    for key, value in local.items():
-        assert arrays[key].shape == value.shape
-        assert arrays[key].sharding.spec[0] == ("data", "fsdp")
-        assert len(arrays[key].addressable_shards) == jax.device_count() == 8
-        np.testing.assert_array_equal(np.asarray(arrays[key]), value)
-        for shard in arrays[key].addressable_shards:  # one example per device
-            assert shard.data.shape[0] == 1
-            np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
+    mesh = create_mesh((4, 2, 1))
+    for sharding in (mesh, NamedSharding(mesh, PartitionSpec(("data", "fsdp")))):
+        arrays = pipeline.to_global(local, sharding)
+        for key, value in local.items():
+            assert arrays[key].shape == value.shape
+            assert arrays[key].sharding.spec[0] == ("data", "fsdp")
+            assert len(arrays[key].addressable_shards) == jax.device_count() == 8
+            np.testing.assert_array_equal(np.asarray(arrays[key]), value)
+            for shard in arrays[key].addressable_shards:  # one example per device
+                assert shard.data.shape[0] == 1
+                np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
 
 
 def test_clear_errors(data_dir, tmp_path):

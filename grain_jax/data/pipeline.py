@@ -38,8 +38,9 @@ import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
+from grain_jax import sharding as sharding_lib
 from grain_jax.data import loader, tokenizer, transforms
 
 DEFAULTS: Mapping[str, Any] = {
@@ -327,12 +328,14 @@ def make_eval_iterator(data_config: Any, split: str | None = None, *, global_bat
     return _to_iterator(dataset, data_config)
 
 
-def to_global(batch: Mapping[str, np.ndarray], batch_sharding: NamedSharding) -> dict[str, jax.Array]:
+def to_global(batch: Mapping[str, np.ndarray], sharding: NamedSharding | Mesh) -> dict[str, jax.Array]:
     """This process's numpy batch -> global ``jax.Array``s sharded over the batch dimension.
 
     Args:
       batch: per-process arrays, leading dim = global batch / process count.
-      batch_sharding: ``sharding.batch_sharding(mesh, rules)``.
+      sharding: ``sharding.batch_sharding(mesh, rules)``, or a mesh (its batch sharding under the
+        default rules).
     """
-    return {key: jax.make_array_from_process_local_data(batch_sharding, np.asarray(value))
-            for key, value in batch.items()}
+    if isinstance(sharding, Mesh):
+        sharding = sharding_lib.batch_sharding(sharding)
+    return {key: jax.make_array_from_process_local_data(sharding, np.asarray(value)) for key, value in batch.items()}
