@@ -46,11 +46,12 @@ RUNS = {
     "names_only_captions": (f"{ABLATIONS}/names_only_captions.py:dataset=demo",
                             "GRAIN, MLLM captions without any part word (strict world)"),
 }
+STRICT_WORLD = {"names_only_captions": "names_only"}  # runs that train on another generated benchmark
 # (column, final_metrics key): zero-shot top-1 of the global embedding, and mixed with the region score.
-COLUMNS = (("seen", "zeroshot/0shot/synthetic_seen/top1"),
-           ("novel", "zeroshot/0shot/synthetic_novel/top1"),
-           ("seen α=0.5", "zeroshot/0shot/synthetic_seen/alpha0.5/top1"),
-           ("novel α=0.5", "zeroshot/0shot/synthetic_novel/alpha0.5/top1"))
+COLUMNS = (("seen", "eval/0shot/synthetic_seen/top1"),
+           ("novel", "eval/0shot/synthetic_novel/top1"),
+           ("seen α=0.5", "eval/0shot/synthetic_seen/alpha0.5/top1"),
+           ("novel α=0.5", "eval/0shot/synthetic_novel/alpha0.5/top1"))
 CURVES = (("loss/image_caption", "L_ic (training)"), ("acc/image_caption", "in-batch image->caption accuracy"))
 
 
@@ -62,7 +63,8 @@ def run_one(name: str, seed: int, args) -> dict:
         config, _ = RUNS[name]
         command = [sys.executable, "-m", "grain_jax.cli.train", "--config", os.path.join(ROOT, config),
                    "--workdir", workdir, f"--config.seed={seed}",
-                   f"--config.data_cache_dir={os.path.join(args.workdir, 'data')}",
+                   # One generated benchmark per caption style (a cache dir holds one).
+                   f"--config.data_cache_dir={os.path.join(args.workdir, 'data_' + STRICT_WORLD.get(name, 'holistic'))}",
                    f"--config.compilation_cache_dir={os.path.join(args.workdir, 'compilation_cache', name)}",
                    *([f"--config.total_steps={args.steps}"] if args.steps else []), *args.override]
         os.makedirs(workdir, exist_ok=True)
@@ -148,9 +150,9 @@ def update_readme(readme: str, markdown: str, figures: tuple[str, str]) -> None:
         raise SystemExit(f"{readme} has no {begin} ... {end} block to replace")
     docs = os.path.join(os.path.dirname(os.path.abspath(readme)), "docs")
     links = []
-    for figure in figures:
-        shutil.copy(figure, os.path.join(docs, "ablation_" + os.path.basename(figure).replace("ablation_", "")))
-        links.append(f"![{os.path.basename(figure)}](docs/ablation_{os.path.basename(figure).replace('ablation_', '')})")
+    for figure, name in zip(figures, ("ablation.png", "ablation_curves.png")):
+        shutil.copy(figure, os.path.join(docs, name))
+        links.append(f"![{name}](docs/{name})")
     block = f"{begin}\n{markdown}\n\n" + "\n".join(links) + f"\n{end}"
     with open(readme, "w") as f:
         f.write(text[:text.index(begin)] + block + text[text.index(end) + len(end):])
