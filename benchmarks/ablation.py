@@ -49,11 +49,13 @@ RUNS = {
                             "GRAIN, MLLM captions without any part word (strict world)"),
 }
 STRICT_WORLD = {"names_only_captions": "names_only"}  # runs that train on another generated benchmark
-# (column, final_metrics key): zero-shot top-1 of the global embedding, and mixed with the region score.
+# (column, final_metrics key): zero-shot top-1 of the global embedding, mixed with the region score, and
+# of the region score alone.
 COLUMNS = (("seen", "eval/0shot/synthetic_seen/top1"),
            ("novel", "eval/0shot/synthetic_novel/top1"),
            ("seen α=0.5", "eval/0shot/synthetic_seen/alpha0.5/top1"),
-           ("novel α=0.5", "eval/0shot/synthetic_novel/alpha0.5/top1"))
+           ("novel α=0.5", "eval/0shot/synthetic_novel/alpha0.5/top1"),
+           ("novel α=0 (regions alone)", "eval/0shot/synthetic_novel/alpha0/top1"))
 CURVES = (("loss/image_caption", "L_ic (training)"), ("acc/image_caption", "in-batch image->caption accuracy"))
 
 
@@ -109,7 +111,8 @@ def table(results: dict[str, list[dict]]) -> str:
                          if values else "–")
         lines.append(f"| {RUNS[name][1]} | " + " | ".join(cells) + " |")
     lines.append(f"\nZero-shot top-1 (%), mean ± std over {seeds} seed(s); chance: seen 2.5, novel 10. "
-                 "α=0.5 mixes the global score with the region score (a CLIP model has none).")
+                 "α mixes the global score with the region score, α·global + (1−α)·region (a CLIP model has no "
+                 "region score).")
     return "\n".join(lines)
 
 
