@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="output folder (also holds the resumable work files)")
     p.add_argument("--part", default="0/1", help="I/N: annotate only every N-th image from the I-th (one part per "
                                                  "host or job, each with its own --output)")
+    p.add_argument("--output_format", choices=pipeline.OUTPUT_FORMATS, default="json",
+                   help="json: the authors' JSON files (or annotations.json for --shards); webdataset (--shards "
+                        "only): a copy of each tar with KEY.grain.json beside each image in OUTPUT/webdataset/, "
+                        "whole tars per --part")
 
     m = p.add_argument_group("MLLM (OpenAI-compatible chat API)")
     m.add_argument("--api_base", default="http://localhost:8000/v1", help="server URL up to /v1")
@@ -107,17 +111,24 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise SystemExit("grain-jax-annotate: give either --images (with optional --captions) or --shards")
     if not args.skip_detect and not args.detector:
         raise SystemExit("grain-jax-annotate: --detector is required (or --skip_detect)")
+    if args.output_format == "webdataset" and not args.shards:
+        raise SystemExit("grain-jax-annotate: --output_format webdataset needs --shards")
+    part, _, parts = args.part.partition("/")
+    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
+        raise SystemExit(f"grain-jax-annotate: --part must be I/N with 0 <= I < N, got {args.part!r}")
+    part, parts = int(part), int(parts)
     os.makedirs(args.output, exist_ok=True)
     problems: list[dict] = []
+    shards: list[str] = []
     if args.images:
         items = pipeline.folder_items(args.images, args.captions, problems)
     else:
         from grain_jax.data.prepare.sources import expand_braces
-        items = pipeline.webdataset_items(expand_braces(args.shards), problems)
-    part, _, parts = args.part.partition("/")
-    if not (part.isdigit() and parts.isdigit() and int(part) < int(parts)):
-        raise SystemExit(f"grain-jax-annotate: --part must be I/N with 0 <= I < N, got {args.part!r}")
-    items = items[int(part)::int(parts)]
+        shards = expand_braces(args.shards)
+        if args.output_format == "webdataset":  # whole tars per part: each output tar copies one input tar
+            shards, part, parts = shards[part::parts], 0, 1
+        items = pipeline.webdataset_items(shards, problems)
+    items = items[part::parts]
     if not items:
         raise SystemExit(f"grain-jax-annotate: no images found in {args.images or args.shards}")
 
@@ -151,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 problems.append({"id": key, "stage": "detect", "kind": "no_box_above_threshold",
                                  "detail": f"no box scored above {protocol.threshold}"})
     summary = pipeline.write_outputs(args.output, items, descriptions, captions, boxes, problems, protocol,
-                                     webdataset=bool(args.shards), usage=usage)
+                                     usage=usage, shards=shards, output_format=args.output_format)
     print("grain-jax-annotate: " + json.dumps(summary), flush=True)
     return summary
 
