@@ -5,6 +5,7 @@ memory line, evaluation results, where everything is), JAX's warnings and everyo
 chatter (orbax's checkpoint internals, clu's parameter table, tfds) appears only with ``--verbosity=1``.
 A mistake on the command line or in a config ends in one line naming what to fix (exit 2); any other
 failure in one line too (exit 1), with the traceback only at ``--verbosity=1`` (and always in out.log).
+The verbosity is the one ``setup`` was last given.
 """
 from __future__ import annotations
 
@@ -21,8 +22,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACEBACK_HINT = "run with --verbosity=1 for the traceback"
 
 
-class UsageError(Exception):
+class Failure(Exception):
+    """A failure its message fully explains (a missing dependency, an input refused): one line, exit status 1."""
+    status = 1
+
+
+class UsageError(Failure):
     """A mistake in the command line or the config: the message says what to fix (exit status 2)."""
+    status = 2
 
 
 def _ours(record: logging.LogRecord) -> bool:
@@ -79,13 +86,15 @@ class _Tee:
 
 
 _log_file: TextIO | None = None
+_verbosity = 0
 
 
 def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0) -> str | None:
     """Routes log records to a filtered console (stdout) and, on process 0 with a ``workdir``, copies
     everything the console shows (prints and progress bars too) to ``WORKDIR/out.log`` (appended, so a
     resumed run continues the file). Returns the log file's path, or None."""
-    global _log_file
+    global _log_file, _verbosity
+    _verbosity = verbosity
     root = logging.getLogger()
     consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     for handler in list(root.handlers):  # absl's, basicConfig's or ours: each would print every record again
@@ -98,8 +107,7 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
     console.setFormatter(_ConsoleFormatter())
     root.addHandler(console)
     root.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
-    if verbosity < 1:
-        absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 1 else absl_logging.INFO)
     if workdir is None or process_index != 0 or _log_file is not None:
         return None
     from grain_jax import checkpoints  # here: --help and flag errors stay free of orbax's import time
@@ -111,26 +119,26 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
     return path
 
 
-def fail(program: str, error: BaseException, verbosity: int) -> int:
+def fail(program: str, error: BaseException) -> int:
     """Prints ``program: error: message`` (one line; the traceback only at verbosity >= 1, and always
-    into out.log) and returns the exit status: 2 for a UsageError, 1 for anything else."""
-    usage = isinstance(error, UsageError)
-    message = str(error) if usage else f"{type(error).__name__}: {error}".splitlines()[0]
-    if verbosity >= 1:
+    into out.log) and returns the exit status: a Failure's (2 for a UsageError), 1 for anything else."""
+    explained = isinstance(error, Failure)
+    message = str(error) if explained else f"{type(error).__name__}: {error}".splitlines()[0]
+    if _verbosity >= 1:
         traceback.print_exception(error)
-    elif _log_file is not None and not usage:
+    elif _log_file is not None and not isinstance(error, UsageError):
         _log_file.write("".join(traceback.format_exception(error)))
-    hint = "" if usage or verbosity >= 1 else f" ({TRACEBACK_HINT})"
+    hint = "" if explained or _verbosity >= 1 else f" ({TRACEBACK_HINT})"
     print(f"{program}: error: {message}{hint}", file=sys.stderr, flush=True)
-    return 2 if usage else 1
+    return error.status if explained else 1
 
 
 @contextlib.contextmanager
-def one_line_errors(program: str, verbosity: Callable[[], int]):
+def one_line_errors(program: str):
     """Turns any exception in the block into ``fail(...)`` and ``sys.exit`` with its status."""
     try:
         yield
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as error:  # noqa: BLE001 -- the binary's last word: one line, never a bare traceback
-        sys.exit(fail(program, error, verbosity()))
+        sys.exit(fail(program, error))
