@@ -160,7 +160,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
     key = {name: image_key(open(os.path.join(root, "images", name), "rb").read()) for name in names}
     with FakeServer({key[names[3]]: ["paragraph"], key[names[4]]: ["long"]}) as server:
         summary = cli.main(_annotate_command(root, out, server.url, "--detector", detector, "--threshold", "0.35",
-                                             "--squash_size", "16")[3:])
+                                             "--squash_size", "16")[2:])
     report = [json.loads(line) for line in open(out / "annotate_report.jsonl")]
     kinds = {(r["id"], r["stage"], r["kind"]) for r in report}
     assert ("corrupt.png", "describe", "unreadable_image") in kinds and ("corrupt.png", "caption",
@@ -202,7 +202,7 @@ def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     with FakeServer() as server:
-        summary = cli.main(["--shards", str(shard), "--output", str(tmp_path / "out"), "--api_base", server.url,
+        summary = cli.main(["grain-jax-annotate", "--shards", str(shard), "--output", str(tmp_path / "out"), "--api_base", server.url,
                             "--model", MODEL, "--skip_detect", "--no_progress"])
     assert summary["images"] == 2 and summary["problems"] == {"missing_image": 1}
     annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())

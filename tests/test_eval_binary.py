@@ -25,7 +25,10 @@ def perfect_load(monkeypatch):
 def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfect_load, capsys):
     root = write_folder(tmp_path / "bench", descriptor_file=DESCRIPTORS)
     out = tmp_path / "out" / "results.json"
-    eval_cli.main(["grain-jax-eval", "--checkpoint", "ckpt_a,ckpt_b", f"--evals=folder:{root},cifar10",
+    for name in ("ckpt_a", "ckpt_b"):  # checkpoint directories (the fake model is loaded whatever they hold)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoints.MODEL_CONFIG).write_text("{}")
+    eval_cli.main(["grain-jax-eval", "--checkpoint", f"{tmp_path}/ckpt_a,{tmp_path}/ckpt_b", f"--evals=folder:{root},cifar10",
                    f"--data_dir={tmp_path / 'tfds'}", f"--output={out}", "--batch_size=8", "--num_threads=2"])
     printed = capsys.readouterr().out
     assert "cifar10: not prepared: run tfds build cifar10 --file_format=array_record" in printed
@@ -54,7 +57,7 @@ def test_binary_checks_every_dataset_before_loading_a_model(tmp_path, monkeypatc
     bad = write_folder(tmp_path / "bad", per_class=1, descriptor_file={"zebra": ["stripes"]})
     monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("model loaded before the data was checked"))
     with pytest.raises(ValueError, match="not in the dataset: \\['zebra'\\]"):
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{good},folder:{bad}",
+        eval_cli.main(["grain-jax-eval", "--checkpoint=random:x", f"--evals=folder:{good},folder:{bad}",
                        f"--output={tmp_path / 'r.json'}"])
 
 
@@ -62,7 +65,7 @@ def test_visualize_draws_a_grid(tmp_path, perfect_load):
     for i in range(3):
         Image.fromarray(fakes.label_image(i, 20 + i)).save(tmp_path / f"{i}.png")
     out = tmp_path / "grid.png"
-    visualize_cli.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
+    visualize_cli.main(["grain-jax-visualize", "--checkpoint=random:x", f"--images={tmp_path}/*.png",
                     "--descriptions=picture 0, round;picture 1;picture 2", f"--output={out}", "--columns=2"])
     grid = Image.open(out)
     assert grid.width == 2 * 256 and 2 * 256 < grid.height < 2 * 256 + 60  # two rows of titled tiles
@@ -109,26 +112,26 @@ def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_folder_without_descriptors_warns(tmp_path, perfect_load, caplog):
+def test_folder_without_descriptors_warns_on_the_console(tmp_path, perfect_load, capsys):
     root = write_folder(tmp_path / "bench")
-    with caplog.at_level("WARNING"):
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{root}", f"--output={tmp_path / 'r.json'}",
-                       "--batch_size=8", "--num_threads=2"])
-    assert ("folder_bench: no descriptors file" in caplog.text
-            and "scored by their names alone, so there are no region (alpha < 1) results" in caplog.text)
+    eval_cli.run(["--checkpoint=random:x", f"--evals=folder:{root}", f"--output={tmp_path / 'r.json'}",
+                  "--batch_size=8", "--num_threads=2"])
+    assert (f"WARNING: folder_bench: no descriptors file ({root}/descriptors.json, or --descriptors): classes are "
+            "scored by their names alone, so there are no region (alpha < 1) results") in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())["runs"][0]["results"]["folder_bench"]
     assert "alpha0.5/top1" not in result
 
 
-def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp_path, perfect_load):
+def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp_path, perfect_load, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", "--evals=cifar10,food101",
-                       f"--data_dir={tmp_path}", f"--output={tmp_path / 'r.json'}"])
-    assert str(exit_info.value.code) == (
+        eval_cli.run(["--checkpoint=random:x", "--evals=cifar10,food101", f"--data_dir={tmp_path}",
+                      f"--output={tmp_path / 'r.json'}"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
         f"grain-jax-eval: error: nothing to evaluate: none of cifar10, food101 is prepared under {tmp_path}. "
         "Building TFDS datasets needs TensorFlow (pip install tensorflow, then tfds build NAME "
         "--file_format=array_record --data_dir DIR); without it, evaluate an image folder (--evals folder:PATH, "
-        "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)")
+        "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)"]
     assert not (tmp_path / "r.json").exists()
 
 

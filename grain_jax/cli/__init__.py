@@ -21,10 +21,16 @@ from absl import flags
 from grain_jax.cli import config_help, console
 
 HELP = ("-h", "-?", "--help", "--helpshort", "--helpfull")
-_EXISTS = {"file": os.path.isfile, "directory": os.path.isdir, "path": os.path.exists,
-           "checkpoint": lambda path: path.startswith("random:") or os.path.isdir(path)}
+
+
+def _is_checkpoint(path: str) -> bool:
+    from grain_jax import checkpoints  # here: --help needs neither jax nor orbax
+    return path.startswith("random:") or os.path.isfile(os.path.join(path, checkpoints.MODEL_CONFIG))
+
+
+_EXISTS = {"file": os.path.isfile, "directory": os.path.isdir, "path": os.path.exists, "checkpoint": _is_checkpoint}
 _MISSING = {"file": "no such file", "directory": "no such directory", "path": "no such file or directory",
-            "checkpoint": "no such directory (give a training workdir, a converted checkpoint or random:MODEL_NAME)"}
+            "checkpoint": "not a checkpoint (give a training workdir, a converted checkpoint or random:MODEL_NAME)"}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,6 +85,19 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stdout`` is when a record comes: the tee into out.log once there
+    is one, a test's capture while one runs."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
 _log_file: TextIO | None = None
 _verbosity = 0
 
@@ -98,11 +111,10 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
     root = logging.getLogger()
     consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     for handler in list(root.handlers):  # absl's, basicConfig's or ours: each would print every record again
-        if (handler is absl_logging.get_absl_handler() or getattr(handler, "_grain_jax_console", False)
+        if (handler is absl_logging.get_absl_handler() or isinstance(handler, _StdoutHandler)
                 or type(handler) is logging.StreamHandler and handler.stream in consoles):
             root.removeHandler(handler)
-    console = logging.StreamHandler(sys.stdout)
-    console._grain_jax_console = True
+    console = _StdoutHandler()
     console.addFilter(_ConsoleFilter(verbosity, process_index))
     console.setFormatter(_ConsoleFormatter())
     root.addHandler(console)
@@ -114,8 +126,6 @@ def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0
     path = os.path.join(workdir, checkpoints.CONSOLE_LOG)
     _log_file = open(path, "a", buffering=1)
     sys.stdout, sys.stderr = _Tee(sys.stdout, _log_file), _Tee(sys.stderr, _log_file)
-    # The handler was bound to the real stdout above; point it at the tee.
-    console.setStream(sys.stdout)
     return path
 
 
