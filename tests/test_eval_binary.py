@@ -97,18 +97,26 @@ def test_load_of_a_saved_params_checkpoint_gives_the_same_embeddings(tiny_checkp
     assert np.all((grounding["boxes"] >= 0) & (grounding["boxes"] <= 1))
 
 
-def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint):
+def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint, capsys):
     root = write_folder(tmp_path / "bench", per_class=2, names=["red ball", "blue cube", "green cone"],
                         descriptor_file={"red ball": ["round"], "blue cube": ["has corners"], "green cone": ["a tip"]})
     out = tmp_path / "results.json"
-    eval_cli.main(["grain-jax-eval", f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}",
-                   f"--output={out}", "--batch_size=8", "--templates=short", "--num_threads=2"])
+    args = [f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}", f"--output={out}", "--batch_size=8",
+            "--templates=short", "--num_threads=2"]
+    eval_cli.run([*args, "--verbosity=1"])
+    assert "orbax" in capsys.readouterr().out  # the checkpoint library's own log lines, at --verbosity=1 only
+    eval_cli.run(args)
+    console = capsys.readouterr().out.splitlines()
+    label = f"grain-tiny {os.path.basename(tiny_checkpoint[0])}@0"
+    assert console[0] == f"evaluating {tiny_checkpoint[0]} on folder:{root}" and console[-1].startswith("results: ")
+    assert console[1] == f"| dataset / metric (%) | {label} |"
+    assert all(line.startswith("| folder_bench ") for line in console[3:-1]), console  # nothing but the table
     run, = json.loads(out.read_text())["runs"]
     result = run["results"]["folder_bench"]
     assert result["count"] == 6 and result["num_classes"] == 3
     assert 0.0 <= result["top1"] <= 1.0 and result["top5"] == 1.0  # 3 classes: top-5 always hits
     assert "alpha0.5/top1" in result and run["model"]["model_name"] == "grain-tiny"
-    assert run["step"] == 0 and run["label"] == f"grain-tiny {os.path.basename(tiny_checkpoint[0])}@0"
+    assert run["step"] == 0 and run["label"] == label
     assert out.with_suffix(".png").stat().st_size > 0
 
 
