@@ -39,7 +39,8 @@ def _run(module, args, capsys):
     ("grain-jax-visualize", "grain-jax-visualize --checkpoint workdir --images img1.jpg,img2.jpg \\"),
     ("grain-jax-prepare", "grain-jax-prepare synthetic --output_dir OUT [--num_train N] [--resolution 64]"),
     ("grain-jax-convert", "grain-jax-convert reference --input ep_34.pth.tar --output ckpt/grain_b16"),
-    ("grain-jax-annotate", "grain-jax-annotate --images data/images --captions data/captions.csv --output annotated/ \\"),
+    ("grain-jax-annotate",
+     "grain-jax-annotate --images data/images --captions data/captions.csv --output annotated/ \\"),
     ("grain-jax-compile", "grain-jax-compile --config configs/grain_cc12m.py:variant=B/16 --topology v5e-256"),
 ])
 def test_help_lists_the_flags_and_an_example(program, example, capsys):

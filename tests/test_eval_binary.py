@@ -28,8 +28,9 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
     for name in ("ckpt_a", "ckpt_b"):  # checkpoint directories (the fake model is loaded whatever they hold)
         (tmp_path / name).mkdir()
         (tmp_path / name / checkpoints.MODEL_CONFIG).write_text("{}")
-    eval_cli.main(["grain-jax-eval", "--checkpoint", f"{tmp_path}/ckpt_a,{tmp_path}/ckpt_b", f"--evals=folder:{root},cifar10",
-                   f"--data_dir={tmp_path / 'tfds'}", f"--output={out}", "--batch_size=8", "--num_threads=2"])
+    eval_cli.main(["grain-jax-eval", "--checkpoint", f"{tmp_path}/ckpt_a,{tmp_path}/ckpt_b",
+                   f"--evals=folder:{root},cifar10", f"--data_dir={tmp_path / 'tfds'}", f"--output={out}",
+                   "--batch_size=8", "--num_threads=2"])
     printed = capsys.readouterr().out
     assert "cifar10: not prepared: run tfds build cifar10 --file_format=array_record" in printed
     runs = json.loads(out.read_text())["runs"]

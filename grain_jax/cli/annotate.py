@@ -71,7 +71,8 @@ def _flags() -> flags.FlagValues:
     flags.DEFINE_bool("skip_detect", False, "no boxes (descriptions / captions only)", flag_values=fv)
     protocol = detect.Protocol()
     flags.DEFINE_float("threshold", protocol.threshold, "keep boxes scoring above this", flag_values=fv)
-    flags.DEFINE_integer("num_queries", protocol.num_queries, "text queries per image (more descriptions are cut, fewer padded)", flag_values=fv)
+    flags.DEFINE_integer("num_queries", protocol.num_queries, "text queries per image (more descriptions are cut, "
+                         "fewer padded)", flag_values=fv)
     flags.DEFINE_integer("squash_size", protocol.squash_size, "detector input side in pixels", flag_values=fv)
     flags.DEFINE_float("box_canvas", protocol.box_canvas, "pixel side of the canvas the written boxes are on",
                        flag_values=fv)

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, TextIO
+from typing import TextIO
 
 from absl import logging as absl_logging
 
