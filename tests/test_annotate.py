@@ -17,6 +17,7 @@ import _train_utils
 from fake_openai import MODEL, FakeServer, canned, image_key
 from grain_jax.annotate import mllm
 from grain_jax.cli import annotate as cli
+from grain_jax.cli import console
 from grain_jax.cli import prepare as prepare_cli
 from grain_jax.data import records, synthetic
 
@@ -162,7 +163,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
     key = {name: image_key(open(os.path.join(root, "images", name), "rb").read()) for name in names}
     with FakeServer({key[names[3]]: ["paragraph"], key[names[4]]: ["long"]}) as server:
         summary = cli.main(_annotate_command(root, out, server.url, "--detector", detector, "--threshold", "0.35",
-                                             "--squash_size", "16")[3:])
+                                             "--squash_size", "16")[2:])
     report = [json.loads(line) for line in open(out / "annotate_report.jsonl")]
     kinds = {(r["id"], r["stage"], r["kind"]) for r in report}
     assert ("corrupt.png", "describe", "unreadable_image") in kinds and ("corrupt.png", "caption",
@@ -206,7 +207,8 @@ def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
     shard = _write_tar(tmp_path / "00000.tar", [("a.png", _png(1)), ("a.txt", b"first"), ("b.png", _png(2)),
                                                 ("b.txt", b"second"), ("c.txt", b"no image")])
     with FakeServer() as server:
-        summary = cli.main(["--shards", shard, "--output", str(tmp_path / "out"), "--api_base", server.url,
+        summary = cli.main(["grain-jax-annotate", "--shards", shard, "--output", str(tmp_path / "out"),
+                            "--api_base", server.url,
                             "--model", MODEL, "--skip_detect", "--no_progress"])
     assert summary["images"] == 2 and summary["problems"] == {"missing_image": 1}
     annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
@@ -240,7 +242,7 @@ def _webdataset_input(root) -> str:
 
 
 def _annotate_shards(shards, out, url, *extra) -> dict:
-    return cli.main(["--shards", shards, "--output", str(out), "--api_base", url, "--model", MODEL, "--no_progress",
+    return cli.main(["grain-jax-annotate", "--shards", shards, "--output", str(out), "--api_base", url, "--model", MODEL, "--no_progress",
                      *extra])
 
 
@@ -314,6 +316,6 @@ def test_webdataset_output_resumes_by_tar_and_parts_by_tar(tmp_path):
 
 def test_webdataset_output_needs_webdataset_input(tmp_path):
     root = _image_folder(tmp_path, 1)
-    with pytest.raises(SystemExit, match="--output_format webdataset needs --shards"):
-        cli.main(_annotate_command(root, tmp_path / "out", "http://127.0.0.1:9/v1", "--skip_detect",
-                                   "--output_format", "webdataset")[3:])
+    with pytest.raises(console.UsageError, match="--output_format webdataset needs --shards"):
+        cli.main(["grain-jax-annotate", *_annotate_command(root, tmp_path / "out", "http://127.0.0.1:9/v1",
+                                                           "--skip_detect", "--output_format", "webdataset")[3:]])
