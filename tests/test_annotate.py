@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 
 import numpy as np
@@ -16,7 +17,9 @@ import _train_utils
 from fake_openai import MODEL, FakeServer, canned, image_key
 from grain_jax.annotate import mllm
 from grain_jax.cli import annotate as cli
-from grain_jax.data import synthetic
+from grain_jax.cli import console
+from grain_jax.cli import prepare as prepare_cli
+from grain_jax.data import records, synthetic
 
 
 def _png(seed: int, size: int = 24) -> bytes:
@@ -160,7 +163,7 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
     key = {name: image_key(open(os.path.join(root, "images", name), "rb").read()) for name in names}
     with FakeServer({key[names[3]]: ["paragraph"], key[names[4]]: ["long"]}) as server:
         summary = cli.main(_annotate_command(root, out, server.url, "--detector", detector, "--threshold", "0.35",
-                                             "--squash_size", "16")[3:])
+                                             "--squash_size", "16")[2:])
     report = [json.loads(line) for line in open(out / "annotate_report.jsonl")]
     kinds = {(r["id"], r["stage"], r["kind"]) for r in report}
     assert ("corrupt.png", "describe", "unreadable_image") in kinds and ("corrupt.png", "caption",
@@ -189,26 +192,130 @@ def test_end_to_end_annotate_prepare_train(tmp_path):
     assert os.path.isdir(tmp_path / "workdir" / "checkpoints")
 
 
-def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
-    import tarfile
-
-    from grain_jax.data.prepare import sources as prepare
-
-    shard = tmp_path / "00000.tar"
-    with tarfile.open(shard, "w") as tar:
-        for name, data in [("a.png", _png(1)), ("a.txt", b"first"), ("b.png", _png(2)), ("b.txt", b"second"),
-                           ("c.txt", b"no image")]:
+def _write_tar(path, members) -> str:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def test_webdataset_input_writes_annotations_prepare_reads(tmp_path):
+    from grain_jax.data.prepare import sources as prepare
+
+    shard = _write_tar(tmp_path / "00000.tar", [("a.png", _png(1)), ("a.txt", b"first"), ("b.png", _png(2)),
+                                                ("b.txt", b"second"), ("c.txt", b"no image")])
     with FakeServer() as server:
-        summary = cli.main(["--shards", str(shard), "--output", str(tmp_path / "out"), "--api_base", server.url,
+        summary = cli.main(["grain-jax-annotate", "--shards", shard, "--output", str(tmp_path / "out"),
+                            "--api_base", server.url,
                             "--model", MODEL, "--skip_detect", "--no_progress"])
     assert summary["images"] == 2 and summary["problems"] == {"missing_image": 1}
     annotations = json.loads((tmp_path / "out" / "annotations.json").read_text())
     assert annotations["a"] == {"regions": [], "mllm_caption": canned(image_key(_png(1)), False), "canvas": 960.0}
-    examples = list(prepare.webdataset_raw_splits(str(shard), str(tmp_path / "out" / "annotations.json"),
+    examples = list(prepare.webdataset_raw_splits(shard, str(tmp_path / "out" / "annotations.json"),
                                                   validation_fraction=0)["train"])
     assert [(e["id"], e["caption"], e["mllm_caption"]) for e in examples] == [
         ("a", b"first", annotations["a"]["mllm_caption"]), ("b", b"second", annotations["b"]["mllm_caption"]),
         ("c", b"no image", None)]
+
+
+def _webdataset_input(root) -> str:
+    """Two tars of synthetic scenes; c has no image, d a KEY.json that is not JSON, f a stale KEY.grain.json."""
+    scenes = synthetic.generate_scenes("train", 0, 5, resolution=64)
+
+    def png(i):
+        buffer = io.BytesIO()
+        Image.fromarray(scenes[i].image).save(buffer, "PNG")
+        return buffer.getvalue()
+
+    def caption(i):
+        return scenes[i].caption.encode()
+
+    _write_tar(root / "00000.tar", [
+        ("a.png", png(0)), ("a.txt", caption(0)), ("a.json", b'{"url": "http://example.com/a.png"}'),
+        ("b.png", png(1)), ("b.txt", caption(1)), ("c.txt", b"no image"),
+        ("d.png", png(2)), ("d.txt", caption(2)), ("d.json", b"{not json")])
+    _write_tar(root / "00001.tar", [("e.png", png(3)), ("e.txt", caption(3)), ("f.png", png(4)),
+                                    ("f.txt", caption(4)), ("f.grain.json", b"{stale")])
+    return f"{root}/{{00000..00001}}.tar"
+
+
+def _annotate_shards(shards, out, url, *extra) -> dict:
+    return cli.main(["grain-jax-annotate", "--shards", shards, "--output", str(out), "--api_base", url, "--model", MODEL, "--no_progress",
+                     *extra])
+
+
+def _prepare_webdataset(shards, out, *extra) -> dict[str, bytes]:
+    """The prepared records and report, as bytes by file name."""
+    prepare_cli.main(["grain-jax-prepare", "webdataset", "--shards", shards, "--output_dir", str(out),
+                      "--resolution", "32", "--num_workers", "0", "--validation_fraction", "0", *extra])
+    return {name: (out / name).read_bytes() for name in sorted(os.listdir(out))
+            if ".array_record-" in name or name == records.REPORT_FILE}
+
+
+def test_webdataset_output_prepares_like_the_side_file(tmp_path):
+    from owlv2_fakes import save_tiny_owlv2
+
+    shards = _webdataset_input(tmp_path)
+    detector = save_tiny_owlv2(str(tmp_path / "owlv2"))
+    out = tmp_path / "annotated"
+    detect = ["--detector", detector, "--threshold", "0.35", "--squash_size", "16"]
+    with FakeServer() as server:
+        side = _annotate_shards(shards, out, server.url, *detect)
+        server.calls.clear()
+        beside = _annotate_shards(shards, out, server.url, *detect, "--output_format", "webdataset")
+        assert server.calls == {}  # the second format is written from the first run's work files
+    report = [json.loads(line) for line in open(out / "annotate_report.jsonl")]
+    assert {(r["id"], r["stage"], r["kind"]) for r in report} >= {("c", "input", "missing_image"),
+                                                                 ("d", "input", "corrupt_sample_json")}
+    assert next(r["detail"] for r in report if r["id"] == "d").startswith("d.json is not JSON: ")
+    assert beside["output_shards"] == {"written": 2, "kept": 0}
+    assert {k: v for k, v in beside.items() if k not in ("output_shards", "usage")} == {
+        k: v for k, v in side.items() if k != "usage"}
+    assert side["images"] == 4 and side["images_with_boxes"] > 0
+
+    annotations = json.loads((out / "annotations.json").read_text())
+    assert sorted(annotations) == ["a", "b", "e", "f"]
+    with tarfile.open(out / "webdataset" / "00000.tar") as tar:
+        assert tar.getnames() == ["a.png", "a.txt", "a.json", "a.grain.json", "b.png", "b.txt", "b.grain.json",
+                                  "c.txt", "d.png", "d.txt", "d.json"]
+        assert json.load(tar.extractfile("a.grain.json")) == annotations["a"]
+    with tarfile.open(out / "webdataset" / "00001.tar") as tar:
+        assert tar.getnames() == ["e.png", "e.txt", "e.grain.json", "f.png", "f.txt", "f.grain.json"]
+        assert json.load(tar.extractfile("f.grain.json")) == annotations["f"]
+
+    from_side = _prepare_webdataset(shards, tmp_path / "from_side", "--annotations", str(out / "annotations.json"))
+    from_shards = _prepare_webdataset(f"{out}/webdataset/{{00000..00001}}.tar", tmp_path / "from_shards")
+    assert from_shards == from_side
+    skipped = {e["id"]: e["kinds"] for e in records.read_report(tmp_path / "from_shards") if e["action"] == "skipped"}
+    assert skipped == {"c": ["missing_image"], "d": ["corrupt_sample_json"]}
+
+
+def test_webdataset_output_resumes_by_tar_and_parts_by_tar(tmp_path):
+    shards = _webdataset_input(tmp_path)
+    out, written = tmp_path / "annotated", tmp_path / "annotated" / "webdataset"
+    with FakeServer() as server:
+        first = _annotate_shards(shards, out, server.url, "--skip_detect", "--output_format", "webdataset")
+        second_tar = (written / "00001.tar").read_bytes()
+        (written / "00000.tar").write_bytes(b"finished")  # a finished tar is kept as it is
+        os.remove(written / "00001.tar")
+        (written / "00001.tar.tmp").write_bytes(b"cut short by a kill")
+        server.calls.clear()
+        again = _annotate_shards(shards, out, server.url, "--skip_detect", "--output_format", "webdataset")
+        assert server.calls == {}
+        part = _annotate_shards(shards, tmp_path / "part1", server.url, "--skip_detect", "--output_format",
+                                "webdataset", "--part", "1/2")
+    assert first["output_shards"] == {"written": 2, "kept": 0} and again["output_shards"] == {"written": 1, "kept": 1}
+    assert sorted(os.listdir(written)) == ["00000.tar", "00001.tar"]
+    assert (written / "00000.tar").read_bytes() == b"finished" and (written / "00001.tar").read_bytes() == second_tar
+    assert part["images"] == 2 and part["output_shards"] == {"written": 1, "kept": 0}
+    assert os.listdir(tmp_path / "part1" / "webdataset") == ["00001.tar"]
+    assert (tmp_path / "part1" / "webdataset" / "00001.tar").read_bytes() == second_tar
+
+
+def test_webdataset_output_needs_webdataset_input(tmp_path):
+    root = _image_folder(tmp_path, 1)
+    with pytest.raises(console.UsageError, match="--output_format webdataset needs --shards"):
+        cli.main(["grain-jax-annotate", *_annotate_command(root, tmp_path / "out", "http://127.0.0.1:9/v1",
+                                                           "--skip_detect", "--output_format", "webdataset")[3:]])

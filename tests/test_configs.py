@@ -15,12 +15,13 @@ from grain_jax.train import optimizer, trainer
 
 CONFIGS = os.path.join(_train_utils.REPO, "grain_jax", "configs")
 VARIANTS = ["variant=S/16", "variant=B/16", "variant=L/14", "runlocal", "variant=L/14,runlocal"]
-ABLATION_BASES = ["", "dataset=cc3m", "variant=S/16,runlocal"]
+ABLATION_BASES = ["", "dataset=cc3m", "variant=S/16,runlocal", "dataset=demo", "dataset=demo,runlocal"]
 CASES = (
     [("demo.py", a) for a in ["", "model=grain", "model=clip", "runlocal", "model=clip,runlocal", "runlocal,evals=false"]]
     + [(name, a) for name in ("grain_cc12m.py", "grain_cc3m.py", "clip_cc12m.py") for a in [""] + VARIANTS]
-    + [(f"ablations/{name}.py", a) for name in ("noloc", "no_word", "per_device_negatives", "box_factor")
+    + [(f"ablations/{name}.py", a) for name in ("clip", "noloc", "no_word", "per_device_negatives", "box_factor")
        for a in ABLATION_BASES]
+    + [("ablations/names_only_captions.py", a) for a in ("dataset=demo", "dataset=demo,runlocal")]
     + [("ablations/num_queries.py", f"n={n}") for n in (1, 3, 5, 10)]
     + [("ablations/num_queries.py", "10"), ("ablations/box_factor.py", "factor=1.0,dataset=cc3m"),
        ("ablations/per_device_negatives.py", "groups=8")]
@@ -57,7 +58,7 @@ def test_config_loads_and_validates(path, arg):
         assert config.global_batch_size % loss["negative_groups"] == 0
     # Only the demo and the runlocal smoke variants read the embedded synthetic data; the
     # others need --config.data.dir.
-    assert (path == "demo.py" or "runlocal" in arg) == (config.synthetic is not None)
+    assert (path == "demo.py" or "runlocal" in arg or "dataset=demo" in arg) == (config.synthetic is not None)
     assert config.data.dir is None
 
 
@@ -69,6 +70,15 @@ def test_arguments_change_what_they_say():
     assert _load("ablations/noloc.py").get_config(None).loss.box_l1 == 0.0
     assert _load("ablations/no_word.py").get_config(None).loss.region_description == 0.0
     assert _load("ablations/box_factor.py").get_config(None).loss.box_factor == 1.5
+    assert _load("ablations/clip.py").get_config("dataset=cc3m").model_name == "clip-vit-b16"
+    assert _load("ablations/clip.py").get_config("dataset=demo").model_name == "clip-tiny"
+    demo, noloc = _load("demo.py").get_config(None).to_dict(), _load("ablations/noloc.py").get_config("dataset=demo").to_dict()
+    assert {k: v for k, v in noloc.items() if k not in ("loss", "evals")} == {
+        k: v for k, v in demo.items() if k not in ("loss", "evals")}  # the demo's model, data and schedule
+    assert noloc["loss"] == {**demo["loss"], "box_l1": 0.0, "box_giou": 0.0}
+    assert _load("ablations/names_only_captions.py").get_config("dataset=demo").synthetic["mllm_captions"] == "names_only"
+    with pytest.raises(ValueError, match="names_only_captions changes the embedded benchmark; dataset must be demo"):
+        _load("ablations/names_only_captions.py").get_config("dataset=cc12m")
     cc12m = _load("grain_cc12m.py").get_config(None)
     assert (cc12m.global_batch_size, cc12m.total_epochs, cc12m.warmup_epochs) == (2048, 35.0, 1.0)
     assert (cc12m.lr_start, cc12m.lr, cc12m.lr_end) == (1e-6, 1e-3, 1e-5)

@@ -131,14 +131,3 @@ def test_grouped_lines_and_last_logged(tmp_path):
         {"step": 6, "loss/total": 1.0}]) + "\n")
     assert metrics.last_logged(str(path), 4) == {"loss/total": 2.0}
     assert metrics.last_logged(str(tmp_path / "none.jsonl"), 4) == {}
-
-
-def test_convert_without_torch_is_one_line(tmp_path):
-    code = ("import sys; sys.modules['torch'] = None; from grain_jax.cli.convert import run; "
-            f"run(['reference', '--input', '{tmp_path}/ep_1.pth.tar', '--output', '{tmp_path}/out'])")
-    result = subprocess.run([sys.executable, "-c", code], cwd=_train_utils.REPO, env=_train_utils.subprocess_env(),
-                            capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
-        "grain-jax-convert: error: needs PyTorch, which the default install leaves out: pip install -e '.[convert]' "
-        "(a CPU build is enough, see the README's Quick start)"]

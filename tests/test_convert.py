@@ -18,7 +18,7 @@ class _CreatesFileWhenUnpickled:
         return (open, (self.path, "w"))
 
 
-def test_pickled_callable_is_refused_without_running(tmp_path):
+def test_pickled_callable_is_refused_without_running(tmp_path, capsys):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "evil.pth.tar"
     torch.save({"state_dict": {"query_embed.weight": torch.zeros(2, 2)},
@@ -27,8 +27,10 @@ def test_pickled_callable_is_refused_without_running(tmp_path):
     with pytest.raises(common.ConversionError, match="refusing to load"):
         common.load_checkpoint(str(ckpt))
     assert not marker.exists()
-    with pytest.raises(SystemExit, match="Nothing from it was executed"):
+    with pytest.raises(SystemExit) as exit_info:
         convert_cli.run(["reference", "--input", str(ckpt), "--output", str(tmp_path / "out")])
+    line, = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 1 and "Nothing from it was executed." in line, line
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
@@ -47,7 +49,7 @@ def test_torchscript_needs_permission(tmp_path):
     ("pickled.safetensors", "reference", "it is not a valid .safetensors file (SafetensorError: "),
     ("pickled.safetensors", "open_clip", "it is not a valid .safetensors file (SafetensorError: "),
 ])
-def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason):
+def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason, capsys):
     """A zip that only looks like TorchScript, and a pickle named .safetensors: one line, nothing run."""
     import pickle
     import zipfile
@@ -59,11 +61,12 @@ def test_fake_archives_get_the_refusal_line(tmp_path, name, command, reason):
     else:
         path.write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(str(marker))))
     extra = ["--arch", "ViT-B-16"] if command == "open_clip" else []
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(SystemExit) as exit_info:
         convert_cli.run([command, "--input", str(path), "--output", str(tmp_path / "out"), *extra])
-    message = str(error.value)
+    message, = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 1
     assert message.startswith(f"grain-jax-convert: error: refusing to load {path}: {reason}"), message
-    assert message.endswith("Nothing from it was executed.") and "\n" not in message, message
+    assert message.endswith("Nothing from it was executed."), message
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

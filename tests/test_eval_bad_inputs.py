@@ -41,7 +41,7 @@ def test_eval_binary_skips_lists_and_counts_unreadable_images(tmp_path, perfect_
     root = write_folder(tmp_path / "bench", descriptor_file=DESCRIPTORS)
     bad = _add_bad_images(os.path.join(root, NAMES[3]))
     out = tmp_path / "results.json"
-    eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{root}", f"--output={out}",
+    eval_cli.main(["grain-jax-eval", "--checkpoint=random:x", f"--evals=folder:{root}", f"--output={out}",
                    "--batch_size=8", "--num_threads=2"])
     result = json.loads(out.read_text())["runs"][0]["results"]["folder_bench"]
     assert result["count"] == 20 and result["top1"] == 1.0  # the denominator is the 20 readable images
@@ -65,7 +65,7 @@ def test_same_named_folders_stay_separate(tmp_path, perfect_load, capsys):
     first = write_folder(tmp_path / "a" / "bench", per_class=1, descriptor_file=DESCRIPTORS)
     second = write_folder(tmp_path / "b" / "bench", per_class=2, descriptor_file=DESCRIPTORS)
     out = tmp_path / "results.json"
-    eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{first},folder:{second}",
+    eval_cli.main(["grain-jax-eval", "--checkpoint=random:x", f"--evals=folder:{first},folder:{second}",
                    f"--output={out}", "--batch_size=8", "--num_threads=2"])
     results = json.loads(out.read_text())["runs"][0]["results"]
     assert (results["folder_bench"]["count"], results["folder_bench_2"]["count"]) == (10, 20)
@@ -77,7 +77,7 @@ def test_visualize_skips_unreadable_images(tmp_path, perfect_load, capsys):
         Image.fromarray(fakes.label_image(i, 20)).save(tmp_path / f"{i}.png")
     (tmp_path / "2.png").write_bytes(b"")
     out = tmp_path / "grid.png"
-    visualize_cli.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
+    visualize_cli.main(["grain-jax-visualize", "--checkpoint=random:x", f"--images={tmp_path}/*.png",
                     "--descriptions=picture 0;picture 1", f"--output={out}", "--columns=2"])
     assert f"skipped unreadable image {tmp_path / '2.png'} (UnidentifiedImageError: " in capsys.readouterr().out
     width, height = Image.open(out).size  # two tiles in one row (each 256 px plus its title band); no third

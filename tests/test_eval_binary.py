@@ -25,8 +25,12 @@ def perfect_load(monkeypatch):
 def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfect_load, capsys):
     root = write_folder(tmp_path / "bench", descriptor_file=DESCRIPTORS)
     out = tmp_path / "out" / "results.json"
-    eval_cli.main(["grain-jax-eval", "--checkpoint", "ckpt_a,ckpt_b", f"--evals=folder:{root},cifar10",
-                   f"--data_dir={tmp_path / 'tfds'}", f"--output={out}", "--batch_size=8", "--num_threads=2"])
+    for name in ("ckpt_a", "ckpt_b"):  # checkpoint directories (the fake model is loaded whatever they hold)
+        (tmp_path / name).mkdir()
+        (tmp_path / name / checkpoints.MODEL_CONFIG).write_text("{}")
+    eval_cli.main(["grain-jax-eval", "--checkpoint", f"{tmp_path}/ckpt_a,{tmp_path}/ckpt_b",
+                   f"--evals=folder:{root},cifar10", f"--data_dir={tmp_path / 'tfds'}", f"--output={out}",
+                   "--batch_size=8", "--num_threads=2"])
     printed = capsys.readouterr().out
     assert "cifar10: not prepared: run tfds build cifar10 --file_format=array_record" in printed
     runs = json.loads(out.read_text())["runs"]
@@ -54,7 +58,7 @@ def test_binary_checks_every_dataset_before_loading_a_model(tmp_path, monkeypatc
     bad = write_folder(tmp_path / "bad", per_class=1, descriptor_file={"zebra": ["stripes"]})
     monkeypatch.setattr(inference, "load", lambda *a, **k: pytest.fail("model loaded before the data was checked"))
     with pytest.raises(ValueError, match="not in the dataset: \\['zebra'\\]"):
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{good},folder:{bad}",
+        eval_cli.main(["grain-jax-eval", "--checkpoint=random:x", f"--evals=folder:{good},folder:{bad}",
                        f"--output={tmp_path / 'r.json'}"])
 
 
@@ -62,7 +66,7 @@ def test_visualize_draws_a_grid(tmp_path, perfect_load):
     for i in range(3):
         Image.fromarray(fakes.label_image(i, 20 + i)).save(tmp_path / f"{i}.png")
     out = tmp_path / "grid.png"
-    visualize_cli.main(["grain-jax-visualize", "--checkpoint=x", f"--images={tmp_path}/*.png",
+    visualize_cli.main(["grain-jax-visualize", "--checkpoint=random:x", f"--images={tmp_path}/*.png",
                     "--descriptions=picture 0, round;picture 1;picture 2", f"--output={out}", "--columns=2"])
     grid = Image.open(out)
     assert grid.width == 2 * 256 and 2 * 256 < grid.height < 2 * 256 + 60  # two rows of titled tiles
@@ -94,41 +98,49 @@ def test_load_of_a_saved_params_checkpoint_gives_the_same_embeddings(tiny_checkp
     assert np.all((grounding["boxes"] >= 0) & (grounding["boxes"] <= 1))
 
 
-def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint):
+def test_binary_end_to_end_on_a_tiny_random_checkpoint(tmp_path, tiny_checkpoint, capsys):
     root = write_folder(tmp_path / "bench", per_class=2, names=["red ball", "blue cube", "green cone"],
                         descriptor_file={"red ball": ["round"], "blue cube": ["has corners"], "green cone": ["a tip"]})
     out = tmp_path / "results.json"
-    eval_cli.main(["grain-jax-eval", f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}",
-                   f"--output={out}", "--batch_size=8", "--templates=short", "--num_threads=2"])
+    args = [f"--checkpoint={tiny_checkpoint[0]}", f"--evals=folder:{root}", f"--output={out}", "--batch_size=8",
+            "--templates=short", "--num_threads=2"]
+    eval_cli.run([*args, "--verbosity=1"])
+    assert "orbax" in capsys.readouterr().out  # the checkpoint library's own log lines, at --verbosity=1 only
+    eval_cli.run(args)
+    console = capsys.readouterr().out.splitlines()
+    label = f"grain-tiny {os.path.basename(tiny_checkpoint[0])}@0"
+    assert console[0] == f"evaluating {tiny_checkpoint[0]} on folder:{root}" and console[-1].startswith("results: ")
+    assert console[1] == f"| dataset / metric (%) | {label} |"
+    assert all(line.startswith("| folder_bench ") for line in console[3:-1]), console  # nothing but the table
     run, = json.loads(out.read_text())["runs"]
     result = run["results"]["folder_bench"]
     assert result["count"] == 6 and result["num_classes"] == 3
     assert 0.0 <= result["top1"] <= 1.0 and result["top5"] == 1.0  # 3 classes: top-5 always hits
     assert "alpha0.5/top1" in result and run["model"]["model_name"] == "grain-tiny"
-    assert run["step"] == 0 and run["label"] == f"grain-tiny {os.path.basename(tiny_checkpoint[0])}@0"
+    assert run["step"] == 0 and run["label"] == label
     assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_folder_without_descriptors_warns(tmp_path, perfect_load, caplog):
+def test_folder_without_descriptors_warns_on_the_console(tmp_path, perfect_load, capsys):
     root = write_folder(tmp_path / "bench")
-    with caplog.at_level("WARNING"):
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", f"--evals=folder:{root}", f"--output={tmp_path / 'r.json'}",
-                       "--batch_size=8", "--num_threads=2"])
-    assert ("folder_bench: no descriptors file" in caplog.text
-            and "scored by their names alone, so there are no region (alpha < 1) results" in caplog.text)
+    eval_cli.run(["--checkpoint=random:x", f"--evals=folder:{root}", f"--output={tmp_path / 'r.json'}",
+                  "--batch_size=8", "--num_threads=2"])
+    assert (f"WARNING: folder_bench: no descriptors file ({root}/descriptors.json, or --descriptors): classes are "
+            "scored by their names alone, so there are no region (alpha < 1) results") in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())["runs"][0]["results"]["folder_bench"]
     assert "alpha0.5/top1" not in result
 
 
-def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp_path, perfect_load):
+def test_nothing_prepared_exits_nonzero_with_a_hint_that_needs_no_tensorflow(tmp_path, perfect_load, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        eval_cli.main(["grain-jax-eval", "--checkpoint=x", "--evals=cifar10,food101",
-                       f"--data_dir={tmp_path}", f"--output={tmp_path / 'r.json'}"])
-    assert str(exit_info.value.code) == (
+        eval_cli.run(["--checkpoint=random:x", "--evals=cifar10,food101", f"--data_dir={tmp_path}",
+                      f"--output={tmp_path / 'r.json'}"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines() == [
         f"grain-jax-eval: error: nothing to evaluate: none of cifar10, food101 is prepared under {tmp_path}. "
         "Building TFDS datasets needs TensorFlow (pip install tensorflow, then tfds build NAME "
         "--file_format=array_record --data_dir DIR); without it, evaluate an image folder (--evals folder:PATH, "
-        "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)")
+        "PATH/<class>/*.jpg) or the embedded benchmark (--evals synthetic --synthetic_dir DIR)"]
     assert not (tmp_path / "r.json").exists()
 
 

@@ -269,13 +269,15 @@ def _add(tar, name, data=b"", kind=tarfile.REGTYPE, link=""):
     tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
 
 
-def _sample(tar, key, image=None, text=None, meta=None, image_ext="jpg"):
+def _sample(tar, key, image=None, text=None, meta=None, image_ext="jpg", beside=None):
+    """A sample's members; `meta` -> KEY.json, `beside` -> KEY.grain.json (JSON values or raw bytes)."""
     if image is not None:
         _add(tar, f"{key}.{image_ext}", image)
     if text is not None:
         _add(tar, f"{key}.txt", text)
-    if meta is not None:
-        _add(tar, f"{key}.json", meta if isinstance(meta, bytes) else json.dumps(meta).encode())
+    for extension, value in (("json", meta), (sources.ANNOTATION_EXTENSION, beside)):
+        if value is not None:
+            _add(tar, f"{key}.{extension}", value if isinstance(value, bytes) else json.dumps(value).encode())
 
 
 WEBDATASET_REPORT = {
@@ -289,8 +291,9 @@ WEBDATASET_REPORT = {
     "005": ("repaired", ["non_rgb_image"]),
     "006": ("skipped", ["corrupt_sample_json"]),
     "100": ("repaired", ["invalid_box"]),
+    "103": ("skipped", ["corrupt_sample_json"]),
 }
-WEBDATASET_KEPT = ["000", "005", "007", "100", "101", "200"]
+WEBDATASET_KEPT = ["000", "005", "007", "100", "101", "102", "200"]
 
 
 @pytest.fixture(scope="module")
@@ -313,7 +316,12 @@ def webdataset(tmp_path_factory):
             {"description": "x", "bbox": [0, 0, 50, 100], "score": 0.4}]})
     with tarfile.open(root / "00001.tar", "w") as tar:
         _sample(tar, "100", _encoded(), b"side annotated")
-        _sample(tar, "101", _encoded(), b"side object", {"regions": [{"description": "ignored", "bbox": [0, 0, 9, 9]}]})
+        _sample(tar, "101", _encoded(), b"side object", {"regions": [{"description": "ignored", "bbox": [0, 0, 9, 9]}]},
+                beside=b"{overridden by the side JSON, so never parsed")
+        _sample(tar, "102", _encoded(), b"annotated beside", {"regions": [{"description": "x", "bbox": [0, 0, 9, 9]}]},
+                beside={"regions": [{"description": "bottom", "bbox": [0, 480, 960, 960], "score": 0.6}],
+                        "mllm_caption": "beside mllm", "canvas": 960.0})
+        _sample(tar, "103", _encoded(), b"bad beside", beside=b"[not json")
     with tarfile.open(root / "full.tar", "w") as tar:
         _sample(tar, "200", _encoded(), b"before the cut")
         _sample(tar, "201", _truncated_jpeg() * 20, b"after the cut")
@@ -342,6 +350,7 @@ def test_webdataset_reports_every_bad_record_by_id_and_reason(webdataset):
     assert "path traversal" in report["00000.tar:../evil.txt"]["reason"]
     assert "not a regular file" in report["00000.tar:link.jpg"]["reason"]
     assert "'201'" in report[cut_tar]["reason"]
+    assert "103.grain.json is not JSON" in report["103"]["reason"]
     assert not any(os.path.exists(p) for p in ("evil.txt", out / "evil.txt", out.parent / "evil.txt"))
     assert summary["num_examples"] == len(WEBDATASET_KEPT)
 
@@ -371,6 +380,9 @@ def test_webdataset_splits_by_id_hash_and_reads_back(webdataset):
     np.testing.assert_allclose(got["101"]["boxes"][0], [.5, .25, 1, .5], atol=1e-6)
     np.testing.assert_array_equal(got["101"]["description_tokens"][0], _tokens("top")[0])
     np.testing.assert_array_equal(got["101"]["mllm_caption_tokens"], _tokens("side mllm")[0])
+    np.testing.assert_allclose(got["102"]["boxes"][0], [.5, .75, 1, .5], atol=1e-6)  # KEY.grain.json over KEY.json
+    np.testing.assert_array_equal(got["102"]["description_tokens"][0], _tokens("bottom")[0])
+    np.testing.assert_array_equal(got["102"]["mllm_caption_tokens"], _tokens("beside mllm")[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -400,19 +412,6 @@ def test_array_images_and_explicit_splits_through_prepare_dataset(tmp_path):
     assert records.read_report(tmp_path) == []
 
 
-def test_command_line_errors_name_the_problem(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="give exactly one command"):
-        prepare_cli.main(["grain-jax-prepare", "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit, match="missing --captions, --images_root"):
-        prepare_cli.main(["grain-jax-prepare", "reference", "--output_dir", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="no webdataset shard"):
-        prepare_cli.main(["grain-jax-prepare", "webdataset", "--shards", f"{tmp_path}/{{0..3}}.tar",
-                      "--output_dir", str(tmp_path)])
-    with pytest.raises(SystemExit) as exit_info:
-        prepare_cli.main(["grain-jax-prepare", "--help"])
-    assert exit_info.value.code == 0 and "--validation_fraction" in capsys.readouterr().out
-
-
 def test_a_moved_folder_reads_and_resharding_replaces_the_old_shards(reference, tmp_path):
     root, out, _ = reference
     moved = tmp_path / "moved"
@@ -434,8 +433,6 @@ def test_synthetic_command_writes_a_prepared_directory(tmp_path):
     assert len(train) == info["splits"]["train"]["num_examples"] == 8
     example = next(iter(train.values()))
     assert example["image"].shape == (32, 32, 3) and example["box_mask"].any()
-    with pytest.raises(SystemExit, match="--captions do not apply"):
-        prepare_cli.main(["grain-jax-prepare", "synthetic", "--output_dir", str(tmp_path), "--captions", "x.csv"])
 
 
 def test_input_without_a_valid_record_is_an_error_with_a_full_report(tmp_path):

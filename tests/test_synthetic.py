@@ -99,14 +99,16 @@ def test_boxes_are_the_tight_boxes_of_the_drawn_pixels(train_scenes):
             assert set(obj.boxes) == {"object", "body", "part"} | ({"base"} if has_base else set())
 
 
-def test_texts_name_classes_and_layout_only_and_regions_ground_part_phrases(train_scenes):
+def _words(text: str) -> set[str]:
+    return set(text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
+
+
+def test_alt_text_names_classes_and_layout_only_and_regions_ground_part_phrases(train_scenes):
     attribute_words = set(synthetic.ATTRIBUTE_WORDS) - {"top", "left", "right"}  # layout uses these
     for scene in train_scenes:
         names = {o.concept.name for o in scene.objects}
-        for text in (scene.caption, scene.mllm_caption):
-            words = set(text.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
-            assert not words & attribute_words, text  # holistic: no part knowledge in captions
-            assert names <= words, text
+        assert not _words(scene.caption) & attribute_words, scene.caption  # no part knowledge in alt-text
+        assert names <= _words(scene.caption), scene.caption
         allowed = {}
         for o in scene.objects:
             allowed.setdefault(f"{synthetic._article(o.concept.name)} {o.concept.name}", []).append(o.boxes["object"])
@@ -119,6 +121,59 @@ def test_texts_name_classes_and_layout_only_and_regions_ground_part_phrases(trai
             assert region["box"] in allowed[region["description"]]
     longest = tokenizer.tokenize([s.mllm_caption for s in train_scenes] + [s.caption for s in train_scenes], 77)
     assert (longest != 0).sum(1).max() <= 32  # fits the demo's caption length without truncation
+
+
+def _mentioned_values(scene) -> list[tuple[str, bool]]:
+    """(factor, whether the caption's value is the object's) for each part value a holistic MLLM caption
+    of a one-object scene mentions."""
+    concept = scene.objects[0].concept
+    words = _words(scene.mllm_caption)
+    found = []
+    for factor, names in (("colour", synthetic.COLOUR_NAMES), ("pattern", synthetic.PATTERNS),
+                          ("shape", synthetic.SHAPES)):
+        adjectives = scene.mllm_caption.split(" with ")[0].split(" on ")[0]  # before the part / base phrases
+        said = [i for i, name in enumerate(names) if name in _words(adjectives)]
+        found += [(factor, i == getattr(concept, factor)) for i in said]
+    kinds = [i for i, kind in enumerate(synthetic.PART_KINDS) if kind in words]
+    found += [("part", i == concept.part_kind) for i in kinds]
+    return found
+
+
+def test_holistic_mllm_captions_mention_some_part_values_mostly_right_and_never_other_names():
+    scenes = synthetic.generate_scenes("train", 0, 1500)
+    cat = synthetic.catalogue()
+    all_names = set(cat.class_names("seen")) | set(cat.class_names("novel"))
+    mention_counts, right, said = [], 0, 0
+    for scene in scenes:
+        names = {o.concept.name for o in scene.objects}
+        assert _words(scene.mllm_caption) & all_names <= names, scene.mllm_caption  # only the scene's classes
+        assert "body" not in _words(scene.mllm_caption)  # holistic: no part-by-part phrases
+        if len(scene.objects) == 1:
+            found = _mentioned_values(scene)
+            mention_counts.append(len(found))
+            right += sum(ok for _, ok in found)
+            said += len(found)
+    mention_counts = np.array(mention_counts)
+    # Each of the 4 checked values is mentioned with MENTION_PROB: some captions mention none, most several.
+    assert 0.0 < (mention_counts == 0).mean() < 0.1 and mention_counts.mean() == pytest.approx(
+        4 * synthetic.MENTION_PROB, abs=0.25)
+    # A few mentioned values are wrong (MLLM noise), most are right.
+    assert 1 - synthetic.WRONG_PROB - 0.05 < right / said < 1 - synthetic.WRONG_PROB + 0.05
+    # Some captions call the object by its name, others by a generic noun.
+    named = np.mean([s.objects[0].concept.name in _words(s.mllm_caption) for s in scenes if len(s.objects) == 1])
+    assert named == pytest.approx(synthetic.NAME_PROB, abs=0.07)
+
+
+def test_names_only_mllm_captions_are_the_strict_world_with_the_same_images_and_regions(train_scenes):
+    strict = synthetic.generate_scenes("train", 0, len(train_scenes), mllm_captions="names_only")
+    attribute_words = set(synthetic.ATTRIBUTE_WORDS) - {"top", "left", "right"}
+    for holistic, scene in zip(train_scenes, strict):
+        assert not _words(scene.mllm_caption) & attribute_words, scene.mllm_caption
+        assert {o.concept.name for o in scene.objects} <= _words(scene.mllm_caption)
+        assert np.array_equal(holistic.image, scene.image)
+        assert (holistic.caption, holistic.regions) == (scene.caption, scene.regions)
+    with pytest.raises(ValueError, match="mllm_captions must be one of"):
+        synthetic.generate_scenes("train", 0, 1, mllm_captions="llava")
 
 
 def test_training_data_never_shows_a_novel_class():

@@ -15,7 +15,9 @@ command continues where the last one stopped. A stage is skipped when the user b
 * ``descriptions.json``: {image_path: [descriptions]} (the MLLM's region descriptions, all of them).
 
 For webdataset inputs, ``annotations.json`` maps each sample key to ``{"regions", "mllm_caption", "canvas"}``
-for ``grain-jax-prepare webdataset --annotations``. ``annotate_report.json`` sums up the run and
+for ``grain-jax-prepare webdataset --annotations``; with ``output_format="webdataset"`` the same objects go
+beside each image instead, as ``KEY.grain.json`` members of a copy of each input tar under ``OUT/webdataset/``
+(read by ``grain-jax-prepare webdataset`` without ``--annotations``). ``annotate_report.json`` sums up the run and
 ``annotate_report.jsonl`` has one line per image with a problem (stage, kind, detail): nothing is dropped
 silently.
 """
@@ -25,6 +27,7 @@ import collections
 import concurrent.futures
 import csv
 import dataclasses
+import io
 import json
 import os
 import tarfile
@@ -35,7 +38,8 @@ import numpy as np
 from grain_jax.annotate import detect, mllm
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
+OUTPUT_FORMATS = ("json", "webdataset")
+SHARDS_DIR = "webdataset"  # OUT/webdataset/: the annotated copies of the input tars
 
 
 @dataclasses.dataclass
@@ -86,8 +90,12 @@ def _member_loader(shard: str, offset: int, size: int) -> Callable[[], bytes]:
 
 
 def webdataset_items(shards: Sequence[str], problems: list[dict]) -> list[Item]:
-    """Items of uncompressed webdataset tars; the image bytes are read on demand by offset."""
-    from grain_jax.data.prepare.sources import sample_key, unsafe_member
+    """Items of uncompressed webdataset tars; the image bytes are read on demand by offset.
+
+    Samples without an image or with a ``KEY.json`` that does not parse (prepare skips those) are reported,
+    not annotated.
+    """
+    from grain_jax.data.prepare.sources import WEBDATASET_IMAGE_EXTENSIONS, json_member, sample_key, unsafe_member
 
     items = []
     for shard in shards:
@@ -101,10 +109,12 @@ def webdataset_items(shards: Sequence[str], problems: list[dict]) -> list[Item]:
                         continue
                     key, extension = sample_key(member.name)
                     sample = samples.setdefault(key, {})
-                    if extension in WEBDATASET_IMAGES and "image" not in sample:
+                    if extension in WEBDATASET_IMAGE_EXTENSIONS and "image" not in sample:
                         sample["image"] = _member_loader(shard, member.offset_data, member.size)
                     elif extension == "txt":
                         sample["caption"] = tar.extractfile(member).read().decode("utf-8", "replace")
+                    elif extension == "json":
+                        sample["json"] = tar.extractfile(member).read()
         except (OSError, tarfile.TarError) as e:
             problems.append({"id": shard, "stage": "input", "kind": "corrupt_tar",
                              "detail": f"{e} (compressed tars are not supported: use img2dataset's plain .tar)"})
@@ -112,6 +122,11 @@ def webdataset_items(shards: Sequence[str], problems: list[dict]) -> list[Item]:
             if "image" not in sample:
                 problems.append({"id": key, "stage": "input", "kind": "missing_image",
                                  "detail": f"sample {key} in {shard} has no image member"})
+                continue
+            try:
+                json_member(key, "json", sample)
+            except ValueError as e:
+                problems.append({"id": key, "stage": "input", "kind": "corrupt_sample_json", "detail": str(e)})
                 continue
             items.append(Item(key, sample["image"], sample.get("caption")))
     return items
@@ -180,15 +195,24 @@ def histogram(counts: Sequence[int]) -> dict[str, int]:
 
 
 def write_outputs(output_dir: str, items: Sequence[Item], descriptions: dict, captions: dict, boxes: dict | None,
-                  problems: list[dict], protocol: detect.Protocol, webdataset: bool, usage: dict) -> dict:
-    """The authors' files (or annotations.json), annotate_report.json(l); returns the report summary."""
+                  problems: list[dict], protocol: detect.Protocol, usage: dict, shards: Sequence[str] = (),
+                  output_format: str = "json") -> dict:
+    """The outputs, annotate_report.json(l); returns the report summary.
+
+    Folder inputs get the authors' files; webdataset inputs (the tars in ``shards``) annotations.json, or
+    the annotated tars with ``output_format="webdataset"``.
+    """
     unreadable = {p["id"] for p in problems if p["kind"] == "unreadable_image"}
     kept = [it for it in items if it.id not in unreadable]
     regions = {it.id: boxes[it.id]["regions"] for it in kept if boxes and boxes.get(it.id, {}).get("ok")}
-    if webdataset:
-        _write_json(os.path.join(output_dir, "annotations.json"), {
-            it.id: {"regions": regions.get(it.id, []), "mllm_caption": captions.get(it.id),
-                    "canvas": protocol.box_canvas} for it in kept})
+    output_shards = None
+    if shards:
+        annotations = {it.id: {"regions": regions.get(it.id, []), "mllm_caption": captions.get(it.id),
+                               "canvas": protocol.box_canvas} for it in kept}
+        if output_format == "webdataset":
+            output_shards = write_shards(os.path.join(output_dir, SHARDS_DIR), shards, annotations)
+        else:
+            _write_json(os.path.join(output_dir, "annotations.json"), annotations)
     else:
         with open(os.path.join(output_dir, "captions_pooled.csv"), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
@@ -217,11 +241,69 @@ def write_outputs(output_dir: str, items: Sequence[Item], descriptions: dict, ca
         "threshold": protocol.threshold, "num_queries": protocol.num_queries, "squash_size": protocol.squash_size,
         "box_canvas": protocol.box_canvas, "usage": usage,
     }
+    if output_shards is not None:
+        summary["output_shards"] = output_shards
     _write_json(os.path.join(output_dir, "annotate_report.json"), summary)
     with open(os.path.join(output_dir, "annotate_report.jsonl"), "w", encoding="utf-8") as f:
         for p in problems:
             f.write(json.dumps(p, ensure_ascii=False) + "\n")
     return summary
+
+
+def write_shards(directory: str, shards: Sequence[str], annotations: dict[str, dict]) -> dict[str, int]:
+    """A copy of each input tar, ``directory/<its name>``, with ``KEY.grain.json`` after each annotated sample.
+
+    A tar is written under a temporary name and renamed when complete, so a rerun keeps (never rewrites)
+    the tars already there: delete one to have it written again. Returns {"written": n, "kept": n}.
+    """
+    names = collections.Counter(os.path.basename(shard) for shard in shards)
+    if clashes := sorted(name for name, count in names.items() if count > 1):
+        raise ValueError(f"input tars share the file names {clashes}; the output has one tar per name")
+    os.makedirs(directory, exist_ok=True)
+    counts = {"written": 0, "kept": 0}
+    for shard in shards:
+        path = os.path.join(directory, os.path.basename(shard))
+        if os.path.exists(path):
+            counts["kept"] += 1
+            continue
+        _copy_annotated(shard, path + ".tmp", annotations)
+        os.replace(path + ".tmp", path)
+        counts["written"] += 1
+    return counts
+
+
+def _copy_annotated(shard: str, path: str, annotations: dict[str, dict]) -> None:
+    """`shard`'s samples as prepare reads them, each followed by its ``KEY.grain.json`` (when annotated).
+
+    Not copied: refused members and the sample a corrupt tar ends in (both reported at input), and old
+    ``KEY.grain.json`` members (this run's annotations replace them).
+    """
+    from grain_jax.data.prepare.sources import ANNOTATION_EXTENSION, sample_key, unsafe_member
+
+    def flush(key: str | None, members: list) -> None:
+        if key in annotations:
+            data = json.dumps(annotations[key], ensure_ascii=False).encode()
+            info = tarfile.TarInfo(f"{key}.{ANNOTATION_EXTENSION}")
+            info.size = len(data)
+            members.append((info, data))
+        for info, data in members:
+            out.addfile(info, io.BytesIO(data))
+
+    key, members = None, []  # a sample is written once whole: webdataset keeps its members consecutive
+    with tarfile.open(path, "w") as out:
+        try:
+            with tarfile.open(shard, "r:") as tar:
+                for member in tar:
+                    member_key, extension = sample_key(member.name)
+                    if unsafe_member(member) is not None or extension == ANNOTATION_EXTENSION:
+                        continue
+                    if member_key != key:
+                        flush(key, members)
+                        key, members = member_key, []
+                    members.append((member, tar.extractfile(member).read()))
+        except (OSError, tarfile.TarError, EOFError):
+            return  # reported at input as corrupt_tar; the samples before it are written
+        flush(key, members)
 
 
 def _stats(values: Sequence[int]) -> dict:

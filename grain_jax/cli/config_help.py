@@ -8,6 +8,9 @@ import re
 from typing import Any, Iterator, Sequence
 
 import ml_collections
+from absl import flags
+
+from grain_jax.cli import console
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
 
@@ -20,6 +23,19 @@ def spec_from_argv(argv: Sequence[str]) -> str | None:
         if arg.startswith(("--config=", "-config=")):
             return arg.partition("=")[2]
     return None
+
+
+def from_flags(fv: flags.FlagValues, argv: Sequence[str]) -> ml_collections.ConfigDict:
+    """The parsed ``--config`` with its overrides applied; a missing flag, file or key is one UsageError."""
+    spec = spec_from_argv(argv)
+    if not spec:
+        raise console.UsageError("--config is required, e.g. --config configs/demo.py (see --help)")
+    try:
+        config = fv.config
+        config.keys()  # a file that failed to load gives an object that raises on first use
+        return config
+    except (OSError, AttributeError, KeyError, TypeError, ValueError) as error:
+        raise console.UsageError(explain(spec, argv, error)) from error
 
 
 def load(spec: str) -> ml_collections.ConfigDict:

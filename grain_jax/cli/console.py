@@ -5,6 +5,7 @@ memory line, evaluation results, where everything is), JAX's warnings and everyo
 chatter (orbax's checkpoint internals, clu's parameter table, tfds) appears only with ``--verbosity=1``.
 A mistake on the command line or in a config ends in one line naming what to fix (exit 2); any other
 failure in one line too (exit 1), with the traceback only at ``--verbosity=1`` (and always in out.log).
+The verbosity is the one ``setup`` was last given.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from typing import Callable, TextIO
+from typing import TextIO
 
 from absl import logging as absl_logging
 
@@ -21,8 +22,14 @@ _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACEBACK_HINT = "run with --verbosity=1 for the traceback"
 
 
-class UsageError(Exception):
+class Failure(Exception):
+    """A failure its message fully explains (a missing dependency, an input refused): one line, exit status 1."""
+    status = 1
+
+
+class UsageError(Failure):
     """A mistake in the command line or the config: the message says what to fix (exit status 2)."""
+    status = 2
 
 
 def _ours(record: logging.LogRecord) -> bool:
@@ -78,59 +85,70 @@ class _Tee:
         return getattr(self._stream, name)
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on whatever ``sys.stdout`` is when a record comes: the tee into out.log once there
+    is one, a test's capture while one runs."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it; the property decides
+        pass
+
+
 _log_file: TextIO | None = None
+_verbosity = 0
 
 
 def setup(verbosity: int = 0, workdir: str | None = None, process_index: int = 0) -> str | None:
     """Routes log records to a filtered console (stdout) and, on process 0 with a ``workdir``, copies
     everything the console shows (prints and progress bars too) to ``WORKDIR/out.log`` (appended, so a
     resumed run continues the file). Returns the log file's path, or None."""
-    global _log_file
+    global _log_file, _verbosity
+    _verbosity = verbosity
     root = logging.getLogger()
     consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     for handler in list(root.handlers):  # absl's, basicConfig's or ours: each would print every record again
-        if (handler is absl_logging.get_absl_handler() or getattr(handler, "_grain_jax_console", False)
+        if (handler is absl_logging.get_absl_handler() or isinstance(handler, _StdoutHandler)
                 or type(handler) is logging.StreamHandler and handler.stream in consoles):
             root.removeHandler(handler)
-    console = logging.StreamHandler(sys.stdout)
-    console._grain_jax_console = True
+    console = _StdoutHandler()
     console.addFilter(_ConsoleFilter(verbosity, process_index))
     console.setFormatter(_ConsoleFormatter())
     root.addHandler(console)
     root.setLevel(logging.DEBUG if verbosity >= 1 else logging.INFO)
-    if verbosity < 1:
-        absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.set_verbosity(absl_logging.DEBUG if verbosity >= 1 else absl_logging.INFO)
     if workdir is None or process_index != 0 or _log_file is not None:
         return None
     from grain_jax import checkpoints  # here: --help and flag errors stay free of orbax's import time
     path = os.path.join(workdir, checkpoints.CONSOLE_LOG)
     _log_file = open(path, "a", buffering=1)
     sys.stdout, sys.stderr = _Tee(sys.stdout, _log_file), _Tee(sys.stderr, _log_file)
-    # The handler was bound to the real stdout above; point it at the tee.
-    console.setStream(sys.stdout)
     return path
 
 
-def fail(program: str, error: BaseException, verbosity: int) -> int:
+def fail(program: str, error: BaseException) -> int:
     """Prints ``program: error: message`` (one line; the traceback only at verbosity >= 1, and always
-    into out.log) and returns the exit status: 2 for a UsageError, 1 for anything else."""
-    usage = isinstance(error, UsageError)
-    message = str(error) if usage else f"{type(error).__name__}: {error}".splitlines()[0]
-    if verbosity >= 1:
+    into out.log) and returns the exit status: a Failure's (2 for a UsageError), 1 for anything else."""
+    explained = isinstance(error, Failure)
+    message = str(error) if explained else f"{type(error).__name__}: {error}".splitlines()[0]
+    if _verbosity >= 1:
         traceback.print_exception(error)
-    elif _log_file is not None and not usage:
+    elif _log_file is not None and not isinstance(error, UsageError):
         _log_file.write("".join(traceback.format_exception(error)))
-    hint = "" if usage or verbosity >= 1 else f" ({TRACEBACK_HINT})"
+    hint = "" if explained or _verbosity >= 1 else f" ({TRACEBACK_HINT})"
     print(f"{program}: error: {message}{hint}", file=sys.stderr, flush=True)
-    return 2 if usage else 1
+    return error.status if explained else 1
 
 
 @contextlib.contextmanager
-def one_line_errors(program: str, verbosity: Callable[[], int]):
+def one_line_errors(program: str):
     """Turns any exception in the block into ``fail(...)`` and ``sys.exit`` with its status."""
     try:
         yield
     except (SystemExit, KeyboardInterrupt):
         raise
     except Exception as error:  # noqa: BLE001 -- the binary's last word: one line, never a bare traceback
-        sys.exit(fail(program, error, verbosity()))
+        sys.exit(fail(program, error))

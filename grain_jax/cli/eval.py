@@ -1,31 +1,35 @@
-"""grain-jax-eval: zero-shot classification and retrieval of one or more checkpoints.
+r"""grain-jax-eval: zero-shot classification and retrieval of one or more checkpoints.
 
-    grain-jax-eval --checkpoint workdir/grain --checkpoint workdir/clip \
-        --evals synthetic --synthetic_dir /data/synthetic --output results.json
-    grain-jax-eval --checkpoint ckpt --evals all --data_dir ~/tensorflow_datasets \
-        --descriptors classify_by_description_release/descriptors --output results.json
-    grain-jax-eval --compare results_grain.json,results_clip.json --output both.json
+examples:
+  grain-jax-eval --checkpoint workdir/grain --checkpoint workdir/clip \
+      --evals synthetic --synthetic_dir /data/synthetic --output results.json
+  grain-jax-eval --checkpoint ckpt --evals all --data_dir ~/tensorflow_datasets \
+      --descriptors classify_by_description_release/descriptors --output results.json
+  grain-jax-eval --compare results_grain.json,results_clip.json --output both.json
 
 Writes the results JSON (per-dataset metrics, checkpoint, model spec, flags, timings,
 images/s), prints a Markdown table and saves a bar chart of per-dataset top-1
 (``<output>.png``; one bar per checkpoint when several are given or compared).
-Datasets missing under ``--data_dir`` are reported in one line each and skipped.
+Datasets missing under ``--data_dir`` are reported in one line each and skipped; when none is
+prepared the binary stops (exit 1) with how to prepare them.
 """
 from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Sequence
 
 from absl import flags
 
-from grain_jax.cli import console, parse_argv
+from grain_jax import cli
+from grain_jax.cli import console
 from grain_jax.evaluators import suite, zeroshot
 
+PROGRAM = "grain-jax-eval"
+_PATHS = {"checkpoint": "checkpoint", "compare": "file", "descriptors": "path", "image_dir": "directory"}
 
-def define_flags() -> flags.FlagValues:
-    """The binary's flags, in their own FlagValues (importing this module defines none)."""
+
+def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_multi_string("checkpoint", [], "Checkpoint dir or random:<model name>; repeat or comma-separate "
                               "to compare several.", flag_values=fv)
@@ -52,21 +56,22 @@ def define_flags() -> flags.FlagValues:
     flags.DEFINE_bool("renormalize", False, "Re-normalise the class mean embeddings (the reference does not).",
                       flag_values=fv)
     flags.DEFINE_integer("num_threads", 8, "Image decoding threads.", flag_values=fv)
-    flags.DEFINE_string("compare", None, "Comma list of earlier results JSONs to include in the table and chart.",
-                        flag_values=fv)
+    flags.DEFINE_list("compare", [], "Comma list of earlier results JSONs to include in the table and chart.",
+                      flag_values=fv)
     return fv
 
 
 def main(argv: Sequence[str]) -> None:
     """Runs the binary on ``argv`` (program name first)."""
-    fv = parse_argv(define_flags(), argv)
+    fv = _flags()
+    cli.parse(argv, fv, __doc__, paths=_PATHS)
     checkpoints = [c.strip() for item in fv.checkpoint for c in item.split(",") if c.strip()]
+    if not checkpoints and not fv.compare:
+        raise console.UsageError("give --checkpoint (one or more) and/or --compare results JSONs (see --help)")
     runs = []
-    for path in (fv.compare.split(",") if fv.compare else []):
+    for path in fv.compare:
         with open(path) as f:
             runs += json.load(f)["runs"]
-    if not checkpoints and not runs:
-        sys.exit("give --checkpoint (one or more) and/or --compare results JSONs")
     import jax
     from grain_jax import sharding
     mesh = sharding.create_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
@@ -75,7 +80,7 @@ def main(argv: Sequence[str]) -> None:
     resolved = suite.resolve_datasets(fv.evals, data_dir=fv.data_dir, descriptors=fv.descriptors,
                                       synthetic_dir=fv.synthetic_dir, image_dir=fv.image_dir) if checkpoints else None
     if resolved and not resolved[0]:
-        sys.exit(f"grain-jax-eval: error: {suite.nothing_prepared(resolved[1], fv.data_dir)}")
+        raise console.Failure(suite.nothing_prepared(resolved[1], fv.data_dir))
     for checkpoint in checkpoints:
         print(f"evaluating {checkpoint} on {fv.evals}", flush=True)
         run = suite.evaluate_checkpoint(
@@ -94,10 +99,9 @@ def main(argv: Sequence[str]) -> None:
     print(f"results: {fv.output}  chart: {chart}")
 
 
-def run() -> None:
-    """Console-script entry point (``grain-jax-eval``)."""
-    console.setup()  # warnings (e.g. a folder without descriptors) as one plain line
-    main(sys.argv)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console script ``grain-jax-eval``."""
+    cli.run(PROGRAM, main, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """grain-jax-prepare: turn annotated image-text data into prepared grain_jax records.
 
-Usage:
+usage:
   grain-jax-prepare reference --captions captions_pooled.csv --mllm_captions captions.json \\
       --boxes boxes.json --images_root DIR --output_dir OUT [--resolution 224] [--max_boxes 5]
   grain-jax-prepare webdataset --shards 'DIR/{00000..00099}.tar' [--annotations side.json] --output_dir OUT
@@ -11,21 +11,31 @@ See ``grain_jax.data.prepare`` for what is written and how bad records are repor
 from __future__ import annotations
 
 import os
-import sys
 from typing import Sequence
 
 from absl import flags
 
+from grain_jax import cli
+from grain_jax.cli import console
 from grain_jax.data import records, synthetic
 from grain_jax.data.prepare import sources
 from grain_jax.data.prepare.writer import prepare_dataset
 
+PROGRAM = "grain-jax-prepare"
+_COMMON = ("resolution", "max_boxes", "num_workers")
+_WRITER = (*_COMMON, "context_length", "jpeg_quality", "examples_per_shard", "validation_fraction", "box_canvas")
+# The flags each command reads (the synthetic generator fixes the writer's settings itself).
+COMMANDS = {
+    "reference": cli.Command(required=("output_dir", "captions", "images_root"),
+                             optional=(*_WRITER, "mllm_captions", "boxes", "caption_column", "allow_outside_root")),
+    "webdataset": cli.Command(required=("output_dir", "shards"), optional=(*_WRITER, "annotations")),
+    "synthetic": cli.Command(required=("output_dir",), optional=(*_COMMON, "num_train")),
+}
+_PATHS = {"captions": "file", "mllm_captions": "file", "boxes": "file", "images_root": "directory",
+          "annotations": "file"}
 
-COMMANDS = ("reference", "webdataset", "synthetic")
 
-
-def _define_flags():
-    """The CLI flags, on their own FlagValues so importing this module defines no global flag."""
+def _flags() -> flags.FlagValues:
     fv = flags.FlagValues()
     flags.DEFINE_string("output_dir", None, "Where the prepared dataset is written.", flag_values=fv)
     flags.DEFINE_integer("resolution", 224, "Square image side (synthetic: 64 unless given).", flag_values=fv)
@@ -59,40 +69,10 @@ def _define_flags():
     return fv
 
 
-_REQUIRED_FLAGS = {"reference": ("output_dir", "captions", "images_root"), "webdataset": ("output_dir", "shards"),
-                   "synthetic": ("output_dir",)}
-_SOURCE_FLAGS = {"reference": {"captions", "mllm_captions", "boxes", "images_root", "caption_column",
-                               "allow_outside_root"},
-                 "webdataset": {"shards", "annotations"}, "synthetic": {"num_train"}}
-# Flags a command would silently ignore: the other commands' inputs, and for synthetic the
-# settings its generator fixes itself.
-_IGNORED_FLAGS = {
-    command: set().union(*(f for other, f in _SOURCE_FLAGS.items() if other != command))
-    | ({"context_length", "jpeg_quality", "examples_per_shard", "validation_fraction", "box_canvas"}
-       if command == "synthetic" else set())
-    for command in COMMANDS}
-
-
 def main(argv: Sequence[str]) -> dict:
-    """Parses `argv` (program name first) and runs one command; returns the prepare summary."""
-    fv = _define_flags()
-    usage = f"{__doc__}\nFlags:\n{fv.get_help()}"
-    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
-        print(usage)
-        raise SystemExit(0)
-    try:
-        rest = fv(list(argv))
-    except flags.Error as e:
-        raise SystemExit(f"grain-jax-prepare: {e}\n\n{usage}") from None
-    if len(rest) != 2 or rest[1] not in COMMANDS:
-        raise SystemExit(f"grain-jax-prepare: give exactly one command of {COMMANDS}, got {rest[1:]}\n\n{usage}")
-    command = rest[1]
-    missing = [f"--{name}" for name in _REQUIRED_FLAGS[command] if not fv[name].value]
-    if missing:
-        raise SystemExit(f"grain-jax-prepare {command}: missing {', '.join(missing)}")
-    foreign = [f"--{name}" for name in sorted(_IGNORED_FLAGS[command]) if fv[name].present]
-    if foreign:
-        raise SystemExit(f"grain-jax-prepare {command}: {', '.join(foreign)} do not apply to this command")
+    """Parses ``argv`` (program name first) and runs one command; returns the prepare summary."""
+    fv = _flags()
+    command = cli.parse(argv, fv, __doc__, paths=_PATHS, commands=COMMANDS)
     if command == "synthetic":
         sizes = {"resolution": fv.resolution if fv["resolution"].present else 64}
         if fv.num_train is not None:
@@ -108,16 +88,19 @@ def main(argv: Sequence[str]) -> dict:
         inputs = {"captions": fv.captions, "mllm_captions": fv.mllm_captions, "boxes": fv.boxes,
                   "images_root": fv.images_root}
     else:
-        raw_splits = sources.webdataset_raw_splits(fv.shards, fv.annotations, fv.box_canvas, fv.validation_fraction)
+        try:
+            raw_splits = sources.webdataset_raw_splits(fv.shards, fv.annotations, fv.box_canvas,
+                                                       fv.validation_fraction)
+        except FileNotFoundError as error:
+            raise console.UsageError(f"--shards: {error}") from None
         inputs = {"shards": fv.shards, "annotations": fv.annotations}
     return prepare_dataset(raw_splits, fv.output_dir, resolution=fv.resolution, source=command,
                            extra_info={"inputs": inputs, "validation_fraction": fv.validation_fraction}, **common)
 
 
-def run() -> None:
-    """Console script `grain-jax-prepare`."""
-    flags.FLAGS.mark_as_parsed()  # libraries (grain) read global absl flags; ours live on their own FlagValues
-    main(sys.argv)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Console script ``grain-jax-prepare``."""
+    cli.run(PROGRAM, main, argv)
 
 
 if __name__ == "__main__":

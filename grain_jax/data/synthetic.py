@@ -19,16 +19,18 @@ Design
   distinct cells of a 2x2 grid) on a light two-colour gradient background with noise. Texts:
   - caption (alt-text style): class names and layout only, "a dafo at top left and a mibuk at
     bottom right";
-  - MLLM caption: richer wording but still holistic (names, count, layout, background), never a
-    part or attribute word, so captions teach nothing about parts (only the layout words top /
-    left / right also occur in part phrases, there naming the object's place in the scene);
+  - MLLM caption (``mllm_captions="holistic"``, the default): each object's look in one phrase, as
+    LLaVA-style captions word it ("a red, striped dafo with a blue disc"): each part value mentioned
+    with probability 0.6, 10% of them wrong, the class name half the time (else "object", "toy"...),
+    never a box or a part-by-part phrase. ``"names_only"`` (the strict ablation) words names, count,
+    layout and background only, never a part or attribute word;
   - regions: up to 5 of the scene's grounded phrases (each object offers its descriptors with the
     box of the part they name, plus "a <name>" with the object box), with detector-like scores.
 * **Zero-shot splits** (ImageFolder, one object per image): `seen` (the training classes) and
   `novel`: classes with new names whose part-value combinations never occur in training, while
-  every single part value (and so every descriptor word) does. A model that only aligns whole
-  images with captions knows the names of the seen classes and nothing else, so it cannot name a
-  novel class; one that grounded the descriptors in regions can recognise it from its parts.
+  every single part value (and so every descriptor word) does. Novel names never occur in
+  training, so a novel class can only be recognised from its descriptors: from whole-image
+  attribute mentions (holistic captions) or from descriptors grounded in regions (GRAIN).
 
 `ensure_synthetic(directory, ...)` generates everything (cached, written atomically) and returns
 the prepared directory: train/validation records through `grain_jax.data.prepare.prepare_dataset`
@@ -378,20 +380,83 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _captions(rng: np.random.Generator, objects: Sequence[SceneObject]) -> tuple[str, str]:
-    """(alt-text caption, MLLM-style caption): names, count, layout and background only."""
+# How an MLLM words an object's look (holistic, no boxes): the base as a "standing on" phrase.
+_BASE_LOOKS = {"legs": "on two thin legs", "wheels": "on two wheels", "stand": "on a flat stand"}
+_GENERIC_NOUNS = ("object", "figure", "toy", "thing")
+MLLM_CAPTION_STYLES = ("holistic", "names_only")
+MENTION_PROB = 0.6  # each part value of an object is mentioned in its MLLM caption with this probability
+WRONG_PROB = 0.1  # a mentioned value is a wrong one (MLLM hallucination) with this probability
+NAME_PROB = 0.5  # the MLLM caption calls an object by its class name (else a generic noun)
+
+
+def _look(rng: np.random.Generator, concept: ConceptClass, max_values: int, brief: bool) -> str:
+    """One object's look as an MLLM describes it: "a red, striped dafo with a small blue disc on top".
+
+    A random subset (each value with MENTION_PROB, at most `max_values`) of the object's part values,
+    each wrong with WRONG_PROB, in one holistic phrase: no box, no "body" phrases. `brief` words the
+    attached part by colour and kind only ("with a blue disc").
+    """
+    factors = ["colour", "pattern", "shape", "part"] + (["base"] if BASES[concept.base] != "none" else [])
+    mentioned = [factor for factor in factors if rng.random() < MENTION_PROB]
+    mentioned = [mentioned[i] for i in sorted(rng.permutation(len(mentioned))[:max_values])]
+
+    def value(factor: str, index: int, count: int) -> int:  # the true value, or with WRONG_PROB another one
+        return int((index + rng.integers(1, count)) % count) if rng.random() < WRONG_PROB else index
+
+    adjectives, tail = [], []
+    for factor in mentioned:
+        if factor == "colour":
+            adjectives.append(COLOUR_NAMES[value(factor, concept.colour, len(COLOURS))])
+        elif factor == "pattern":
+            adjectives.append(PATTERNS[value(factor, concept.pattern, len(PATTERNS))])
+        elif factor == "shape":
+            adjectives.append(SHAPES[value(factor, concept.shape, len(SHAPES))])
+        elif factor == "part":
+            kind = PART_KINDS[value(factor, concept.part_kind, len(PART_KINDS))]
+            colour = COLOUR_NAMES[value(factor, concept.part_colour, len(COLOURS))]
+            size = PART_SIZES[value(factor, concept.part_size, len(PART_SIZES))]
+            side = _SIDE_PHRASES[PART_SIDES[value(factor, concept.part_side, len(PART_SIDES))]]
+            tail.append(f"with {_article(colour)} {colour} {kind}" if brief else
+                        f"with {_article(size)} {size} {colour} {kind} {side}")
+        else:
+            tail.append(_BASE_LOOKS[BASES[1 + value(factor, concept.base - 1, len(BASES) - 1)]])
+    noun = concept.name if rng.random() < NAME_PROB else _GENERIC_NOUNS[rng.integers(len(_GENERIC_NOUNS))]
+    words = ", ".join(adjectives) + (" " if adjectives else "") + noun
+    return " ".join([f"{_article(words)} {words}", *tail])
+
+
+def _captions(rng: np.random.Generator, mllm_rng: np.random.Generator, objects: Sequence[SceneObject],
+              mllm_style: str = "holistic") -> tuple[str, str]:
+    """(alt-text caption, MLLM-style caption); the MLLM caption draws from its own stream `mllm_rng`, so
+    that the caption style changes nothing else in a scene.
+
+    The alt-text caption names the classes and their layout only. The MLLM caption ("holistic", what
+    LLaVA-style captions are like) describes each object's look with some of its part values (a few
+    wrong), without boxes, so part words reach the image embedding only as a whole-image bag; the
+    part knowledge stays *localised* only in the region descriptions. "names_only" (the strict
+    ablation) words names, count, layout and background but never a part or attribute word.
+    """
+    if mllm_style not in MLLM_CAPTION_STYLES:
+        raise ValueError(f"mllm_captions must be one of {MLLM_CAPTION_STYLES}, got {mllm_style!r}")
     named = _names_in_cells(objects)
     if len(objects) == 1:
         name = objects[0].concept.name
         caption = [f"{_article(name)} {name}", f"a photo of {_article(name)} {name}", name,
                    f"my {name}", f"{name} for sale"][rng.integers(5)]
-        mllm = (f"The image shows a single {name} standing against a "
-                f"{BACKGROUND_WORDS[rng.integers(len(BACKGROUND_WORDS))]} background.")
     else:
         caption = [_join(named), ", ".join(o.concept.name for o in objects),
                    f"photo of {_join(named)}"][rng.integers(3)]
-        background = BACKGROUND_WORDS[rng.integers(len(BACKGROUND_WORDS))]
-        # Three objects leave no room for the background within 32 tokens.
+    if mllm_style == "holistic":
+        # Fewer and briefer values per object in busier scenes: the demo's captions are 32 tokens.
+        looks = [_look(mllm_rng, o.concept, max_values=(5, 2, 1)[len(objects) - 1], brief=len(objects) > 1)
+                 for o in objects]
+        mllm = (f"The image shows {looks[0]}." if len(objects) == 1
+                else f"{('Two', 'Three')[len(objects) - 2]} objects: {_join(looks)}.")
+        return caption, mllm
+    background = BACKGROUND_WORDS[mllm_rng.integers(len(BACKGROUND_WORDS))]
+    if len(objects) == 1:
+        mllm = f"The image shows a single {name} standing against a {background} background."
+    else:  # three objects leave no room for the background within 32 tokens
         mllm = (f"Two objects are visible: {_join(named)}, on a {background} background." if len(objects) == 2
                 else f"Three objects: {_join(named)}.")
     return caption, mllm
@@ -411,12 +476,12 @@ def _regions(rng: np.random.Generator, objects: Sequence[SceneObject], max_regio
 
 def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64, seed: int = 0,
                     num_seen_classes: int = 40, num_novel_classes: int = 10, max_regions: int = 5,
-                    with_labels: bool = False) -> list[Scene]:
+                    mllm_captions: str = "holistic", with_labels: bool = False) -> list[Scene]:
     """Scenes `start .. start+count-1` of a split, identical however the range is cut.
 
     Splits: "train" / "validation" (1-3 objects of seen classes, all texts), "seen" / "novel"
     (one object per image, class index = scene index % number of classes, for zero-shot tests).
-    `with_labels` keeps each object's label map (tests check boxes against drawn pixels).
+    `mllm_captions`: "holistic" or "names_only" (see `_captions`). `with_labels` keeps each object's label map (tests check boxes against drawn pixels).
     """
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split must be one of {list(SPLIT_STREAMS)}, got {split!r}")
@@ -428,15 +493,18 @@ def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64,
     scenes: list[Scene] = []
     first_chunk, last_chunk = start // CHUNK, (start + count - 1) // CHUNK
     for chunk in range(first_chunk, last_chunk + 1):
-        chunk_scenes = _chunk_scenes(split, chunk, classes, attributes, resolution, seed, max_regions, with_labels)
+        chunk_scenes = _chunk_scenes(split, chunk, classes, attributes, resolution, seed, max_regions, mllm_captions,
+                                     with_labels)
         scenes += [s for i, s in enumerate(chunk_scenes, chunk * CHUNK) if start <= i < start + count]
     return scenes
 
 
 def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attributes: np.ndarray,
-                  resolution: int, seed: int, max_regions: int, with_labels: bool) -> list[Scene]:
+                  resolution: int, seed: int, max_regions: int, mllm_captions: str, with_labels: bool
+                  ) -> list[Scene]:
     """All CHUNK scenes of one chunk, from the chunk's own random stream."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk])
+    mllm_rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk, 1])
     indices = np.arange(chunk * CHUNK, (chunk + 1) * CHUNK)
     scene_level = split in ("train", "validation")
     num_objects = (rng.choice(3, CHUNK, p=NUM_OBJECT_PROBS) + 1) if scene_level else np.ones(CHUNK, np.int64)
@@ -470,7 +538,7 @@ def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attri
 
     scenes = []
     for i, index in enumerate(indices):
-        caption, mllm = _captions(rng, objects[i])
+        caption, mllm = _captions(rng, mllm_rng, objects[i], mllm_captions)
         regions = _regions(rng, objects[i], max_regions)
         scenes.append(Scene(f"synthetic-{split}-{index:07d}", images[i], objects[i], caption, mllm, regions,
                             np.stack(object_labels[i]) if with_labels else None))
@@ -494,14 +562,15 @@ class _RawExamples:
 
 
 def raw_splits(num_train: int = 20000, num_validation: int = 1000, *, resolution: int = 64, seed: int = 0,
-               num_seen_classes: int = 40, num_novel_classes: int = 10, max_regions: int = 5) -> dict:
+               num_seen_classes: int = 40, num_novel_classes: int = 10, max_regions: int = 5,
+               mllm_captions: str = "holistic") -> dict:
     """`{"train": ..., "validation": ...}` iterables (with len) of raw examples for `prepare_dataset`.
 
     A raw example is `{"id", "image": uint8 [R, R, 3], "caption", "mllm_caption",
     "regions": [{"description", "box": xyxy in [0, 1], "score"}]}`.
     """
     args = dict(resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
-                num_novel_classes=num_novel_classes, max_regions=max_regions)
+                num_novel_classes=num_novel_classes, max_regions=max_regions, mllm_captions=mllm_captions)
     return {"train": _RawExamples("train", num_train, args),
             "validation": _RawExamples("validation", num_validation, args)}
 
@@ -539,7 +608,7 @@ def _read_marker(directory: str) -> dict | None:
 def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_validation: int | None = None,
                      num_test_per_class: int | None = None, resolution: int = 64, seed: int = 0,
                      num_seen_classes: int = 40, num_novel_classes: int = 10, max_boxes: int = 5,
-                     num_workers: int | None = None) -> str:
+                     mllm_captions: str = "holistic", num_workers: int | None = None) -> str:
     """Generates the benchmark into `directory` unless it already holds it with these arguments.
 
     Args:
@@ -552,6 +621,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
       seed: everything (classes, names, scenes) is a function of the seed and the sizes.
       num_seen_classes / num_novel_classes: catalogue size.
       max_boxes: regions per training image.
+      mllm_captions: "holistic" (MLLM captions mention some part values of each object, as real
+        ones do) or "names_only" (the strict ablation: no part or attribute word in any caption).
       num_workers: prepare worker processes (default: all cores, or none for <= 2000 scenes,
         where starting workers costs more than it saves); does not change the output.
 
@@ -569,7 +640,9 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
                          f"num_test_per_class={num_test_per_class}")
     arguments = dict(num_train=num_train, num_validation=num_validation, num_test_per_class=num_test_per_class,
                      resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
-                     num_novel_classes=num_novel_classes, max_boxes=max_boxes)
+                     num_novel_classes=num_novel_classes, max_boxes=max_boxes, mllm_captions=mllm_captions)
+    if mllm_captions not in MLLM_CAPTION_STYLES:
+        raise ValueError(f"mllm_captions must be one of {MLLM_CAPTION_STYLES}, got {mllm_captions!r}")
     existing = _read_marker(directory)
     if existing == arguments:
         return directory
@@ -586,7 +659,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
-        prepare.prepare_dataset(raw_splits(num_train, num_validation, max_regions=max_boxes, **generator_args),
+        prepare.prepare_dataset(raw_splits(num_train, num_validation, max_regions=max_boxes,
+                                           mllm_captions=mllm_captions, **generator_args),
                                 staging, resolution=resolution, max_boxes=max_boxes, num_workers=num_workers,
                                 source="synthetic", extra_info={"synthetic": arguments})
         for split in ("seen", "novel"):

@@ -61,6 +61,7 @@ class GrainModel(nn.Module):
     decoder_layers: int = 6
     decoder_mlp_dim: int = 2048
     decoder_dropout: float = 0.1
+    decoder_query_init_std: float = 1.0  # the reference's nn.Embedding: N(0, 1) query embeddings
     # Numerics.
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -93,7 +94,7 @@ class GrainModel(nn.Module):
             self.decoder = GroundingDecoder(
                 num_queries=self.num_queries, width=self.decoder_width, num_heads=self.decoder_heads,
                 depth=self.decoder_layers, mlp_dim=self.decoder_mlp_dim, dropout_rate=self.decoder_dropout,
-                embed_dim=self.embed_dim, **common)
+                query_init_std=self.decoder_query_init_std, embed_dim=self.embed_dim, **common)
         else:
             self.image_projection = layers.projection(self, "image_projection", (vit["width"], self.embed_dim),
                                                       self.param_dtype)

@@ -97,6 +97,7 @@ class GroundingDecoder(nn.Module):
     depth: int = 6
     mlp_dim: int = 2048
     dropout_rate: float = 0.1
+    query_init_std: float = 1.0
     embed_dim: int = 512
     remat_policy: str = "none"
     attention_impl: str = "auto"
@@ -112,7 +113,8 @@ class GroundingDecoder(nn.Module):
         memory = nn.with_logical_constraint(memory, layers.ACT_AXES)
 
         num_slots = self.num_queries + 1  # region queries, then the global image query
-        queries = self.param("query_embed", nn.with_logical_partitioning(nn.initializers.normal(1.0), ("seq", "embed")),
+        queries = self.param("query_embed", nn.with_logical_partitioning(nn.initializers.normal(self.query_init_std),
+                                                                      ("seq", "embed")),
                              (num_slots, self.width), self.param_dtype).astype(jnp.float32)
         tgt = jnp.zeros((vision_tokens.shape[0], num_slots, self.width), jnp.float32)
         final_norm = layers.layer_norm(_LN_EPS, self.param_dtype, name="decoder_norm")

@@ -64,7 +64,9 @@ def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransf
                                  state.replace(step=state.step + 1))
         metrics = {**metrics, "loss/total": loss, "lr": schedule(state.step), "grad_norm": grad_norm,
                    "param_norm": param_norm, "logit_scale": jnp.exp(params["logit_scale"]),
-                   "finite": finite.astype(jnp.float32)}
+                   "finite": finite.astype(jnp.float32),
+                   # Per tower (image, text, decoder, ...): which part the losses pull on, and how hard.
+                   **{f"grad_norm/{part}": optax.tree.norm(g) for part, g in grads.items() if part != "logit_scale"}}
         return new_state, jax.tree.map(lambda x: x.astype(jnp.float32), metrics)
 
     return train_step

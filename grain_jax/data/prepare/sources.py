@@ -18,6 +18,7 @@ from grain_jax.data.prepare.checks import safe_id
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # the reference's rule for captions_pooled.csv rows
 WEBDATASET_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+ANNOTATION_EXTENSION = "grain.json"  # `KEY.grain.json`: grounding annotations beside a sample's image
 REFERENCE_BOX_CANVAS = 960.0  # OWLv2 boxes of the reference are on a 960x960 canvas of the squashed image
 
 
@@ -144,12 +145,13 @@ def unsafe_member(member: tarfile.TarInfo) -> str | None:
 class WebDatasetSource:
     """Raw examples of one split from img2dataset / webdataset tars (`KEY.jpg`, `KEY.txt`, `KEY.json`).
 
-    A sample's grounding annotations come from its `KEY.json` or, overriding it, from the side JSON
-    `{KEY: annotation}`; an annotation is either a list of regions (the reference boxes format) or an
-    object with optional `regions`, `mllm_caption`, `canvas` (pixel side or `[width, height]` of the
-    canvas the boxes are on) and `normalized` (true if boxes are already in [0,1]). A region is
-    `{"description", "bbox" (or "box"): [x1,y1,x2,y2], "score" (optional)}`. Boxes are on the
-    `box_canvas` canvas of the squashed image unless the annotation says otherwise.
+    A sample's grounding annotations come from, in order of precedence, the side JSON
+    `{KEY: annotation}`, its `KEY.grain.json` member (what `grain-jax-annotate --output_format
+    webdataset` writes) or its `KEY.json`; an annotation is either a list of regions (the reference
+    boxes format) or an object with optional `regions`, `mllm_caption`, `canvas` (pixel side or
+    `[width, height]` of the canvas the boxes are on) and `normalized` (true if boxes are already in
+    [0,1]). A region is `{"description", "bbox" (or "box"): [x1,y1,x2,y2], "score" (optional)}`.
+    Boxes are on the `box_canvas` canvas of the squashed image unless the annotation says otherwise.
     Tar members are read in memory, never extracted; members with absolute or `..` paths and
     links are refused and reported. Each split passes over the tars once but reads the data of
     its own samples only (the split follows from the key in the member name).
@@ -211,15 +213,13 @@ class WebDatasetSource:
             yield self._example(key, files)
 
     def _example(self, key: str, files: Mapping[str, bytes]) -> dict:
-        meta = {}
-        if "json" in files:
-            try:
-                meta = json.loads(files["json"])
-            except ValueError as e:
-                return {"id": key, "error_kind": "corrupt_sample_json", "error": f"{key}.json is not JSON: {e}"}
-            if not isinstance(meta, dict):
-                meta = {}
-        annotation = self.annotations.get(key, meta)
+        try:
+            meta = json_member(key, "json", files)
+            own = None if key in self.annotations else json_member(key, ANNOTATION_EXTENSION, files)
+        except ValueError as e:
+            return {"id": key, "error_kind": "corrupt_sample_json", "error": str(e)}
+        meta = meta if isinstance(meta, dict) else {}
+        annotation = self.annotations.get(key, own if ANNOTATION_EXTENSION in files else meta)
         if not isinstance(annotation, dict):  # a bare region list (the reference boxes format)
             annotation = {"regions": annotation}
         canvas = None if annotation.get("normalized") else annotation.get("canvas", self.box_canvas)
@@ -227,6 +227,16 @@ class WebDatasetSource:
         return {"id": key, "image": image, "caption": files.get("txt", meta.get("caption")),
                 "mllm_caption": annotation.get("mllm_caption", meta.get("mllm_caption")),
                 "regions": normalise_regions(annotation.get("regions"), canvas)}
+
+
+def json_member(key: str, extension: str, files: Mapping[str, bytes]) -> Any:
+    """The parsed `KEY.<extension>` member ({} when the sample has none); ValueError naming it if not JSON."""
+    if extension not in files:
+        return {}
+    try:
+        return json.loads(files[extension])
+    except ValueError as e:
+        raise ValueError(f"{key}.{extension} is not JSON: {e}") from e
 
 
 def sample_key(name: str) -> tuple[str, str]:
