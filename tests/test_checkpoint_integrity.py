@@ -124,6 +124,48 @@ def test_digest_sees_every_single_bit_and_element_order():
     assert set(bf16) == {"x", "k"}
 
 
+def _definition(x) -> str:
+    """The digest as the module docstring defines it, element by element in Python integers."""
+    x = np.asarray(x)
+    words = x[..., None].view(np.uint32) if x.dtype.itemsize == 8 else x.view(f"uint{8 * x.dtype.itemsize}")
+    words = [int(w) for w in words.reshape(-1)]
+    return f"{sum(words) % 2**64:016x}{sum(i * w for i, w in enumerate(words)) % 2**64:016x}"
+
+
+_ARRAYS = {  # sizes that take each host route: one run summed as a matrix (plus a remainder), small runs, blocks
+    "matrix": np.random.default_rng(1).standard_normal((40, 1000)).astype(np.float32),
+    "vector": np.random.default_rng(2).standard_normal((40002,)).astype(np.float32),
+    "small": np.random.default_rng(3).standard_normal((3, 5, 7)).astype(np.float32),
+    "bf16": np.random.default_rng(4).standard_normal((16, 48)).astype(jnp.bfloat16),
+    "int8": np.arange(-64, 64, dtype=np.int8).reshape(8, 16),
+    "scalar": np.float32(-2.5), "bool": np.array([True, False, True]), "empty": np.zeros((0, 4), np.float32),
+}
+
+
+@pytest.mark.parametrize("spec", [P(), P("data"), P(None, "fsdp"), P(("data", "fsdp"), "tensor")])
+def test_digest_matches_its_definition_on_host_and_device_for_any_sharding(spec):
+    """numpy (host arrays, CPU devices) and jitted (accelerator) sums agree with the definition, whatever the mesh."""
+    mesh = sharding.create_mesh((2, 2, 2))
+
+    def fits(x):  # rank and divisibility
+        return len(spec) <= np.ndim(x) and all(x.shape[d] % np.prod([mesh.shape[a] for a in np.atleast_1d(axes)]) == 0
+                                               for d, axes in enumerate(spec) if axes)
+
+    arrays = {name: x for name, x in _ARRAYS.items() if fits(x)}
+    placed = {name: jax.device_put(x, NamedSharding(mesh, spec)) for name, x in arrays.items()}
+    expected = {name: _definition(x) for name, x in arrays.items()}
+    assert integrity.digests({"a": placed})["a"] == expected
+    device = integrity._device_sums(list(placed.values()), mesh)
+    assert {name: f"{s:016x}{p:016x}" for name, (s, p) in zip(placed, device)} == expected
+
+
+def test_digest_of_host_values_covers_all_64_bits():
+    extra = {"step": np.int64(2**40 + 5), "rng": np.asarray(jax.random.PRNGKey(3))}
+    record = integrity.digests({"extra": extra})["extra"]
+    assert record == {name: _definition(x) for name, x in extra.items()}
+    assert integrity.digests({"extra": {"step": np.int64(5)}})["extra"]["step"] != record["step"]
+
+
 # A full disk during a save: one clear error, the last committed step untouched and resumable.
 
 _DISK_FULL = ('RESOURCE_EXHAUSTED: Error writing "w/1.0" in OCDBT database: Failed to write 88620 bytes to file 5: '

@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grain_jax.data import images as images_lib
-from grain_jax.evaluators import common
+from grain_jax.evaluators import common, per_process
 from grain_jax.inference import preprocess_image
 
 KS = (1, 5, 10)
@@ -168,42 +168,48 @@ def recall_at_k(similarity: np.ndarray, caption_image: np.ndarray, ks: Sequence[
 def evaluate(model, data: RetrievalData, *, max_images: int | None = None, num_threads: int = 8,
              progress: bool = False) -> dict:
     """Recall@K of ``model`` (an InferenceModel) plus counts and timing; images that cannot be
-    decoded are left out with their captions and listed in ``skipped_examples``."""
+    decoded are left out with their captions and listed in ``skipped_examples``. Each process
+    reads and embeds its share of the images (``per_process``); the captions are embedded once
+    all processes' are gathered."""
 
     start = time.perf_counter()
     skipped: list[dict] = []
 
     def load(index):
+        if index == per_process.PADDING:
+            return None
         example = common.read_example(data.source, index, data.name, skipped)
         return None if example is None else (preprocess_image(example[0], model.spec), example[1])
 
-    ds = grain.MapDataset.range(len(data.source))
-    if max_images is not None and max_images < len(ds):
-        ds = ds[:max_images]
-    ds = ds.map(load)
-    bar = tqdm(total=len(ds), desc=data.name, unit="img", disable=not progress)
-    image_embeddings, captions, caption_image, num_images = [], [], [], 0
+    split = per_process.Split(model)
+    indices = split.share(np.arange(min(len(data.source), max_images or len(data.source))))
+    ds = grain.MapDataset.source(indices).map(load)
+    bar = tqdm(total=int((indices != per_process.PADDING).sum()), desc=data.name, unit="img",
+               disable=not progress)
+    image_embeddings, captions = [], []  # this process's images: [n, D], [[caption, ...]] * n
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
-    batch_iter = ds.batch(model.batch_size, batch_fn=list).to_iter_dataset(read)
-    for batch in batch_iter:
-        bar.update(len(batch))
-        batch = [example for example in batch if example is not None]
-        if not batch:
-            continue
-        for _, caps in batch:
-            captions += caps
-            caption_image += [num_images] * len(caps)
-            num_images += 1
-        image_embeddings.append(model.encode_images(np.stack([pixels for pixels, _ in batch])))
+    size = model.spec.image_size
+    for batch in ds.batch(split.local_batch_size, batch_fn=list).to_iter_dataset(read):
+        bar.update(sum(example is not None for example in batch))
+        pixels = np.stack([np.zeros((size, size, 3), np.uint8) if example is None else example[0]
+                           for example in batch])
+        embeddings = split.local(model.encode_images(split.to_global(pixels)))
+        real = [i for i, example in enumerate(batch) if example is not None]
+        image_embeddings.append(embeddings[real])
+        captions += [batch[i][1] for i in real]
     bar.close()
-    skipped.sort(key=lambda s: s["path"])
-    common.report_skipped(data.name, skipped, num_images)
-    if not num_images:
+    if not image_embeddings:  # no examples at all (every process alike)
+        raise ValueError(f"{data.name}: no images to evaluate")
+    images = split.gather(np.concatenate(image_embeddings))  # every process's, in the examples' order
+    captions = split.gather_objects(captions)
+    skipped = sorted(split.gather_objects(skipped), key=lambda s: s["path"])
+    common.report_skipped(data.name, skipped, len(images))
+    if not len(images):
         raise ValueError(f"{data.name}: no images to evaluate ({len(skipped)} unreadable images skipped)")
-    images = np.concatenate(image_embeddings)
-    texts = model.encode_texts(captions)
-    results = recall_at_k(images @ texts.T, np.asarray(caption_image))
-    results.update(num_images=len(images), num_captions=len(captions), seconds=time.perf_counter() - start,
+    caption_image = np.concatenate([np.full(len(caps), i) for i, caps in enumerate(captions)])
+    texts = model.encode_texts([caption for caps in captions for caption in caps])
+    results = recall_at_k(images @ texts.T, caption_image)
+    results.update(num_images=len(images), num_captions=len(texts), seconds=time.perf_counter() - start,
                    skipped=len(skipped), skipped_examples=skipped)
     return results
 

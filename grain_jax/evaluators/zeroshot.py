@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from tqdm import tqdm
 
-from grain_jax.evaluators import common, datasets as datasets_lib
+from grain_jax.evaluators import common, datasets as datasets_lib, per_process
 from grain_jax.inference import preprocess_image
 
 METRICS = ("top1", "top5", "mean_per_class_recall")
@@ -36,6 +36,11 @@ class _Counts:
         self.top1 += int(hit1.sum())
         self.top5 += int((topk == labels[:, None]).any(1).sum())
         np.add.at(self.class_hits, labels[hit1], 1)
+
+    def add_up(self, split: per_process.Split) -> None:
+        """Every process's counts summed (``per_process.Split.sum``)."""
+        self.top1, self.top5 = (int(n) for n in split.sum(np.array([self.top1, self.top5])))
+        self.class_hits = split.sum(self.class_hits)
 
     def metrics(self, count: int, class_counts: np.ndarray) -> dict[str, float]:
         present = class_counts > 0
@@ -62,30 +67,36 @@ def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence
     return tuple(float(a) for a in alphas)
 
 
-def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int | None = None,
-            num_threads: int = 8, seed: int = 0,
-            skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(uint8 images [b, S, S, 3], class indices [b]) in model-sized batches,
-    decoded and resized by ``num_threads`` grain threads; ``max_examples`` takes a fixed
-    random subset (for quick in-training evaluation).
+def subset(num_examples: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
+    """Indices of the examples to evaluate: all, or a fixed random subset of ``max_examples``
+    (for quick in-training evaluation)."""
+    indices = grain.MapDataset.range(num_examples)
+    if max_examples is not None and max_examples < num_examples:
+        indices = indices.seed(seed).shuffle()[:max_examples]
+    return np.asarray(list(indices), np.int64)
+
+
+def batches(data: datasets_lib.ClassificationData, model, indices: np.ndarray, batch_size: int, *,
+            num_threads: int = 8, skipped: list | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(uint8 images [batch_size, S, S, 3], class indices [batch_size]) of the examples ``indices``
+    (a multiple of ``batch_size`` long), decoded and resized by ``num_threads`` grain threads.
 
     An example whose image cannot be decoded (truncated, empty, not an image) gets the class
-    index ``datasets.SKIPPED`` (never counted) and ``{"path", "reason"}`` appended to ``skipped``.
+    index ``datasets.SKIPPED`` and ``{"path", "reason"}`` appended to ``skipped``; a
+    ``per_process.PADDING`` index gets class index ``PADDING``: neither is ever counted.
     """
     size = model.spec.image_size
     skipped = [] if skipped is None else skipped
 
     def load(index):
+        if index == per_process.PADDING:
+            return np.zeros((size, size, 3), np.uint8), np.int64(-1)
         example = common.read_example(data.source, index, data.name, skipped)
         if example is None:
             return np.zeros((size, size, 3), np.uint8), np.int64(datasets_lib.SKIPPED)
         return preprocess_image(example[0], model.spec), np.int64(example[1])
 
-    ds = grain.MapDataset.range(len(data.source))
-    if max_examples is not None and max_examples < len(ds):
-        ds = ds.seed(seed).shuffle()[:max_examples]
-    ds = ds.map(load)
-    ds = ds.batch(model.batch_size, drop_remainder=False)
+    ds = grain.MapDataset.source(indices).map(load).batch(batch_size)
     read = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     yield from ds.to_iter_dataset(read)
 
@@ -93,7 +104,8 @@ def batches(data: datasets_lib.ClassificationData, model, *, max_examples: int |
 def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
              alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8,
              progress: bool = False) -> dict:
-    """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset.
+    """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset, each process reading and
+    embedding its share of the examples (``per_process``).
 
     Returns:
       ``{"top1", "top5", "mean_per_class_recall", "alpha<a>/top1", ..., "count",
@@ -107,22 +119,29 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
     num_classes = len(data.class_names)
     counts = {a: _Counts(num_classes) for a in usable_alphas(model, data, alphas)}
     class_counts = np.zeros(num_classes, np.int64)
-    total = min(len(data), max_examples or len(data))
-    bar = tqdm(total=total, desc=data.name, unit="img", disable=not progress)
+    split = per_process.Split(model)
+    everything = subset(len(data), max_examples)
+    indices = split.share(everything)
+    bar = tqdm(total=int((indices != per_process.PADDING).sum()), desc=data.name, unit="img", disable=not progress)
     image_start = time.perf_counter()
     skipped: list[dict] = []
-    for images, labels in batches(data, model, max_examples=max_examples, num_threads=num_threads, skipped=skipped):
-        global_scores, region_scores = model.score_parts(images, classifier)
+    size = split.local_batch_size
+    for i, (images, labels) in enumerate(batches(data, model, indices, size, num_threads=num_threads,
+                                                 skipped=skipped)):
+        global_scores, region_scores = model.score_parts(split.to_global(images), classifier)
         keep = labels >= 0
         labels = labels[keep]
         np.add.at(class_counts, labels, 1)
         for alpha, c in counts.items():
             mixed = global_scores if alpha == 1.0 else alpha * global_scores + (1 - alpha) * region_scores
-            c.update(mixed[keep], labels)
-        bar.update(len(keep))
+            c.update(split.local(mixed)[keep], labels)
+        bar.update(int((indices[i * size:(i + 1) * size] != per_process.PADDING).sum()))
     bar.close()
+    class_counts = split.sum(class_counts)
+    for c in counts.values():
+        c.add_up(split)
     count = int(class_counts.sum())
-    skipped.sort(key=lambda s: s["path"])  # decoding threads append in any order
+    skipped = sorted(split.gather_objects(skipped), key=lambda s: s["path"])  # threads append in any order
     common.report_skipped(data.name, skipped, count)
     if count == 0:
         raise ValueError(f"{data.name}: no examples to evaluate ({len(skipped)} unreadable images skipped)")
@@ -131,7 +150,7 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
         results.update({alpha_key(alpha) + k: v for k, v in c.metrics(count, class_counts).items()})
     end = time.perf_counter()
     results.update(count=count, num_classes=num_classes, seconds=end - start,
-                   images_per_second=total / max(end - image_start, 1e-9), skipped=len(skipped),
+                   images_per_second=len(everything) / max(end - image_start, 1e-9), skipped=len(skipped),
                    skipped_examples=skipped)
     return results
 

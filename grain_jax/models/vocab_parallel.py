@@ -13,6 +13,8 @@ A one-hot matmul would avoid the gather too, but materialises an
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
@@ -25,11 +27,16 @@ from grain_jax import sharding
 
 def _local_lookup(table: jax.Array, tokens: jax.Array, vocab_axes: tuple[str, ...]) -> jax.Array:
     """Inside shard_map: this shard's rows [V/T, W], ids [n, L] -> its part of the embeddings, summed over shards."""
-    rows_per_shard = table.shape[0]
+    local, mine = _local_ids(tokens, table.shape[0], vocab_axes)
+    embedded = jnp.take(table, local, axis=0)
+    return jax.lax.psum(jnp.where(mine[..., None], embedded, 0), vocab_axes)
+
+
+def _local_ids(tokens: jax.Array, rows_per_shard: int, vocab_axes: tuple[str, ...]) -> tuple[jax.Array, jax.Array]:
+    """Inside shard_map: (row of each id in this shard's rows, 0 for others [n, L]; whether it is in them)."""
     local = tokens - jax.lax.axis_index(vocab_axes) * rows_per_shard
     mine = (local >= 0) & (local < rows_per_shard)
-    embedded = jnp.take(table, jnp.where(mine, local, 0), axis=0)
-    return jax.lax.psum(jnp.where(mine[..., None], embedded, 0), vocab_axes)
+    return jnp.where(mine, local, 0), mine
 
 
 def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
@@ -44,10 +51,43 @@ def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
         return jnp.take(table, tokens, axis=0)
     batch_axes = sharding.mesh_axes("batch", mesh)
     batch_shards = int(np.prod([mesh.shape[axis] for axis in batch_axes])) if batch_axes else 1
-    token_spec = P(batch_axes) if tokens.shape[0] % batch_shards == 0 else P()
-    fn = jax.shard_map(lambda t, ids: _local_lookup(t, ids, vocab_axes), in_specs=(P(vocab_axes), token_spec),
-                       out_specs=token_spec)
-    return fn(table, tokens)
+    return _sharded_lookup(table, tokens, vocab_axes, batch_axes if tokens.shape[0] % batch_shards == 0 else ())
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _sharded_lookup(table: jax.Array, tokens: jax.Array, vocab_axes: tuple[str, ...],
+                    batch_axes: tuple[str, ...]) -> jax.Array:
+    """``lookup`` on a sharded vocabulary, ``tokens`` split over ``batch_axes``.
+
+    The backward pass is written out (a scatter-add into each shard's rows, summed over the batch shards)
+    rather than derived: JAX cannot differentiate a shard_map nested in another one that is manual over
+    other axes (``grad_cache``'s groups), as it names the outer axes in the inner one's residuals.
+    """
+    return jax.shard_map(lambda t, ids: _local_lookup(t, ids, vocab_axes), in_specs=(P(vocab_axes), P(batch_axes)),
+                         out_specs=P(batch_axes))(table, tokens)
+
+
+def _sharded_lookup_fwd(table, tokens, vocab_axes, batch_axes):
+    return _sharded_lookup(table, tokens, vocab_axes, batch_axes), (tokens, jnp.zeros((0,) + table.shape, table.dtype))
+
+
+def _sharded_lookup_bwd(vocab_axes, batch_axes, residuals, d_embedded):
+    tokens, table_like = residuals  # table_like [0, V, W]: the table's shape and dtype, no data
+    rows_per_shard = table_like.shape[1] // int(np.prod([jax.sharding.get_abstract_mesh().shape[axis]
+                                                         for axis in vocab_axes]))
+
+    def local_gradient(ids, d_rows):  # this shard's rows [V/T, W], from this batch shard, summed over batch shards
+        local, mine = _local_ids(ids, rows_per_shard, vocab_axes)
+        d_table = jnp.zeros((rows_per_shard, d_rows.shape[-1]), d_rows.dtype)
+        d_table = d_table.at[local].add(jnp.where(mine[..., None], d_rows, 0))
+        return jax.lax.psum(d_table, batch_axes) if batch_axes else d_table
+
+    d_table = jax.shard_map(local_gradient, in_specs=(P(batch_axes), P(batch_axes)),
+                            out_specs=P(vocab_axes))(tokens, d_embedded)
+    return d_table.astype(table_like.dtype), None
+
+
+_sharded_lookup.defvjp(_sharded_lookup_fwd, _sharded_lookup_bwd)
 
 
 class VocabParallelEmbed(nn.Embed):

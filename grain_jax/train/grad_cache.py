@@ -14,8 +14,21 @@ optimizer step takes three passes:
 
 The loss and gradients are those of one step on the full batch (up to fp
 rounding), while activations are only ever alive for one micro-batch; the price
-is a second forward pass. Micro-batch j uses the dropout key ``fold_in(rng, j)``
-in both passes, so the recomputed forward is the one whose outputs were cached.
+is a second forward pass.
+
+The parameter gradients are reduced over the data-parallel devices once per step,
+not once per micro-batch: both passes run each micro-batch as G groups in a
+``jax.shard_map`` that is manual over the batch's mesh axes that no parameter is
+sharded over (``"data"`` by default; G = their size) and leaves the others to the
+partitioner. The scan accumulates a [G, ...] gradient whose group g never leaves
+its devices, and the sum over G after the scan is the one all-reduce (the compiled
+HLO has no collective of float data inside the loops, tests/test_grad_cache.py).
+Axes that parameters are sharded over (``"fsdp"``) keep their per-micro-batch
+reduce-scatter: deferring it would hold full, unsharded gradients. (``jax.vmap`` with
+``spmd_axis_name`` would express the groups too, but its batched patch-embedding
+convolution made the partitioner all-gather each micro-batch's images.) Group g of micro-batch j uses the dropout key
+``fold_in(fold_in(rng, j), g)`` in both passes, so the recomputed forward is the one
+whose outputs were cached.
 """
 from __future__ import annotations
 
@@ -24,6 +37,10 @@ from typing import Any, Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from grain_jax import sharding
 
 # Outputs that are not [B, ...]: where their batch axis is. ``logit_scale`` is a parameter, not cached.
 _BATCH_AXIS = {"dec/layer_boxes": 1}
@@ -51,6 +68,30 @@ def join(x: jax.Array, batch_axis: int = 0) -> jax.Array:
     return _constrain(jnp.moveaxis(x, 0, batch_axis), batch_axis)
 
 
+def _batch_first(outputs: Mapping[str, jax.Array], inverse: bool = False) -> dict[str, jax.Array]:
+    """Cached outputs with their batch axis moved to the front (``inverse``: back)."""
+    return {key: jnp.moveaxis(value, *((0, _BATCH_AXIS.get(key, 0)) if inverse else (_BATCH_AXIS.get(key, 0), 0)))
+            for key, value in outputs.items()}
+
+
+def _without(axes: Any, dropped: tuple[str, ...]) -> Any:
+    """A rule's mesh axes (None, a name or a tuple) less ``dropped``."""
+    kept = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ()) if a not in dropped)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+
+def _gradient_groups() -> tuple[tuple[str, ...], int, tuple]:
+    """(mesh axes, their size G, the logical rules within a group) of the active mesh and rules: the batch's
+    mesh axes that no other logical axis (so no parameter) maps to."""
+    mesh, rules = jax.sharding.get_abstract_mesh(), nn.get_logical_axis_rules()
+    if mesh.empty or not rules:
+        return (), 1, rules
+    others = {axis for name, _ in rules if name != "batch" for axis in sharding.mesh_axes(name, mesh)}
+    axes = tuple(axis for axis in sharding.mesh_axes("batch", mesh) if axis not in others)
+    inner_rules = tuple((name, _without(mesh_axes, axes)) for name, mesh_axes in rules)
+    return axes, int(np.prod([mesh.shape[axis] for axis in axes], dtype=int)), inner_rules
+
+
 def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax.Array]],
                      loss_fn: Callable[[Mapping[str, jax.Array], dict], tuple[jax.Array, dict]],
                      k: int) -> Callable:
@@ -65,12 +106,28 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
         return {key: value for key, value in outputs.items() if key in CACHED_OUTPUTS}
 
     def gradients(params, batch, rng):
+        axes, groups, inner_rules = _gradient_groups()
+
+        def per_group(fn):
+            """``fn(key, params, *rows)`` on each group's rows, on the group's devices (``jax.shard_map``, manual
+            over ``axes`` only); every leaf of ``rows`` and of the result has its batch axis first."""
+            def in_group(key, p, *rows):
+                with nn.logical_axis_rules(inner_rules):  # the group's rows are not split over ``axes`` again
+                    return fn(jax.random.fold_in(key, jax.lax.axis_index(axes)), p, *rows)
+
+            if not axes:
+                return lambda key, p, *rows: fn(jax.random.fold_in(key, 0), p, *rows)
+            return lambda key, p, *rows: jax.shard_map(
+                in_group, in_specs=(P(), P()) + (P(axes),) * len(rows), out_specs=P(axes),
+                axis_names=set(axes))(key, p, *rows)
+
         micro = jax.tree.map(lambda x: split(x, k), batch)
         index = jnp.arange(k)
 
         def embed(xs):
             j, micro_batch = xs
-            return cached(apply_fn(jax.lax.stop_gradient(params), micro_batch, jax.random.fold_in(rng, j)))
+            run = per_group(lambda key, p, rows: _batch_first(cached(apply_fn(jax.lax.stop_gradient(p), rows, key))))
+            return _batch_first(run(jax.random.fold_in(rng, j), params, micro_batch), inverse=True)
 
         outputs = jax.lax.map(embed, (index, micro))
         outputs = {key: join(value, _BATCH_AXIS.get(key, 0)) for key, value in outputs.items()}
@@ -83,13 +140,25 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
                                                                                        params["logit_scale"])
         d_micro = {key: split(value, k, _BATCH_AXIS.get(key, 0)) for key, value in d_outputs.items()}
 
+        def group_grads(key, p, rows, d_rows):
+            """[1, ...] parameter gradients of this group's rows (not reduced over the groups)."""
+            # Marked as varying over the groups: the gradient of an invariant input would be psum'ed right here.
+            p = jax.lax.pcast(p, axes, to="varying")
+            _, pull_back = jax.vjp(lambda p: cached(apply_fn(p, rows, key)), p)
+            return jax.tree.map(lambda g: g[None], pull_back(_batch_first(d_rows, inverse=True))[0])
+
         def backward(grads, xs):
             j, micro_batch, d_micro_outputs = xs
-            _, pull_back = jax.vjp(lambda p: cached(apply_fn(p, micro_batch, jax.random.fold_in(rng, j))), params)
-            (micro_grads,) = pull_back(d_micro_outputs)
+            micro_grads = per_group(group_grads)(jax.random.fold_in(rng, j), params, micro_batch,
+                                                 _batch_first(d_micro_outputs))
             return jax.tree.map(jnp.add, grads, micro_grads), None
 
-        grads, _ = jax.lax.scan(backward, jax.tree.map(jnp.zeros_like, params), (index, micro, d_micro))
+        zeros = jax.tree.map(lambda p: jnp.zeros((groups,) + p.shape, p.dtype), params)  # [G, ...] per-group sums
+        if axes:  # the group axis on the group's devices, the rest as the partitioner likes
+            zeros = jax.tree.map(lambda z: jax.lax.with_sharding_constraint(
+                z, P(axes, *[P.UNCONSTRAINED] * (z.ndim - 1))), zeros)
+        grads, _ = jax.lax.scan(backward, zeros, (index, micro, d_micro))
+        grads = jax.tree.map(lambda g: g.sum(axis=0), grads)  # the one all-reduce over ``axes``
         grads = {**grads, "logit_scale": grads["logit_scale"] + d_logit_scale}
         return (loss, metrics), grads
 
