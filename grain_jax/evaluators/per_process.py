@@ -25,10 +25,11 @@ PADDING = -1  # the example index of a masked entry
 
 def _fed_rows(model) -> np.ndarray:
     """Rows of a global batch that this process's devices hold (where its data goes in ``model``'s calls)."""
-    if model.mesh is None:
+    if model.batch_sharding is None:
         return np.arange(model.batch_size)
-    placed = model._call(lambda params, rows: rows, np.arange(model.batch_size, dtype=np.int32))  # as images are
-    return np.unique(np.concatenate([np.asarray(shard.data) for shard in placed.addressable_shards]))
+    rows = np.arange(model.batch_size)
+    slices = model.batch_sharding.addressable_devices_indices_map((model.batch_size,)).values()
+    return np.unique(np.concatenate([rows[index] for index in slices]))
 
 
 class Split:
