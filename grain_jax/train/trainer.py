@@ -30,6 +30,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
+from grain_jax.batch import abstract_batch
 from grain_jax.data import loader, resolve
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
@@ -128,17 +129,11 @@ def check_sufficiently_sharded(state, config) -> float:
 
 def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config) -> tuple:
     """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings."""
-    data, batch = config.data, config.global_batch_size
-    abstract_batch = {
-        "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.uint8, sharding=batch_sh),
-        "caption_tokens": jax.ShapeDtypeStruct((batch, data.caption_length), np.int32, sharding=batch_sh),
-        "description_tokens": jax.ShapeDtypeStruct((batch, data.max_boxes, data.description_length), np.int32,
-                                                   sharding=batch_sh),
-        "boxes": jax.ShapeDtypeStruct((batch, data.max_boxes, 4), np.float32, sharding=batch_sh),
-        "box_mask": jax.ShapeDtypeStruct((batch, data.max_boxes), np.bool_, sharding=batch_sh),
-    }
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    return abstract_state, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
+    data = config.data
+    batch_shapes = abstract_batch(config.global_batch_size, data.image_size, data.caption_length,
+                                  data.description_length, data.max_boxes, batch_sh)
+    abstract_state = sharding.abstract_arrays(state, shardings)
+    return abstract_state, batch_shapes, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
 
 
 def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
