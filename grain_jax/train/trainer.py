@@ -43,6 +43,14 @@ def _say(message: str) -> None:
     logging.info(message)
 
 
+def _stop_profile(state, start: int, step: int, workdir: str) -> bool:
+    """Ends the jax.profiler trace of steps [start, step) once their work is done; returns False (not profiling)."""
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    _say(f"profile of steps [{start}, {step}) in {os.path.join(workdir, 'profile')}")
+    return False
+
+
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
     """A copy of ``config`` whose ``data_cache_dir`` and ``data.dir`` are set.
 
@@ -347,10 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 state, step_metrics = compiled(state, batch, train_rng)
             step += 1
             if profiling and step == profile_stop:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                profiling = False
-                _say(f"profile of steps [{profile_start}, {profile_stop}) in {os.path.join(workdir, 'profile')}")
+                profiling = _stop_profile(state, profile_start, step, workdir)
             pending.append(step_metrics)
             preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
             save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
@@ -359,6 +364,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
             if save:
                 ckpt.save(state, train_rng, data_iterator)
             if preempted:
+                if profiling:
+                    profiling = _stop_profile(state, profile_start, step, workdir)
                 ckpt.wait()
                 _say(f"preempted: saved checkpoint at step {step} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}; "
                      f"rerun the same command to resume")
@@ -369,6 +376,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=True))
                 throughput.reset(step)
 
+    if profiling:  # profile_steps reached past the last step
+        _stop_profile(state, profile_start, step, workdir)
     if ckpt.latest_step() != step:  # e.g. resumed from the final step; make sure it is on disk
         ckpt.save(state, train_rng, data_iterator)
     last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=False))
