@@ -270,7 +270,7 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
             raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint steps")
         saved_tree = dict(mngr.item_metadata(step)["params"].tree)
         # The model's parameters (shapes, shardings) in the checkpoint's layout: the same object if it already is.
-        model_abstract = _abstract(params, shardings)
+        model_abstract = sharding.abstract_arrays(params, shardings)
         fresh_abstract = scan.match_layout(model_abstract, saved_tree,
                                            names=("model", f"config.init_from={init_from!r}"))
         converted = fresh_abstract is not model_abstract
