@@ -12,7 +12,6 @@ plus ``model_config.json``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 from typing import Any, Sequence
@@ -94,8 +93,7 @@ def restore_params(directory: str, abstract_params: Any = None, step: int | None
         params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
     if abstract_params is not None and target is not abstract_params:  # the other layout: convert on device
         shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
-        params = jax.jit(functools.partial(scan.match_layout, like=abstract_params),
-                         out_shardings=shardings)(params)
+        params = jax.jit(lambda tree: scan.match_layout(tree, abstract_params), out_shardings=shardings)(params)
     return params
 
 

@@ -9,7 +9,6 @@ the new one has committed, so the last good checkpoint always survives a crash.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 import shutil
@@ -301,7 +300,7 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
     logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh%s", init_from, step, len(wanted),
                  len(fresh) - len(wanted), " (layer layout converted)" if converted else "")
     if converted:
-        merged = jax.jit(functools.partial(scan.match_layout, like=model_abstract), out_shardings=shardings)(merged)
+        merged = jax.jit(lambda tree: scan.match_layout(tree, model_abstract), out_shardings=shardings)(merged)
     return merged
 
 
