@@ -294,9 +294,10 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
         loaded = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             item=abstract, restore_args=restore_args)))["params"]
     loaded = traverse_util.flatten_dict(loaded, sep="/")
-    if len(wanted) < len(fresh):  # some leaves stay fresh: the model's values, in the checkpoint's layout
-        loaded = {**traverse_util.flatten_dict(scan.match_layout(params, saved_tree), sep="/"), **loaded}
-    merged = traverse_util.unflatten_dict({path: loaded[path] for path in fresh}, sep="/")
+    # Leaves kept fresh: the model's values, in the checkpoint's layout.
+    kept = traverse_util.flatten_dict(scan.match_layout(params, saved_tree), sep="/") if len(wanted) < len(fresh) else {}
+    merged = traverse_util.unflatten_dict({path: loaded[path] if path in wanted else kept[path] for path in fresh},
+                                          sep="/")
     logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh%s", init_from, step, len(wanted),
                  len(fresh) - len(wanted), " (layer layout converted)" if converted else "")
     if converted:
