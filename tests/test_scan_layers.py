@@ -185,3 +185,26 @@ def test_scan_layers_is_a_config_key():
     assert state.build_model(config).scan_layers is False
     config.model.scan_layers = True  # --config.model.scan_layers=True
     assert state.build_model(config).scan_layers is True
+
+
+def test_resuming_a_workdir_in_the_other_layout_says_why(tmp_path):
+    """The optimizer state has the params' layout: a workdir resumes only with its own scan_layers, said first."""
+    import grain
+    import optax
+
+    from grain_jax.train.state import TrainState
+
+    def state(params):
+        tx = optax.adam(1e-3)
+        state = TrainState(step=jnp.int32(2), params=params, opt_state=tx.init(params))
+        return state, jax.tree.map(lambda x: x.sharding, state)
+
+    unrolled = {"image": {f"blocks_{i}": {"w": jnp.full((4,), float(i))} for i in range(2)}}
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    ckpt = resume.Checkpointer(str(tmp_path), keep=1)
+    ckpt.save(state(unrolled)[0], jax.random.PRNGKey(0), iterator)
+    ckpt.wait()
+    with pytest.raises(resume.CheckpointMismatch, match=r"layer layout image/blocks unrolled x2 in the checkpoint, "
+                                                        r"image/blocks scanned x2 in this run \(config.model.scan_layers"):
+        ckpt.restore(*state(scan.stack_layers(unrolled)), iterator)
+    ckpt.close()
