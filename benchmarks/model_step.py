@@ -5,11 +5,16 @@
     # side by side: model overrides per variant, timed round-robin, ratios to the first variant
     python benchmarks/model_step.py --models grain-vit-s16 --image_size 224 --batch_size 8 \
         --variants "attention_impl=explicit;attention_impl=xla"
+    # compile time only (abstract params, nothing runs): unrolled vs scanned towers
+    python benchmarks/model_step.py --models grain-vit-b16 --image_size 224 --batch_size 8 --compile_only \
+        --variants "scan_layers=False;scan_layers=True"
 
 Prints, per model (and variant), its parameter count, the compile time of the train step and the median
 wall (and process CPU) time of the jitted forward (train=False) and of a full train step (forward + backward
 of ``total_loss`` + AdamW update) on a random batch that satisfies the batch contract. Variants are timed
 interleaved (one call of each per round), so a load change on a shared machine hits them alike.
+``--compile_only``: the train step's trace (jaxpr + StableHLO) and XLA compile times, from shapes only, one
+variant after the other (nothing is cached between them: each variant is another program).
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from grain_jax.batch import fake_batch
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.data import transforms
 from grain_jax.losses import LossConfig, total_loss
-from grain_jax.models import create_model, param_counts
+from grain_jax.models import create_model, init_params, param_counts
 
 
 def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -54,8 +59,14 @@ def _parse_overrides(text: str) -> dict:
     return overrides
 
 
+def _label(name: str, overrides: dict, model) -> str:
+    label = f"{name}[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else name
+    return label + f" ({sum(param_counts(model).values()) / 1e6:.2f} M params)"
+
+
 def prepare(name: str, overrides: dict, args: argparse.Namespace):
-    """(label, compile seconds, forward fn, train-step fn) of one model variant, compiled."""
+    """(label, compile seconds, forward fn, train-step fn) of one model variant, compiled;
+    with ``args.compile_only``: (label, trace seconds, compile seconds), nothing allocated or run."""
     model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy,
                          **overrides)
     batch = fake_batch(args.batch_size, args.image_size, args.caption_length, args.description_length)
@@ -64,10 +75,11 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
             pad = [(0, 0)] * (batch[key].ndim - 1) + [(0, args.pad_texts_to - batch[key].shape[-1])]
             batch[key] = np.pad(batch[key], pad)
     batch["images"] = np.asarray(transforms.normalize(batch["images"], IMAGENET_MEAN, IMAGENET_STD))  # model input
-    params = nn.unbox(jax.jit(lambda key: model.init({"params": key}, batch["images"], batch["caption_tokens"],
-                                                     batch["description_tokens"]))(jax.random.key(0)))["params"]
+    init = functools.partial(init_params, model)
+    params = nn.unbox(jax.eval_shape(init, jax.random.key(0)) if args.compile_only
+                      else jax.jit(init)(jax.random.key(0)))
     tx = optax.adamw(1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)
-    opt_state = tx.init(params)
+    opt_state = (jax.eval_shape if args.compile_only else lambda f, x: f(x))(tx.init, params)
     config = LossConfig()
 
     def forward(params, batch):
@@ -86,15 +98,31 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
         return optax.apply_updates(params, updates), opt_state, loss
 
     key = jax.random.key(1)
+    if args.compile_only:  # (wall, process CPU) seconds: CPU time stays meaningful on a loaded machine
+        start = np.array([time.perf_counter(), time.process_time()])
+        lowered = train_step.lower(params, opt_state, batch, key)
+        traced = np.array([time.perf_counter(), time.process_time()])
+        lowered.compile()
+        return _label(name, overrides, model), traced - start, np.array([time.perf_counter(), time.process_time()]) - traced
     start = time.perf_counter()
     jax.block_until_ready(train_step(params, opt_state, batch, key))
     compile_s = time.perf_counter() - start
     forward = jax.jit(forward)
     jax.block_until_ready(forward(params, batch))
-    label = f"{name}[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else name
-    label += f" ({sum(param_counts(model).values()) / 1e6:.2f} M params)"
-    return (label, compile_s, functools.partial(forward, params, batch),
+    return (_label(name, overrides, model), compile_s, functools.partial(forward, params, batch),
             functools.partial(train_step, params, opt_state, batch, key))
+
+
+def compile_times(name: str, args: argparse.Namespace) -> None:
+    base = None
+    for variant in args.variants.split(";"):
+        label, trace, compile_ = prepare(name, _parse_overrides(variant), args)
+        total = trace + compile_
+        base = total if base is None else base
+        print(f"{label}: batch {args.batch_size} @ {args.image_size}px, dtype {args.dtype}, remat "
+              f"{args.remat_policy}: train step trace {trace[0]:.1f} s + XLA compile {compile_[0]:.1f} s = "
+              f"{total[0]:.1f} s wall (CPU {trace[1]:.1f} + {compile_[1]:.1f} = {total[1]:.1f} s), / first variant: "
+              f"wall {total[0] / base[0]:.3f}, CPU {total[1] / base[1]:.3f}", flush=True)
 
 
 def benchmark(name: str, args: argparse.Namespace) -> None:
@@ -127,10 +155,11 @@ def main() -> None:
     parser.add_argument("--pad_texts_to", type=int, default=0,
                         help="zero-pad the texts (at most caption/description_length long) to this length")
     parser.add_argument("--variants", default="", help="';'-separated model overrides 'key=value,...' per variant")
+    parser.add_argument("--compile_only", action="store_true", help="time the train step's trace and compile only")
     args = parser.parse_args()
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s)")
     for name in args.models.split(","):
-        benchmark(name, args)
+        (compile_times if args.compile_only else benchmark)(name, args)
 
 
 if __name__ == "__main__":

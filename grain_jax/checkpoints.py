@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 from grain_jax.data import transforms
 
@@ -68,19 +69,45 @@ def restore_params(directory: str, abstract_params: Any = None, step: int | None
     Args:
       directory: a checkpoint DIR (see module docstring).
       abstract_params: optional pytree of ``jax.ShapeDtypeStruct`` (with shardings) to
-        restore into; ``None`` restores the saved shapes and dtypes onto this process's first
+        restore into, in either layer layout (``models.scan``: a checkpoint saved unrolled restores
+        into a scanned model and back); ``None`` restores the saved tree onto this process's first
         device (whatever devices or process count wrote the checkpoint).
       step: defaults to the latest step.
+
+    Raises:
+      ValueError listing the parameters that are missing, unexpected or of another shape.
     """
+    from grain_jax.models import scan
+
     with manager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint steps under {os.path.join(directory, CHECKPOINTS)}")
+        saved = mngr.item_metadata(step)["params"].tree
         if abstract_params is None:  # orbax would place arrays on the saving run's devices, which may not exist here
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            abstract_params = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                                           mngr.item_metadata(step)["params"].tree)
-        return mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_params)))["params"]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+        else:
+            target = scan.match_layout(abstract_params, saved, names=("model", f"checkpoint {directory}"))
+            _check_fits(saved, target, directory)
+        params = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
+    if abstract_params is not None and target is not abstract_params:  # the other layout: convert on device
+        shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+        params = jax.jit(lambda tree: scan.match_layout(tree, abstract_params), out_shardings=shardings)(params)
+    return params
+
+
+def _check_fits(saved: Any, target: Any, directory: str) -> None:
+    """Raises ValueError naming every parameter of ``target`` the checkpoint's ``saved`` metadata lacks or
+    holds with another shape, and every saved one ``target`` lacks."""
+    saved, target = (traverse_util.flatten_dict(dict(tree), sep="/") for tree in (saved, target))
+    problems = [f"{path} is missing from the checkpoint" for path in target if path not in saved]
+    problems += [f"{path} is in the checkpoint but not in the model" for path in saved if path not in target]
+    problems += [f"{path} has shape {tuple(saved[path].shape)} in the checkpoint, the model has {tuple(leaf.shape)}"
+                 for path, leaf in target.items() if path in saved and tuple(saved[path].shape) != tuple(leaf.shape)]
+    if problems:
+        raise ValueError(f"the checkpoint {directory!r} does not fit the model:\n  " + "\n  ".join(problems[:20])
+                         + (f"\n  (and {len(problems) - 20} more)" if len(problems) > 20 else ""))
 
 
 def save_params(directory: str, params: Any, spec: ModelSpec, step: int = 0) -> None:

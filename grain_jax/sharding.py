@@ -22,6 +22,7 @@ evaluation and inference) is placed with ``batch_sharding(mesh, rules)``, so ove
 | act_embed    | model width of *activations*                       | replicated       |
 | seq          | tokens / patches / text positions / queries        | replicated       |
 | norm         | LayerNorm scale and bias, scalars, tiny vectors    | replicated       |
+| layers       | leading (stacked-blocks) axis of scan_layers       | replicated       |
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_embed", None),
     ("seq", None),
     ("norm", None),
+    ("layers", None),  # scan_layers: each step slices one layer, so every device needs every layer's shard
 )
 
 

@@ -27,10 +27,11 @@ def test_model_flops_count_every_micro_batch_that_compiled_cost_analysis_misses(
     assert metrics.compiled_flops(compiled, 1) == pytest.approx(2 * B * D * D / K, rel=0.01)  # the loop body once
 
 
-def test_trainer_flops_ignore_remat_and_accumulation(tmp_path):
-    def flops(remat="none", **overrides):
+def test_trainer_flops_ignore_remat_accumulation_and_scan(tmp_path):
+    def flops(remat="none", scan_layers=False, **overrides):
         config = _train_utils.runlocal_config(str(tmp_path), **overrides)
         config.model.remat_policy = remat
+        config.model.scan_layers = scan_layers
         mesh = sharding.create_mesh(config.mesh_shape)
         rules = sharding.axis_rules()
         schedule = trainer.schedule_from_config(config, total_steps=10, warmup_steps=0)
@@ -41,6 +42,7 @@ def test_trainer_flops_ignore_remat_and_accumulation(tmp_path):
     plain = flops()
     assert plain > 0
     assert flops(grad_accum_steps=2, remat="full") == plain
+    assert flops(scan_layers=True) == plain  # a scanned block counts once per layer
 
 
 @pytest.mark.parametrize("kind, platform, peak", [

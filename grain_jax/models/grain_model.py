@@ -66,6 +66,9 @@ class GrainModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
+    # One nn.scan per tower over its identical blocks (compiles one block instead of depth copies); the params
+    # are then stacked on a leading "layers" axis. False = the reference / converter layout. models/scan.py.
+    scan_layers: bool = False
     attention_impl: str = "auto"  # layers.ATTENTION_IMPLS: "auto" = cuDNN flash on GPU in bf16, else explicit
     # Text work skipped (see the module docstring): fraction of description slots encoded; static lengths.
     description_budget: float = 1.0
@@ -81,7 +84,7 @@ class GrainModel(nn.Module):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         common = dict(dtype=self.dtype, param_dtype=self.param_dtype, remat_policy=self.remat_policy,
-                      attention_impl=self.attention_impl)
+                      scan_layers=self.scan_layers, attention_impl=self.attention_impl)
         vit = decode_variant(self.vit_variant)
         self.image = VisionTransformer(
             **vit, image_size=self.image_size, qk_norm=self.vit_qk_norm, pre_norm=self.vit_pre_norm,

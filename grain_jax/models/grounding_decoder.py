@@ -22,11 +22,13 @@ default; queries N(0, 1); obj_proj / img_proj N(0, D^-0.5). LayerNorm eps 1e-5.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.models import layers
+from grain_jax.models import layers, scan
 
 _DECODER_INIT = layers.BlockInit(qkv=layers.XAVIER_UNIFORM, out=layers.XAVIER_UNIFORM, fc1=layers.XAVIER_UNIFORM,
                                  fc2=layers.XAVIER_UNIFORM, zero_attn_bias=True)
@@ -100,6 +102,7 @@ class GroundingDecoder(nn.Module):
     query_init_std: float = 1.0
     embed_dim: int = 512
     remat_policy: str = "none"
+    scan_layers: bool = False  # one nn.scan over the layers (params layers/... [depth, ...]; models/scan.py)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -119,13 +122,18 @@ class GroundingDecoder(nn.Module):
         tgt = jnp.zeros((vision_tokens.shape[0], num_slots, self.width), jnp.float32)
         final_norm = layers.layer_norm(_LN_EPS, self.param_dtype, name="decoder_norm")
 
-        layer_cls = layers.remat(DecoderLayer, self.remat_policy)
-        hidden = []
-        for i in range(self.depth):
-            tgt = layer_cls(self.num_heads, self.mlp_dim, self.dropout_rate, deterministic=not train,
-                            attention_impl=self.attention_impl, name=f"layers_{i}", **common)(tgt, queries, memory)
-            hidden.append(final_norm(tgt))
-        hidden = jnp.stack(hidden)  # [L, B, Q+1, D]
+        layer_cls = layers.remat(DecoderLayer, self.remat_policy, scanned=self.scan_layers)
+        layer = functools.partial(layer_cls, self.num_heads, self.mlp_dim, self.dropout_rate, deterministic=not train,
+                                  attention_impl=self.attention_impl, **common)
+        if self.scan_layers:
+            _, outputs = scan.scan_blocks(layer(name="layers"), tgt, queries, memory, length=self.depth, collect=True)
+            hidden = final_norm(outputs)  # [L, B, Q+1, D]: the norm is per token, so per layer as unrolled
+        else:
+            hidden = []
+            for i in range(self.depth):
+                tgt = layer(name=f"layers_{i}")(tgt, queries, memory)
+                hidden.append(final_norm(tgt))
+            hidden = jnp.stack(hidden)  # [L, B, Q+1, D]
 
         layer_boxes = BoxHead(name="bbox_embed", **common)(hidden[:, :, :self.num_queries])
         last = hidden[-1]

@@ -104,20 +104,22 @@ def projection(module: nn.Module, name: str, shape: tuple[int, int], param_dtype
     return module.param(name, nn.with_logical_partitioning(init, ("embed", None)), shape, param_dtype)
 
 
-def remat(module_cls: type[nn.Module], policy: str | None) -> type[nn.Module]:
+def remat(module_cls: type[nn.Module], policy: str | None, scanned: bool = False) -> type[nn.Module]:
     """Wraps a block class in ``nn.remat``.
 
     ``policy``: "none" (no remat), "full" (save nothing, recompute the block), or the
     name of any ``jax.checkpoint_policies`` entry (e.g. "dots_saveable").
+    ``scanned``: the block is the body of an ``nn.scan``, which already keeps XLA from merging the
+    recomputation into the forward pass, so remat's own CSE barriers (``prevent_cse``) are dropped.
     """
     if policy in (None, "", "none"):
         return module_cls
     if policy == "full":
-        return nn.remat(module_cls)
+        return nn.remat(module_cls, prevent_cse=not scanned)
     fn = getattr(jax.checkpoint_policies, policy, None)
     if fn is None or policy.startswith("_"):
         raise ValueError(f"unknown remat_policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
-    return nn.remat(module_cls, policy=fn)
+    return nn.remat(module_cls, policy=fn, prevent_cse=not scanned)
 
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "explicit")

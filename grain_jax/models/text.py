@@ -20,11 +20,13 @@ PyTorch default, text_projection N(0, W^-0.5).
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.models import layers
+from grain_jax.models import layers, scan
 from grain_jax.models.vocab_parallel import VocabParallelEmbed
 
 
@@ -38,6 +40,7 @@ class TextTransformer(nn.Module):
     embed_dim: int = 512
     activation: str = "quick_gelu"
     remat_policy: str = "none"
+    scan_layers: bool = False  # one nn.scan over the blocks (params blocks/... [depth, ...]; models/scan.py)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -65,10 +68,15 @@ class TextTransformer(nn.Module):
             qkv=nn.initializers.normal(attn_std), out=nn.initializers.normal(proj_std),
             fc1=nn.initializers.normal((2 * self.width) ** -0.5), fc2=nn.initializers.normal(proj_std),
             zero_attn_bias=True)
-        block_cls = layers.remat(layers.EncoderBlock, self.remat_policy)
-        for i in range(self.depth):
-            x = block_cls(self.num_heads, 4 * self.width, activation=self.activation, ln_eps=1e-5, causal=True,
-                          init=init, attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+        block_cls = layers.remat(layers.EncoderBlock, self.remat_policy, scanned=self.scan_layers)
+        block = functools.partial(block_cls, self.num_heads, 4 * self.width, activation=self.activation, ln_eps=1e-5,
+                                  causal=True, init=init, attention_impl=self.attention_impl, dtype=self.dtype,
+                                  param_dtype=self.param_dtype)
+        if self.scan_layers:
+            x, _ = scan.scan_blocks(block(name="blocks"), x, length=self.depth)
+        else:
+            for i in range(self.depth):
+                x = block(name=f"blocks_{i}")(x)
         features = layers.layer_norm(1e-5, self.param_dtype, name="ln_final")(x)
 
         eot = jnp.argmax(tokens, axis=-1)  # [N]; EOT (49407) is the largest id

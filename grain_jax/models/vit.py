@@ -19,11 +19,13 @@ cls_token N(0, 1e-6).
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from grain_jax.models import layers
+from grain_jax.models import layers, scan
 
 # name -> (width, depth, heads). S uses 12 heads as the reference does (timm's vit_small has 6).
 # Mu is a CPU-sized variant for tests and the demo.
@@ -60,6 +62,7 @@ class VisionTransformer(nn.Module):
     activation: str = "gelu"
     ln_eps: float = 1e-6
     remat_policy: str = "none"
+    scan_layers: bool = False  # one nn.scan over the blocks (params blocks/... [depth, ...]; models/scan.py)
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -92,9 +95,13 @@ class VisionTransformer(nn.Module):
         if self.pre_norm:
             x = layers.layer_norm(self.ln_eps, self.param_dtype, name="norm_pre")(x)
 
-        block_cls = layers.remat(layers.EncoderBlock, self.remat_policy)
-        for i in range(self.depth):
-            x = block_cls(self.num_heads, self.mlp_ratio * self.width, activation=self.activation,
-                          ln_eps=self.ln_eps, qk_norm=self.qk_norm, attention_impl=self.attention_impl,
-                          dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+        block_cls = layers.remat(layers.EncoderBlock, self.remat_policy, scanned=self.scan_layers)
+        block = functools.partial(block_cls, self.num_heads, self.mlp_ratio * self.width, activation=self.activation,
+                                  ln_eps=self.ln_eps, qk_norm=self.qk_norm, attention_impl=self.attention_impl,
+                                  dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.scan_layers:
+            x, _ = scan.scan_blocks(block(name="blocks"), x, length=self.depth)
+        else:
+            for i in range(self.depth):
+                x = block(name=f"blocks_{i}")(x)
         return layers.layer_norm(self.ln_eps, self.param_dtype, name="norm")(x)

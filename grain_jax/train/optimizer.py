@@ -21,6 +21,8 @@ import optax
 from absl import logging
 from flax import traverse_util
 
+from grain_jax.models import scan
+
 DURATION_UNITS = ("steps", "examples", "epochs")  # precedence order
 
 
@@ -106,7 +108,9 @@ def weight_decay_mask(params: Any, rule: str = "default") -> Any:
         raise ValueError(f"unknown wd_rule {rule!r}; choose from {sorted(WD_RULES)}")
     decays = WD_RULES[rule]
     flat = traverse_util.flatten_dict(params, sep="/")
-    return traverse_util.unflatten_dict({path: decays(path, leaf.ndim) for path, leaf in flat.items()}, sep="/")
+    # A scanned stack's leaves carry a leading layers axis: the rules see each layer's own number of dims.
+    return traverse_util.unflatten_dict({path: decays(path, leaf.ndim - scan.is_stacked_path(path))
+                                         for path, leaf in flat.items()}, sep="/")
 
 
 def make_optimizer(params: Any, schedule: optax.Schedule, *, weight_decay: float, wd_rule: str, b1: float,

@@ -24,6 +24,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from grain_jax import checkpoints, sharding
+from grain_jax.models import scan
 from grain_jax.train import disk_space, integrity
 from grain_jax.train.state import TrainState
 
@@ -131,6 +132,13 @@ class Checkpointer:
         extra = self.manager.restore(step, args=ocp.args.Composite(extra=ocp.args.StandardRestore()))["extra"]
         problems += [f"{key}={int(extra[key])} in the checkpoint, {value} in this run" for key, value in self.run.items()
                      if key in extra and int(extra[key]) != value]
+        saved_layout, run_layout = scan.layouts(dict(metadata["params"].tree)), scan.layouts(abstract.params)
+        if {k: v[0] for k, v in saved_layout.items()} != {k: v[0] for k, v in run_layout.items()}:
+            # The optimizer state has the params' layout too, so a resume cannot convert: say why, first.
+            problems.insert(0, f"layer layout {scan.describe(saved_layout)} in the checkpoint, "
+                               f"{scan.describe(run_layout)} in this run (config.model.scan_layers differs: resume "
+                               f"with the checkpoint's value, or load its params into a new workdir with "
+                               f"config.init_from, which converts the layout)")
         if problems:
             raise CheckpointMismatch(
                 f"checkpoint step {step} under {self.manager.directory} does not fit this run (nothing was moved; "
@@ -246,10 +254,12 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
     initialisation (e.g. ``"decoder/.*"`` to start GRAIN from CLIP towers); every other
     leaf must exist in the checkpoint with the same shape. Loaded leaves land directly
     on ``shardings``.
+
+    The checkpoint may hold the other layer layout (``models.scan``: unrolled ``blocks_{i}`` vs scanned
+    ``blocks``): the paths are then those of the checkpoint's layout (what ``dont_load`` matches and the
+    errors name), and the merged parameters are converted to the model's layout on device.
     """
     skip = [re.compile(pattern) for pattern in dont_load]
-    fresh = traverse_util.flatten_dict(params, sep="/")
-    target_shardings = traverse_util.flatten_dict(shardings, sep="/")
     with ocp.CheckpointManager(os.path.join(os.path.abspath(init_from), checkpoints.CHECKPOINTS),
                                # PyTree (not Standard) handler: only it accepts PLACEHOLDER leaves.
                                item_handlers={"params": ocp.PyTreeCheckpointHandler()},
@@ -257,7 +267,14 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
         step = mngr.latest_step()
         if step is None:
             raise FileNotFoundError(f"config.init_from={init_from!r} holds no checkpoint steps")
-        saved = traverse_util.flatten_dict(dict(mngr.item_metadata(step)["params"].tree), sep="/")
+        saved_tree = dict(mngr.item_metadata(step)["params"].tree)
+        # The model's parameters (shapes, shardings) in the checkpoint's layout: the same object if it already is.
+        model_abstract = sharding.abstract_arrays(params, shardings)
+        fresh_abstract = scan.match_layout(model_abstract, saved_tree,
+                                           names=("model", f"config.init_from={init_from!r}"))
+        converted = fresh_abstract is not model_abstract
+        fresh = traverse_util.flatten_dict(fresh_abstract, sep="/")
+        saved = traverse_util.flatten_dict(saved_tree, sep="/")
         wanted, problems = {}, []
         for path, leaf in fresh.items():
             if any(p.fullmatch(path) for p in skip):
@@ -267,7 +284,7 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
             elif tuple(saved[path].shape) != leaf.shape:
                 problems.append(f"{path} has shape {tuple(saved[path].shape)} in the checkpoint, model wants {leaf.shape}")
             else:
-                wanted[path] = jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target_shardings[path])
+                wanted[path] = leaf
         if problems:
             raise ValueError(f"cannot initialise from {init_from!r} (add the paths to config.dont_load to keep them "
                              "freshly initialised):\n  " + "\n  ".join(problems))
@@ -277,10 +294,15 @@ def load_init_params(init_from: str, params: Any, shardings: Any, dont_load: Seq
         loaded = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             item=abstract, restore_args=restore_args)))["params"]
     loaded = traverse_util.flatten_dict(loaded, sep="/")
-    merged = {path: loaded[path] if path in wanted else leaf for path, leaf in fresh.items()}
-    logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh", init_from, step, len(wanted),
-                 len(fresh) - len(wanted))
-    return traverse_util.unflatten_dict(merged, sep="/")
+    # Leaves kept fresh: the model's values, in the checkpoint's layout.
+    kept = traverse_util.flatten_dict(scan.match_layout(params, saved_tree), sep="/") if len(wanted) < len(fresh) else {}
+    merged = traverse_util.unflatten_dict({path: loaded[path] if path in wanted else kept[path] for path in fresh},
+                                          sep="/")
+    logging.info("init_from %s step %d: loaded %d arrays, kept %d fresh%s", init_from, step, len(wanted),
+                 len(fresh) - len(wanted), " (layer layout converted)" if converted else "")
+    if converted:
+        merged = jax.jit(lambda tree: scan.match_layout(tree, model_abstract), out_shardings=shardings)(merged)
+    return merged
 
 
 class SigtermFlag:

@@ -162,14 +162,22 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
 
 
 def model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh: Mesh, rules: tuple) -> float:
-    """The step's model FLOPs (MFU's numerator): the same model without remat, one micro-batch of the global batch."""
+    """The step's model FLOPs (MFU's numerator): the same model without remat and unrolled, one micro-batch of
+    the global batch."""
     from grain_jax.losses import LossConfig
+    from grain_jax.models import scan
     plain = ml_collections.ConfigDict(config.to_dict())
     plain.model.remat_policy = "none"
+    abstract_state, *inputs = abstract_step_inputs(state, shardings, batch_sh, mesh, config)
+    if plain.model.get("scan_layers"):  # XLA's cost analysis counts a scanned block once, not once per layer
+        plain.model.scan_layers = False
+        params = scan.unstack_layers(abstract_state.params)
+        tx = optimizer_from_config(config, params, schedule)
+        abstract_state = state_lib.TrainState(step=abstract_state.step, params=params,
+                                              opt_state=jax.eval_shape(tx.init, params))
     step = step_lib.make_train_step(state_lib.build_model(plain), LossConfig(**config.loss), tx, schedule, 1,
                                    mean=config.data.mean, std=config.data.std)
-    return metrics_lib.model_flops_per_step(step, abstract_step_inputs(state, shardings, batch_sh, mesh, config),
-                                            mesh, rules)
+    return metrics_lib.model_flops_per_step(step, (abstract_state, *inputs), mesh, rules)
 
 
 def _use_compilation_cache(config, workdir: str) -> None:
