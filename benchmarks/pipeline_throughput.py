@@ -256,6 +256,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_batches", type=int, default=24, help="timed batches per setting")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)),
+                        help=f"comma-separated subset of {RESOLUTIONS}, measured in this order")
     parser.add_argument("--loaders", default="grain_jax,grain_jax@before,webdataset,webdataset-uint8")
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -266,9 +268,12 @@ def main():
     prepare_records(args.records_dir, args.num_records)
     loaders = [name for name in args.loaders.split(",") if args.before or not name.endswith("@before")]
     workers = [int(w) for w in args.workers.split(",")]
+    resolutions = [int(r) for r in args.resolutions.split(",")]
+    if not set(resolutions) <= set(RESOLUTIONS):
+        parser.error(f"--resolutions must be a subset of {RESOLUTIONS}, got {resolutions}")
     print(f"{args.num_records} records per resolution, batch {args.batch_size}, {args.num_batches} timed batches; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start")
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         costs = profile(args.records_dir, resolution)
         print(f"\nper-record CPU cost at {resolution} px (µs):")
         for name, micros in costs.items():
@@ -276,14 +281,14 @@ def main():
     print(f"\n{'loader':>18} {'px':>4} {'workers':>7} {'records/CPU-s':>14} {'wall records/s':>15} "
           f"{'image MiB/batch':>15}")
     results = {}
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         for loader in loaders:
             for num_workers in workers:
                 r = _measure_in_subprocess(args, loader, resolution, num_workers)
                 results[loader, resolution, num_workers] = r
                 print(f"{loader:>18} {resolution:>4} {num_workers:>7} {r['records_per_cpu_s']:>14.0f} "
                       f"{r['wall_records_per_s']:>15.0f} {r['image_bytes_per_batch'] / 2**20:>15.2f}", flush=True)
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         for num_workers in workers:
             ours, theirs = results[("grain_jax", resolution, num_workers)], results.get(
                 ("webdataset", resolution, num_workers))
