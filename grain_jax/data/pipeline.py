@@ -10,8 +10,9 @@ built by one ``Map`` (``_TrainBatches``) in grain's worker processes (``num_work
       -> JPEG decode (+ resize if the records are not at ``image_size``) into the batch's uint8 array,
          token re-truncation, box masking and flipping on whole-batch arrays
 
-Per record this is the JPEG decode plus about 40 µs of Python (benchmarks/pipeline_throughput.py):
-no tfds feature decoding, no per-record grain stages, no per-example dicts to stack.
+Per record, besides the JPEG decode, this leaves reading and parsing the record and copying it into
+the batch: no tfds feature decoding, no per-record grain stages, no per-example dicts to stack
+(benchmarks/pipeline_throughput.py profiles each step).
 
 Images stay uint8 up to the device; the jitted step normalises them (``transforms.normalize``
 with ``mean``/``std``), exactly like evaluation and serving do.
@@ -123,7 +124,8 @@ class _RecordParser:
     The values are tfds's (``as_data_source`` with the image left encoded, which
     tests/test_pipeline.py checks feature by feature), parsed with the protobuf message tfds's numpy
     parser uses, but only the features the pipeline reads and without tfds's generic walk over
-    the feature tree: about 20 µs a record instead of 80 (benchmarks/pipeline_throughput.py).
+    the feature tree: reading and parsing a record takes about a third of tfds's CPU time
+    (benchmarks/pipeline_throughput.py).
     """
 
     def __init__(self, record: _RecordShape):
@@ -279,7 +281,7 @@ def _process_source(builder, split: str, process_index: int | None, process_coun
     """This process's contiguous slice of ``split``: random access to its serialized records.
 
     Returns ``(source, process_index, process_count)``, the last two resolved from JAX when None.
-    ``_RecordParser`` parses the records (tfds's own deserialisation costs 4x as much CPU).
+    ``_RecordParser`` parses the records (tfds's own deserialisation costs about 3x as much CPU).
     """
     if split not in builder.info.splits:
         raise ValueError(f"{builder.data_dir}: split {split!r} not found; available: {sorted(builder.info.splits)}")
