@@ -5,7 +5,8 @@
 1. Prepares ``--num_records`` photo-like generated examples at 64 and 224 px with the real writer
    (``prepare_dataset``) into ``--records_dir`` (kept, so reruns and other checkouts read the
    same records), and copies the very same JPEG bytes plus captions into webdataset tar shards.
-2. Profiles the per-record costs of the pipeline's steps in this process (µs per record, CPU).
+2. Profiles the per-record costs of the pipeline's steps in this process (µs per record, CPU),
+   and of a whole batch (read, parse, draws, decode, batch assembly) per record.
 3. Measures each loader in a fresh subprocess: records per wall second and per CPU-second of
    the whole loader (the process and its worker processes: psutil user+system time, counted
    after start-up, so other load on the machine does not change it):
@@ -188,43 +189,49 @@ def profile(records_dir: str, resolution: int, repeats: int = 200) -> dict[str, 
     import tensorflow_datasets as tfds
     from grain_jax.data import pipeline, tokenizer, transforms
 
-    builder = tfds.builder_from_directory(os.path.join(records_dir, f"records-{resolution}"))
-    raw = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
+    directory = os.path.join(records_dir, f"records-{resolution}")
+    builder = tfds.builder_from_directory(directory)
+    serialized = builder.as_data_source("train", deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
+    by_tfds = builder.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})
     decoded = builder.as_data_source("train")
-    record = raw[0]
+    parse = pipeline._RecordParser(pipeline._check_schema(directory, builder.info.features))
+    record = parse(serialized[0])
     jpeg = record["image"]
     image = transforms.decode_image(jpeg)
-    examples = [pipeline._ExampleOptions(resolution, 77, 77, 5, 0.5, False).example(raw[i], True, False)
-                for i in range(32)]
+    options = pipeline._ExampleOptions(resolution, 77, 77, 5, 0.5, False)
+    batches = pipeline._TrainBatches(serialized, parse, options, 32, seed=0)
+    key = pipeline._draw_key(0)
 
     def draft_half():
         with Image.open(io.BytesIO(jpeg)) as im:
             im.draft("RGB", (resolution // 2, resolution // 2))
             return np.asarray(im)
 
-    steps = {
-        "read + parse record (tfds, image left encoded)": lambda: raw[0],
-        "read + parse + decode (tfds's own image decoding)": lambda: decoded[0],
-        "JPEG decode, PIL (transforms.decode_image)": lambda: transforms.decode_image(jpeg),
-        "JPEG decode, PIL draft to half size": draft_half,
-        "float32 normalise on host (before: now on device)": lambda: (image.astype(np.float32) / 255 - 0.5) / 0.25,
-        "resize from 2x the stored size (bicubic)": lambda: transforms.squash_resize(
-            np.repeat(np.repeat(image, 2, 0), 2, 1), resolution),
-        "token re-truncation 77 -> 32 (5 descriptions + caption)": lambda: tokenizer.truncate(
-            np.stack([record["caption_tokens"]] * 6), 32),
-        "caption choice (rng draw)": lambda: np.random.default_rng(0).random() < 0.5,
-        "collation, np.stack of 32 examples (per record)": lambda: {
-            k: np.stack([e[k] for e in examples]) for k in examples[0]},
+    steps = {  # name -> (function, records per call)
+        "read serialized record (ArrayRecord)": (lambda: serialized[0], 1),
+        "read + parse, tfds (before; image left encoded)": (lambda: by_tfds[0], 1),
+        "read + parse + decode, tfds's own image decoding": (lambda: decoded[0], 1),
+        "read + parse, pipeline._RecordParser": (lambda: parse(serialized[0]), 1),
+        "JPEG decode, PIL (transforms.decode_image)": (lambda: transforms.decode_image(jpeg), 1),
+        "JPEG decode, PIL draft to half size": (draft_half, 1),
+        "float32 normalise on host (before: now on device)": (
+            lambda: (image.astype(np.float32) / 255 - 0.5) / 0.25, 1),
+        "resize from 2x the stored size (bicubic)": (lambda: transforms.squash_resize(
+            np.repeat(np.repeat(image, 2, 0), 2, 1), resolution), 1),
+        "token re-truncation 77 -> 32 (5 descriptions + caption)": (lambda: tokenizer.truncate(
+            np.stack([record["caption_tokens"]] * 6), 32), 1),
+        "caption + flip draw (position rng)": (lambda: pipeline._position_rng(key, 5).random() < 0.5, 1),
+        "whole train batch of 32 (all of the above that applies)": (lambda: batches.map(3), 32),
     }
     costs = {}
-    for name, fn in steps.items():
-        per_call = 32 if name.startswith("collation") else 1
+    for name, (fn, per_call) in steps.items():
+        calls = max(repeats // per_call, 1)
         best = float("inf")
         for _ in range(3):
             start = time.process_time()
-            for _ in range(repeats // per_call or 1):
+            for _ in range(calls):
                 fn()
-            best = min(best, (time.process_time() - start) / (repeats // per_call or 1) / per_call)
+            best = min(best, (time.process_time() - start) / calls / per_call)
         costs[name] = best * 1e6
     return costs
 
@@ -249,6 +256,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--num_batches", type=int, default=24, help="timed batches per setting")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
+    parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)),
+                        help=f"comma-separated subset of {RESOLUTIONS}, measured in this order")
     parser.add_argument("--loaders", default="grain_jax,grain_jax@before,webdataset,webdataset-uint8")
     parser.add_argument("--_measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,9 +268,12 @@ def main():
     prepare_records(args.records_dir, args.num_records)
     loaders = [name for name in args.loaders.split(",") if args.before or not name.endswith("@before")]
     workers = [int(w) for w in args.workers.split(",")]
+    resolutions = [int(r) for r in args.resolutions.split(",")]
+    if not set(resolutions) <= set(RESOLUTIONS):
+        parser.error(f"--resolutions must be a subset of {RESOLUTIONS}, got {resolutions}")
     print(f"{args.num_records} records per resolution, batch {args.batch_size}, {args.num_batches} timed batches; "
           f"{os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.1f} at start")
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         costs = profile(args.records_dir, resolution)
         print(f"\nper-record CPU cost at {resolution} px (µs):")
         for name, micros in costs.items():
@@ -269,14 +281,14 @@ def main():
     print(f"\n{'loader':>18} {'px':>4} {'workers':>7} {'records/CPU-s':>14} {'wall records/s':>15} "
           f"{'image MiB/batch':>15}")
     results = {}
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         for loader in loaders:
             for num_workers in workers:
                 r = _measure_in_subprocess(args, loader, resolution, num_workers)
                 results[loader, resolution, num_workers] = r
                 print(f"{loader:>18} {resolution:>4} {num_workers:>7} {r['records_per_cpu_s']:>14.0f} "
                       f"{r['wall_records_per_s']:>15.0f} {r['image_bytes_per_batch'] / 2**20:>15.2f}", flush=True)
-    for resolution in RESOLUTIONS:
+    for resolution in resolutions:
         for num_workers in workers:
             ours, theirs = results[("grain_jax", resolution, num_workers)], results.get(
                 ("webdataset", resolution, num_workers))

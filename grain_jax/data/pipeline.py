@@ -1,17 +1,24 @@
 """Grain input pipeline: prepared records (``records.py``) -> batches of the contract in ``batch.py``.
 
-Training (``make_train_iterator``), per process::
+Training (``make_train_iterator``), per process: a grain ``MapDataset`` whose element k is batch k,
+built by one ``Map`` (``_TrainBatches``) in grain's worker processes (``num_workers``)::
 
-    tfds source of this process's slice of the split (``tfds.split_for_jax_process``)
-      -> shuffle (a new permutation every epoch) -> JPEG decode (+ resize if the records are
-      not at ``image_size``) + caption choice (+ optional flip) -> repeat forever
-      -> batch (global_batch_size / process_count) -> grain worker processes (``num_workers``)
+    stream indices k*B .. k*B+B-1 (B = global_batch_size / process_count)
+      -> records of this process's slice of the split (``tfds.split_for_jax_process``), in a new
+         permutation every epoch, read as serialized bytes and parsed by ``_RecordParser``
+      -> caption choice (+ optional flip) drawn per stream index
+      -> JPEG decode (+ resize if the records are not at ``image_size``) into the batch's uint8 array,
+         token re-truncation, box masking and flipping on whole-batch arrays
+
+Per record, besides the JPEG decode, this leaves reading and parsing the record and copying it into
+the batch: no tfds feature decoding, no per-record grain stages, no per-example dicts to stack
+(benchmarks/pipeline_throughput.py profiles each step).
 
 Images stay uint8 up to the device; the jitted step normalises them (``transforms.normalize``
 with ``mean``/``std``), exactly like evaluation and serving do.
 
 Everything random is a pure function of ``seed``, the process index and the position in the
-stream (the epoch picks the permutation, the stream index seeds the ``RandomMap`` rng), so the same seed gives
+stream (the epoch picks the permutation, the stream index seeds the record's rng), so the same seed gives
 the same batches, whatever ``num_workers`` is, and the iterator state
 (``get_state``/``set_state``, or ``grain.checkpoint.CheckpointSave/Restore`` in an orbax
 Composite) is ``{"next_index": k}``: it resumes with the very next batch under any worker
@@ -32,13 +39,15 @@ import dataclasses
 import functools
 import math
 import os
-from typing import Any, Mapping
+import sys
+from typing import Any, Mapping, Sequence
 
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding
+from tensorflow_datasets.proto import tf_example_pb2
 
 from grain_jax import sharding as sharding_lib
 from grain_jax.data import loader, tokenizer, transforms
@@ -82,6 +91,11 @@ class _RecordShape:
     max_boxes: int
     context_length: int
 
+    def feature_shapes(self) -> dict[str, tuple[int, ...]]:
+        """``_RECORD_SCHEMA``'s shapes with R, M, L filled in."""
+        dims = {"R": self.resolution, "M": self.max_boxes, "L": self.context_length}
+        return {key: tuple(dims.get(d, d) for d in shape) for key, (_, shape) in _RECORD_SCHEMA.items()}
+
 
 def _check_schema(directory: str, features: tfds.features.FeaturesDict) -> _RecordShape:
     """Reads R, M, L off the dataset's features; raises naming the first key that disagrees."""
@@ -103,9 +117,45 @@ def _check_schema(directory: str, features: tfds.features.FeaturesDict) -> _Reco
     return _RecordShape(resolution=dims["R"], max_boxes=dims["M"], context_length=dims["L"])
 
 
+class _RecordParser:
+    """Serialized tf.Example of a prepared record -> ``id`` (bytes), ``image`` (encoded bytes) and
+    the other ``_RECORD_SCHEMA`` features as numpy arrays of their schema dtype and shape.
+
+    The values are tfds's (``as_data_source`` with the image left encoded, which
+    tests/test_pipeline.py checks feature by feature), parsed with the protobuf message tfds's numpy
+    parser uses, but only the features the pipeline reads and without tfds's generic walk over
+    the feature tree: reading and parsing a record takes about a third of tfds's CPU time
+    (benchmarks/pipeline_throughput.py).
+    """
+
+    def __init__(self, record: _RecordShape):
+        self._arrays = [(key, np.dtype(dtype), shape, math.prod(shape), np.issubdtype(dtype, np.floating))
+                        for (key, (dtype, _)), shape in zip(_RECORD_SCHEMA.items(), record.feature_shapes().values())
+                        if key != "image"]
+
+    def __call__(self, serialized: bytes) -> dict[str, Any]:
+        features = tf_example_pb2.Example.FromString(serialized).features.feature
+        record_id = features["id"].bytes_list.value[0] if "id" in features else b"?"
+        record = {"id": record_id, "image": self._value(features, "image", record_id).bytes_list.value[0]}
+        for key, dtype, shape, size, is_float in self._arrays:
+            feature = self._value(features, key, record_id)
+            values = np.array(feature.float_list.value if is_float else feature.int64_list.value, dtype)
+            if values.size != size:
+                raise ValueError(f"record {record_id!r}: feature {key!r} has {values.size} values, the dataset's "
+                                 f"features.json says shape {list(shape)}")
+            record[key] = values.reshape(shape)
+        return record
+
+    @staticmethod
+    def _value(features, key: str, record_id: bytes):
+        if key not in features:
+            raise ValueError(f"record {record_id!r}: feature {key!r} is missing (has {sorted(features)})")
+        return features[key]
+
+
 @dataclasses.dataclass(frozen=True)
 class _ExampleOptions:
-    """How one record becomes one example of the batch contract (picklable for grain workers)."""
+    """How records become a batch of the contract (picklable for grain workers)."""
     image_size: int
     caption_length: int
     description_length: int
@@ -113,39 +163,47 @@ class _ExampleOptions:
     mllm_caption_prob: float
     augment: bool
 
-    def empty(self) -> dict[str, np.ndarray]:
-        """An all-zero example (eval padding)."""
+    def batch(self, records: Sequence[Mapping[str, Any]], size: int, use_mllm_caption: Sequence[bool],
+              flip: Sequence[bool]) -> dict[str, np.ndarray]:
+        """``records`` (parsed, see ``_RecordParser``) -> ``images [size,S,S,3] uint8``,
+        ``caption_tokens [size,Lc]``, ``description_tokens [size,M,Ld]``, ``boxes [size,M,4]`` cxcywh
+        in [0,1], ``box_mask [size,M]``; padded box slots and rows past ``len(records)`` are zero.
+        ``use_mllm_caption`` and ``flip`` [len(records)] are the per-record draws."""
         m, s = self.max_boxes, self.image_size
+        images = np.zeros((size, s, s, 3), np.uint8)
+        # Stored token rows [size, L] / [size, M, L]: re-truncated below, for the whole batch at once.
+        captions = np.zeros((size, records[0]["caption_tokens"].shape[-1] if records else self.caption_length),
+                            np.int32)
+        descriptions = np.zeros((size, m, records[0]["description_tokens"].shape[-1] if records
+                                 else self.description_length), np.int32)
+        boxes = np.zeros((size, m, 4), np.float32)
+        box_mask = np.zeros((size, m), bool)
+        flips = np.zeros((size,), bool)
+        for row, (record, use_mllm, flip_row) in enumerate(zip(records, use_mllm_caption, flip)):
+            # Squash like the prepare step did (boxes are normalised, so they stay valid); a no-op
+            # for records stored at the training resolution, the common path.
+            image = transforms.squash_resize(transforms.decode_image(record["image"], record["id"]), s)
+            images[row] = image[:, ::-1] if flip_row else image
+            flips[row] = flip_row
+            use_mllm = use_mllm and record["has_mllm_caption"]
+            captions[row] = record["mllm_caption_tokens" if use_mllm else "caption_tokens"]
+            # Records keep boxes sorted by score, so the first m are the top m.
+            descriptions[row] = record["description_tokens"][:m]
+            boxes[row] = record["boxes"][:m]
+            box_mask[row] = record["box_mask"][:m]
+        boxes *= box_mask[..., None]
+        boxes[..., 0] = np.where(flips[:, None], np.where(box_mask, 1.0 - boxes[..., 0], 0.0), boxes[..., 0])
         return {
-            "images": np.zeros((s, s, 3), np.uint8),
-            "caption_tokens": np.zeros((self.caption_length,), np.int32),
-            "description_tokens": np.zeros((m, self.description_length), np.int32),
-            "boxes": np.zeros((m, 4), np.float32),
-            "box_mask": np.zeros((m,), bool),
-        }
-
-    def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
-        """One record -> ``images [S,S,3] uint8``, ``caption_tokens [Lc]``, ``description_tokens [M,Ld]``,
-        ``boxes [M,4]`` cxcywh in [0,1], ``box_mask [M]`` (padded slots zero)."""
-        # Squash like the prepare step did (boxes are normalised, so they stay valid); a no-op
-        # for records stored at the training resolution, the common path.
-        images = transforms.squash_resize(transforms.decode_image(record["image"], record["id"]), self.image_size)
-
-        m = self.max_boxes  # records keep boxes sorted by score, so the first m are the top m
-        box_mask = np.asarray(record["box_mask"][:m], bool)
-        boxes = np.asarray(record["boxes"][:m], np.float32) * box_mask[:, None]
-        descriptions = _fit_tokens(record["description_tokens"][:m], self.description_length) * box_mask[:, None]
-        if flip:
-            images = images[:, ::-1]
-            boxes[:, 0] = np.where(box_mask, 1.0 - boxes[:, 0], 0.0)
-        caption_key = "mllm_caption_tokens" if use_mllm_caption and record["has_mllm_caption"] else "caption_tokens"
-        return {
-            "images": np.ascontiguousarray(images),
-            "caption_tokens": _fit_tokens(record[caption_key], self.caption_length),
-            "description_tokens": descriptions.astype(np.int32),
+            "images": images,
+            "caption_tokens": _fit_tokens(captions, self.caption_length),
+            "description_tokens": _fit_tokens(descriptions, self.description_length) * box_mask[..., None],
             "boxes": boxes,
             "box_mask": box_mask,
         }
+
+    def example(self, record: Mapping[str, Any], use_mllm_caption: bool, flip: bool) -> dict[str, np.ndarray]:
+        """One record -> one example (``batch`` of one, leading dim dropped)."""
+        return {key: value[0] for key, value in self.batch([record], 1, [use_mllm_caption], [flip]).items()}
 
 
 def _fit_tokens(tokens: np.ndarray, length: int) -> np.ndarray:
@@ -159,52 +217,52 @@ def _epoch_order(seed: int, epoch: int, length: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(length).astype(np.uint32 if length < 2**32 else np.int64)
 
 
-class _EpochShuffle(grain.MapDataset):
-    """``parent`` in a fresh random order every epoch (epoch = index // len), like ``MapDataset.shuffle``.
-
-    Reads one numpy permutation per epoch instead of grain's per-index Feistel shuffle, which costs
-    about 0.6 ms of CPU per record here: more than decoding and normalising a 64 px image.
-    """
-
-    def __init__(self, parent: grain.MapDataset, seed: int):
-        super().__init__(parent)
-        self._seed = seed
-
-    def __len__(self) -> int:
-        return len(self._parent)
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        length = len(self._parent)
-        epoch, position = divmod(index, length)
-        return self._parent[int(_epoch_order(self._seed, epoch, length)[position]) + epoch * length]
+def _draw_key(process_seed: int) -> np.ndarray:
+    """Philox key of the per-record draws, the one grain's ``MapDataset.seed(process_seed).random_map``
+    used in earlier versions of this pipeline: a seed (and a resumed checkpoint) keeps its batches."""
+    op_seed = np.random.SeedSequence([process_seed, 1]).generate_state(1, dtype=np.uint32)[0]
+    return np.random.Philox(op_seed).state["state"]["key"]
 
 
-class _TrainExample(grain.transforms.RandomMap):
-    """Record -> example; the caption (original vs MLLM) and the flip are drawn from grain's per-index rng."""
-
-    def __init__(self, options: _ExampleOptions):
-        self.options = options
-
-    def random_map(self, record, rng: np.random.Generator):
-        use_mllm = rng.random() < self.options.mllm_caption_prob
-        flip = self.options.augment and rng.random() < 0.5
-        return self.options.example(record, use_mllm_caption=use_mllm, flip=flip)
+def _position_rng(key: np.ndarray, position: int) -> np.random.Generator:
+    """The rng of stream position ``position`` (grain's ``RandomMap`` counter layout)."""
+    return np.random.Generator(np.random.Philox(key=key, counter=[0, 0, 0, position]))
 
 
-class _EvalExample(grain.transforms.Map):
-    """Index -> example with ``mask``; indices past the source are zero padding (original captions, no flip)."""
+class _TrainBatches(grain.transforms.Map):
+    """Batch index k -> batch k: stream positions k*B .. k*B+B-1, each a record of the source in this
+    epoch's permutation (epoch = position // len(source)), with its caption choice (original vs
+    MLLM) and flip drawn from a Philox rng whose counter is the position."""
 
-    def __init__(self, source, options: _ExampleOptions):
-        self.source, self.options = source, options
+    def __init__(self, source, parse: _RecordParser, options: _ExampleOptions, batch_size: int, seed: int):
+        self.source, self.parse, self.options = source, parse, options
+        self.batch_size, self.seed, self.key = batch_size, seed, _draw_key(seed)
 
     def map(self, index):
-        index = int(index)
-        if index >= len(self.source):
-            return {**self.options.empty(), "mask": np.bool_(False)}
-        example = self.options.example(self.source[index], use_mllm_caption=False, flip=False)
-        return {**example, "mask": np.bool_(True)}
+        length = len(self.source)
+        records, use_mllm, flip = [], [], []
+        for position in range(int(index) * self.batch_size, (int(index) + 1) * self.batch_size):
+            epoch, offset = divmod(position, length)
+            records.append(self.parse(self.source[int(_epoch_order(self.seed, epoch, length)[offset])]))
+            rng = _position_rng(self.key, position)
+            use_mllm.append(rng.random() < self.options.mllm_caption_prob)
+            flip.append(self.options.augment and rng.random() < 0.5)
+        return self.options.batch(records, self.batch_size, use_mllm, flip)
+
+
+class _EvalBatches(grain.transforms.Map):
+    """Batch index k -> examples k*B .. k*B+B-1 of the source in order, with ``mask [B]``; positions
+    past the source are zero padding (original captions, no flip)."""
+
+    def __init__(self, source, parse: _RecordParser, options: _ExampleOptions, batch_size: int):
+        self.source, self.parse, self.options, self.batch_size = source, parse, options, batch_size
+
+    def map(self, index):
+        start = int(index) * self.batch_size
+        positions = range(start, min(start + self.batch_size, len(self.source)))
+        records = [self.parse(self.source[position]) for position in positions]
+        batch = self.options.batch(records, self.batch_size, [False] * len(records), [False] * len(records))
+        return {**batch, "mask": np.arange(self.batch_size) < len(records)}
 
 
 def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
@@ -220,9 +278,10 @@ def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
 
 def _process_source(builder, split: str, process_index: int | None, process_count: int | None,
                     drop_remainder: bool):
-    """This process's contiguous slice of ``split`` as a random-access tfds source.
+    """This process's contiguous slice of ``split``: random access to its serialized records.
 
     Returns ``(source, process_index, process_count)``, the last two resolved from JAX when None.
+    ``_RecordParser`` parses the records (tfds's own deserialisation costs about 3x as much CPU).
     """
     if split not in builder.info.splits:
         raise ValueError(f"{builder.data_dir}: split {split!r} not found; available: {sorted(builder.info.splits)}")
@@ -232,9 +291,7 @@ def _process_source(builder, split: str, process_index: int | None, process_coun
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     subsplit = tfds.split_for_jax_process(split, process_index=process_index, process_count=process_count,
                                           drop_remainder=drop_remainder)
-    # JPEG bytes are decoded by ``transforms.decode_image``: tfds's own numpy decoding of the
-    # image feature costs about twice as much CPU per record (benchmarks/pipeline_throughput.py).
-    source = builder.as_data_source(subsplit, decoders={"image": tfds.decode.SkipDecoding()})
+    source = builder.as_data_source(subsplit, deserialize_method=tfds.decode.DeserializeMethod.RAW_BYTES)
     return source, process_index, process_count
 
 
@@ -290,7 +347,8 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     An epoch is ``num_records(data_config) // global_batch_size`` steps.
     """
     builder = _builder(data_config)
-    options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
+    record = _check_schema(builder.data_dir, builder.info.features)
+    options = _example_options(data_config, record)
     source, process_index, process_count = _process_source(
         builder, _option(data_config, "train_split"), process_index, process_count, drop_remainder=True)
     batch_size = _per_process_batch_size(global_batch_size, process_count)
@@ -302,10 +360,9 @@ def make_train_iterator(data_config: Any, *, global_batch_size: int, seed: int,
     if len(source) < batch_size:
         raise ValueError(f"{builder.data_dir}: this process's share of the train split has {len(source)} records, "
                          f"fewer than one batch of {batch_size}")
-    dataset = (_EpochShuffle(grain.MapDataset.source(source), process_seed).seed(process_seed)
-               .random_map(_TrainExample(options))
-               .repeat()  # indices run on past the epoch: a new permutation and new caption draws
-               .batch(batch_size, drop_remainder=True))
+    # Endless: positions run on past the epoch, with a new permutation and new caption draws.
+    dataset = grain.MapDataset.range(sys.maxsize // batch_size).map(
+        _TrainBatches(source, _RecordParser(record), options, batch_size, process_seed))
     return _to_iterator(dataset, data_config)
 
 
@@ -318,13 +375,14 @@ def make_eval_iterator(data_config: Any, split: str | None = None, *, global_bat
     so ``sum(mask)`` over all batches and processes is the split size.
     """
     builder = _builder(data_config)
-    options = _example_options(data_config, _check_schema(builder.data_dir, builder.info.features))
+    record = _check_schema(builder.data_dir, builder.info.features)
+    options = _example_options(data_config, record)
     split = split or _option(data_config, "eval_split")
     source, _, process_count = _process_source(builder, split, process_index, process_count, drop_remainder=False)
     batch_size = _per_process_batch_size(global_batch_size, process_count)
     largest_slice = math.ceil(builder.info.splits[split].num_examples / process_count)
-    padded_length = math.ceil(largest_slice / batch_size) * batch_size
-    dataset = grain.MapDataset.range(padded_length).map(_EvalExample(source, options)).batch(batch_size)
+    dataset = grain.MapDataset.range(math.ceil(largest_slice / batch_size)).map(
+        _EvalBatches(source, _RecordParser(record), options, batch_size))
     return _to_iterator(dataset, data_config)
 
 
