@@ -71,3 +71,5 @@ def test_tpu_topology_compiles_without_a_tpu(config, report):
     assert tpu.fits
     # Same sharded state on both platforms: the argument bytes agree (up to TPU tile padding).
     np.testing.assert_allclose(tpu.argument_bytes, report.argument_bytes, rtol=0.01)
+    # Model FLOPs come from the unpartitioned program, whatever the platform (the TPU plugin cannot analyse it).
+    assert tpu.flops_per_step == report.flops_per_step > 0
