@@ -32,6 +32,7 @@ import optax
 import torch
 
 from grain_jax.batch import fake_batch
+from grain_jax.data import transforms
 from grain_jax.losses import LossConfig, total_loss
 from grain_jax.models import OPENAI_VIT, create_model
 from grain_jax.models.vit import decode_variant
@@ -135,6 +136,8 @@ def main() -> None:
     args = parser.parse_args()
 
     batch = fake_batch(args.batch_size, args.image_size, args.caption_tokens, 8)
+    # Both models take normalised float pixels (the batch contract's uint8 is normalised inside our train step).
+    batch["images"] = np.array(transforms.normalize(batch["images"], transforms.IMAGENET_MEAN, transforms.IMAGENET_STD))
     batch["caption_tokens"] = np.pad(batch["caption_tokens"], ((0, 0), (0, CONTEXT - args.caption_tokens)))
     name = "clip-vit-b16"  # with the variant's image tower
     common = dict(vit_variant=args.variant, image_size=args.image_size, dtype="float32")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import jax
 import numpy as np
 
 TRAIN_KEYS = ("images", "caption_tokens", "description_tokens", "boxes", "box_mask")
@@ -49,6 +50,20 @@ def validate(batch: Mapping[str, np.ndarray]) -> None:
     if batch["description_tokens"].shape[1] != m or batch["boxes"].shape[1:] != (m, 4):
         raise ValueError(f"description_tokens {batch['description_tokens'].shape} / boxes {batch['boxes'].shape} "
                          f"disagree with box_mask {batch['box_mask'].shape}")
+
+
+def abstract_batch(batch_size: int, image_size: int, caption_length: int, description_length: int,
+                   max_boxes: int, sharding: jax.sharding.Sharding | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+    """The contract's training batch as ``jax.ShapeDtypeStruct``s (AOT compiles), all placed with ``sharding``."""
+    b, m = batch_size, max_boxes
+    shapes = {
+        "images": ((b, image_size, image_size, 3), np.uint8),
+        "caption_tokens": ((b, caption_length), np.int32),
+        "description_tokens": ((b, m, description_length), np.int32),
+        "boxes": ((b, m, 4), np.float32),
+        "box_mask": ((b, m), np.bool_),
+    }
+    return {key: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for key, (shape, dtype) in shapes.items()}
 
 
 def fake_batch(batch_size: int = 4, image_size: int = 32, caption_length: int = 16,

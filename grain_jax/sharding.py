@@ -74,6 +74,12 @@ def batch_sharding(mesh: Mesh, rules: Sequence = LOGICAL_AXIS_RULES) -> NamedSha
     return nn.logical_to_mesh_sharding(PartitionSpec("batch"), mesh, tuple(rules))
 
 
+def abstract_arrays(tree, shardings):
+    """``jax.ShapeDtypeStruct``s of ``tree``'s leaves placed with ``shardings`` (a matching tree): the
+    inputs of an ahead-of-time compile and the targets of a sharded restore, without allocating."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
 def batch_shards(axis_sizes: Mapping[str, int], rules: Sequence = LOGICAL_AXIS_RULES) -> int:
     """How many ways ``batch_sharding`` splits a batch: the product of the batch axes' sizes.
 

@@ -37,6 +37,8 @@ BAD_VALUES = [
     ({"dtype": "float17"}, "config.dtype must be one of ['bfloat16', 'float16', 'float32'], got 'float17'"),
     ({"param_dtype": "int8"}, "config.param_dtype must be one of ['bfloat16', 'float32'], got 'int8'"),
     ({"warmup_steps": 20}, "config.warmup_steps (20 steps) must be <= config.total_steps (12 steps)"),
+    ({"profile_steps": (5, 5)}, "config.profile_steps must be (start, stop) with 0 <= start < stop"),
+    ({"profile_steps": (-1, 3)}, "config.profile_steps must be (start, stop) with 0 <= start < stop"),
 ]
 
 

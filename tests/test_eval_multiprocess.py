@@ -2,7 +2,6 @@
 the same numbers as one process with 4 devices, and each process reads only its share of the images."""
 import json
 import os
-import subprocess
 import sys
 
 import portpicker

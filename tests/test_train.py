@@ -111,3 +111,13 @@ def test_non_finite_loss_stops_naming_the_metric_and_the_last_good_checkpoint(tm
     ckpt = resume.Checkpointer(str(tmp_path), keep=2)
     assert ckpt.latest_step() == (2 if poisoned == 3 else None)
     ckpt.close()
+
+
+@pytest.mark.parametrize("profile_steps", [(2, 4), (10, 20)], ids=["inside", "past_the_end"])
+def test_profile_steps_write_a_trace(tmp_path, data_cache, profile_steps):
+    """config.profile_steps traces steps [start, stop) into WORKDIR/profile; a stop past the last step still
+    closes the trace when training ends (TOTAL_STEPS = 12)."""
+    config = _train_utils.runlocal_config(data_cache, profile_steps=profile_steps)
+    trainer.train_and_evaluate(config, str(tmp_path))
+    traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

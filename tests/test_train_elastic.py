@@ -1,5 +1,4 @@
 """Elastic resume on a toy state: another process count re-derives the data position; mismatches refuse."""
-import os
 
 import grain
 import jax

@@ -2,7 +2,7 @@ r"""The embedded demo: a tiny GRAIN (or CLIP) trained on the synthetic grounded 
 
 The data is generated on first use into ``--config.data_cache_dir`` (default ``WORKDIR/data``)
 and reused afterwards. Training plus evaluation (validation loss and zero-shot accuracy on the
-benchmark's seen and *novel* concepts) takes 3-9 minutes on 2 CPU cores, depending on load (README, Quick start).
+benchmark's seen and *novel* concepts) takes 2.6 minutes on an idle 2-core CPU machine, longer under load (README, Quick start).
 
     grain-jax-train --config configs/demo.py --workdir workdirs/grain_demo
     grain-jax-train --config configs/demo.py:model=clip --workdir workdirs/clip_demo   # the CLIP baseline
@@ -25,11 +25,11 @@ def get_config(arg=None):
         config.model.num_queries = 5
         # No decoder dropout at this scale (the reference's 0.1 stays the model default and the CC configs'):
         # with it, 300 steps leave the global query far behind (seen top-1 21.6 / 31.4% vs 44.7 / 47.8%
-        # without, seeds 0 / 1, measured side by side; README "What the demo shows").
+        # without, seeds 0 / 1, measured side by side; docs/synthetic-benchmark.md, "Training dynamics").
         config.model.decoder_dropout = 0.0
     config.data = common.data_config(image_size=64, caption_length=32, description_length=16)
     # In-process loading: at 64 px one core decodes several times what the CPU step consumes
-    # (README "Input pipeline"), and worker start-up would cost seconds on every run and test.
+    # (docs/data.md, "Input pipeline"), and worker start-up would cost seconds on every run and test.
     config.data.num_workers = 0
     config.synthetic = dict(resolution=64)
     config.global_batch_size = 32

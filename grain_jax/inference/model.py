@@ -240,7 +240,7 @@ def abstract_params(model: nn.Module, mesh: Mesh | None, rules: tuple):
         shardings = jax.tree.map(lambda _: device, nn.unbox(boxed))
     else:
         shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(boxed), mesh, rules)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed), shardings)
+    return sharding.abstract_arrays(nn.unbox(boxed), shardings)
 
 
 def load(path_or_name: str, *, mesh: Mesh | None = None, step: int | None = None, seed: int = 0,

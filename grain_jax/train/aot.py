@@ -122,7 +122,7 @@ def abstract_train_state(config: ml_collections.ConfigDict, mesh, rules: tuple, 
     shardings = state_lib.state_shardings(tx, unboxed, state_lib.param_shardings(boxed, mesh, rules), mesh)
     abstract = jax.eval_shape(lambda params: state_lib.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
                                                                   params=params, opt_state=tx.init(params)), unboxed)
-    return model, tx, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    return model, tx, sharding.abstract_arrays(abstract, shardings)
 
 
 def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str, *,

@@ -95,6 +95,12 @@ def check_values(config: Any) -> None:
     _check_mesh(problems, "mesh_shape", config.get("mesh_shape"), allow_fill=True)
     if config.get("dcn_mesh_shape") is not None:
         _check_mesh(problems, "dcn_mesh_shape", config.dcn_mesh_shape, allow_fill=False)
+    profile = config.get("profile_steps")
+    if profile is not None and not (isinstance(profile, (tuple, list)) and len(profile) == 2
+                                    and all(isinstance(v, int) and not isinstance(v, bool) for v in profile)
+                                    and 0 <= profile[0] < profile[1]):
+        problems.append(f"config.profile_steps must be (start, stop) with 0 <= start < stop (steps [start, stop) "
+                        f"are traced), got {profile!r}")
     image_size = _number(config, "data.image_size")
     if not isinstance(image_size, int) or image_size <= 0:
         problems.append(f"config.data.image_size must be a positive integer, got {image_size!r}")

@@ -23,15 +23,11 @@ from absl import logging
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from grain_jax import checkpoints
+from grain_jax import checkpoints, sharding
 from grain_jax.train import disk_space, integrity
 from grain_jax.train.state import TrainState
 
 CORRUPT_DIR = "corrupt_checkpoints"
-
-
-def _abstract(tree: Any, shardings: Any) -> Any:
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 class CheckpointMismatch(ValueError):
@@ -162,7 +158,7 @@ class Checkpointer:
         Returns:
           ``(state, rng)`` where ``rng`` is the saved base key data.
         """
-        abstract = _abstract(state, shardings)
+        abstract = sharding.abstract_arrays(state, shardings)
         steps = sorted(self.manager.all_steps(), reverse=True)
         for step in steps:
             checked = os.path.isdir(os.path.join(str(self.manager.directory), str(step), integrity.ITEM))

@@ -30,6 +30,7 @@ from clu import parameter_overview
 from jax.sharding import Mesh
 
 from grain_jax import checkpoints, sharding
+from grain_jax.batch import abstract_batch
 from grain_jax.data import loader, resolve
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
@@ -40,6 +41,14 @@ FINAL_METRICS = "final_metrics.json"
 def _say(message: str) -> None:
     """One progress line: a log record, which the binary's console shows (grain_jax.cli.console)."""
     logging.info(message)
+
+
+def _stop_profile(state, start: int, step: int, workdir: str) -> bool:
+    """Ends the jax.profiler trace of steps [start, step) once their work is done; returns False (not profiling)."""
+    jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    _say(f"profile of steps [{start}, {step}) in {os.path.join(workdir, 'profile')}")
+    return False
 
 
 def resolve_data(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -128,17 +137,11 @@ def check_sufficiently_sharded(state, config) -> float:
 
 def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config) -> tuple:
     """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings."""
-    data, batch = config.data, config.global_batch_size
-    abstract_batch = {
-        "images": jax.ShapeDtypeStruct((batch, data.image_size, data.image_size, 3), np.uint8, sharding=batch_sh),
-        "caption_tokens": jax.ShapeDtypeStruct((batch, data.caption_length), np.int32, sharding=batch_sh),
-        "description_tokens": jax.ShapeDtypeStruct((batch, data.max_boxes, data.description_length), np.int32,
-                                                   sharding=batch_sh),
-        "boxes": jax.ShapeDtypeStruct((batch, data.max_boxes, 4), np.float32, sharding=batch_sh),
-        "box_mask": jax.ShapeDtypeStruct((batch, data.max_boxes), np.bool_, sharding=batch_sh),
-    }
-    abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-    return abstract_state, abstract_batch, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
+    data = config.data
+    batch_shapes = abstract_batch(config.global_batch_size, data.image_size, data.caption_length,
+                                  data.description_length, data.max_boxes, batch_sh)
+    abstract_state = sharding.abstract_arrays(state, shardings)
+    return abstract_state, batch_shapes, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
 
 
 def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
@@ -353,10 +356,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 state, step_metrics = compiled(state, batch, train_rng)
             step += 1
             if profiling and step == profile_stop:
-                jax.block_until_ready(state)
-                jax.profiler.stop_trace()
-                profiling = False
-                _say(f"profile of steps [{profile_start}, {profile_stop}) in {os.path.join(workdir, 'profile')}")
+                profiling = _stop_profile(state, profile_start, step, workdir)
             pending.append(step_metrics)
             preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
             save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
@@ -365,6 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
             if save:
                 ckpt.save(state, train_rng, data_iterator)
             if preempted:
+                if profiling:
+                    profiling = _stop_profile(state, profile_start, step, workdir)
                 ckpt.wait()
                 _say(f"preempted: saved checkpoint at step {step} in {os.path.join(workdir, checkpoints.CHECKPOINTS)}; "
                      f"rerun the same command to resume")
@@ -375,6 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=True))
                 throughput.reset(step)
 
+    if profiling:  # profile_steps reached past the last step
+        _stop_profile(state, profile_start, step, workdir)
     if ckpt.latest_step() != step:  # e.g. resumed from the final step; make sure it is on disk
         ckpt.save(state, train_rng, data_iterator)
     last.update(_run_evaluators(evaluators, inference_model(), step, writer, only_due=False))
