@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import _train_utils
 from grain_jax import batch as batch_lib, sharding
@@ -134,17 +135,29 @@ def _float_reduction_dtypes(hlo: str) -> set[str]:
             for dtype in re.findall(r"\b(bf16|f16|f32)\[", m.group(1))}
 
 
+def _partitioned_hlo(lowered, dump_dir) -> str:
+    """The HLO right after SPMD partitioning: the all-reduces as a TPU or GPU compiles them (the CPU compiler then
+    turns bf16 all-reduces into f32 ones). Compiled with the persistent cache off: a cache hit would dump nothing."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        lowered.compile(compiler_options={"xla_dump_to": str(dump_dir), "xla_dump_hlo_pass_re": "spmd-partitioning"})
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
+    (dump,) = dump_dir.glob("*after_spmd-partitioning*.txt")
+    return dump.read_text()
+
+
 @pytest.mark.parametrize("model_name", ["clip-tiny", "grain-tiny"])
-def test_grad_reduce_dtype_sets_the_all_reduce_dtype(model_name):
+def test_grad_reduce_dtype_sets_the_all_reduce_dtype(model_name, tmp_path):
     """bf16 compute on 8 data-parallel devices: the partitioner all-reduces weight gradients in bf16;
-    grad_reduce_dtype="float32" all-reduces only fp32 data. The CPU compiler's all-reduce-promotion pass (bf16
-    all-reduce -> f32, which a TPU or GPU does not run) is off, so the HLO shows what an accelerator would run."""
+    grad_reduce_dtype="float32" all-reduces only fp32 data."""
     model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name, (8, 1, 1), "bfloat16")
     dtypes = {}
     for reduce_dtype in ("compute", "float32"):
         fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, 1, grad_reduce_dtype=reduce_dtype, **image_stats))
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            compiled = fn.lower(params, batch, jax.random.PRNGKey(1)).compile(
-                compiler_options={"xla_disable_hlo_passes": "all-reduce-promotion"})
-        dtypes[reduce_dtype] = _float_reduction_dtypes(compiled.as_text())
+            lowered = fn.lower(params, batch, jax.random.PRNGKey(1))
+        dtypes[reduce_dtype] = _float_reduction_dtypes(_partitioned_hlo(lowered, tmp_path / reduce_dtype))
     assert dtypes == {"compute": {"bf16", "f32"}, "float32": {"f32"}}
