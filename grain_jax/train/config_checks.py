@@ -92,6 +92,9 @@ def check_values(config: Any) -> None:
                                   ("grad_reduce_dtype", GRAD_REDUCE_DTYPES, "compute")):
         if config.get(key, default) not in allowed:
             problems.append(f"config.{key} must be one of {list(allowed)}, got {config.get(key, default)!r}")
+    if config.get("grad_reduce_dtype") == "float32" and config.get("param_dtype") != "float32":
+        problems.append(f"config.grad_reduce_dtype='float32' needs config.param_dtype='float32' (the gradients are "
+                        f"reduced in the parameters' dtype), got {config.get('param_dtype')!r}")
     _check_mesh(problems, "mesh_shape", config.get("mesh_shape"), allow_fill=True)
     if config.get("dcn_mesh_shape") is not None:
         _check_mesh(problems, "dcn_mesh_shape", config.dcn_mesh_shape, allow_fill=False)
