@@ -150,7 +150,8 @@ def train_step_rows(mesh, rules) -> None:
                                              opt_state=jax.eval_shape(tx.init, unboxed))
                 train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                                       int(config.get("grad_accum_steps", 1)),
-                                                      mean=config.data.mean, std=config.data.std)
+                                                      mean=config.data.mean, std=config.data.std,
+                                                      grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
                 start = time.perf_counter()
                 compiled = trainer.compile_train_step(train_step, state, shardings,
                                                       sharding.batch_sharding(mesh, rules), mesh, rules, config)

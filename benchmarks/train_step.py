@@ -40,7 +40,8 @@ def main(argv):
     start = time.perf_counter()
     compiled = trainer.compile_train_step(
         step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
-                                 int(config.get("grad_accum_steps", 1)), mean=data.mean, std=data.std),
+                                 int(config.get("grad_accum_steps", 1)), mean=data.mean, std=data.std,
+                                 grad_reduce_dtype=config.get("grad_reduce_dtype", "compute")),
         state, shardings, batch_sh, mesh, rules, config)
     compile_s = time.perf_counter() - start
     batch = batch_lib.fake_batch(config.global_batch_size, data.image_size, data.caption_length,

@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
 import _train_utils
 from grain_jax import batch as batch_lib, sharding
@@ -25,8 +26,8 @@ def test_split_and_join_are_inverse_and_interleave_rows():
 
 
 @functools.cache
-def _setup(model_name, mesh_shape=(2, 2, 1)):
-    config = _train_utils.runlocal_config("unused", dtype="float32", global_batch_size=BATCH)
+def _setup(model_name, mesh_shape=(2, 2, 1), dtype="float32"):
+    config = _train_utils.runlocal_config("unused", dtype=dtype, global_batch_size=BATCH)
     config.model_name = model_name
     if model_name.startswith("grain"):
         config.model.decoder_dropout = 0.0
@@ -45,9 +46,9 @@ def _setup(model_name, mesh_shape=(2, 2, 1)):
 
 
 @functools.cache
-def _gradients(model_name, k, mesh_shape=(2, 2, 1)):
+def _gradients(model_name, k, mesh_shape=(2, 2, 1), grad_reduce_dtype="compute"):
     model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name, mesh_shape)
-    fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, k, **image_stats))
+    fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, k, grad_reduce_dtype=grad_reduce_dtype, **image_stats))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.device_get(fn(params, batch, jax.random.PRNGKey(1)))
 
@@ -57,8 +58,20 @@ def _gradients(model_name, k, mesh_shape=(2, 2, 1)):
     ("grain-tiny", 2, (2, 2, 2)),  # tensor parallel: the vocab-parallel lookup's shard_map inside the groups'
 ])
 def test_grad_cache_equals_one_full_batch_step(model_name, k, mesh_shape):
-    (loss, metrics), grads = _gradients(model_name, k, mesh_shape)
-    (want_loss, want_metrics), want_grads = _gradients(model_name, 1, mesh_shape)
+    _assert_same_step(_gradients(model_name, k, mesh_shape), _gradients(model_name, 1, mesh_shape), model_name)
+
+
+@pytest.mark.parametrize("model_name,mesh_shape", [("clip-tiny", (2, 2, 1)), ("grain-tiny", (2, 2, 1)),
+                                                   ("grain-tiny", (2, 2, 2))])
+def test_fp32_gradient_reduction_equals_the_plain_step(model_name, mesh_shape):
+    """grad_reduce_dtype="float32" (the model in groups under shard_map) is the same step, fp32 compute."""
+    _assert_same_step(_gradients(model_name, 1, mesh_shape, "float32"), _gradients(model_name, 1, mesh_shape),
+                      model_name)
+
+
+def _assert_same_step(got, want, model_name):
+    (loss, metrics), grads = got
+    (want_loss, want_metrics), want_grads = want
     np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
     assert set(metrics) == set(want_metrics)
     if model_name.startswith("grain"):
@@ -114,3 +127,37 @@ def test_gradient_all_reduce_runs_once_per_step(model_name):
         in_loops, every = _float_collectives(fn.lower(params, batch, jax.random.PRNGKey(1)).compile().as_text())
     assert in_loops == []
     assert "all-reduce" in every
+
+
+def _float_reduction_dtypes(hlo: str) -> set[str]:
+    """Element types of the all-reduces and reduce-scatters of float data in an HLO module's text."""
+    return {dtype for m in _COLLECTIVE.finditer(hlo) if m.group(2) in ("all-reduce", "reduce-scatter")
+            for dtype in re.findall(r"\b(bf16|f16|f32)\[", m.group(1))}
+
+
+def _partitioned_hlo(lowered, dump_dir) -> str:
+    """The HLO right after SPMD partitioning: the all-reduces as a TPU or GPU compiles them (the CPU compiler then
+    turns bf16 all-reduces into f32 ones). Compiled with the persistent cache off: a cache hit would dump nothing."""
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+    try:
+        lowered.compile(compiler_options={"xla_dump_to": str(dump_dir), "xla_dump_hlo_pass_re": "spmd-partitioning"})
+    finally:
+        jax.config.update("jax_enable_compilation_cache", True)
+        compilation_cache.reset_cache()
+    (dump,) = dump_dir.glob("*after_spmd-partitioning*.txt")
+    return dump.read_text()
+
+
+@pytest.mark.parametrize("model_name", ["clip-tiny", "grain-tiny"])
+def test_grad_reduce_dtype_sets_the_all_reduce_dtype(model_name, tmp_path):
+    """bf16 compute on 8 data-parallel devices: the partitioner all-reduces weight gradients in bf16;
+    grad_reduce_dtype="float32" all-reduces only fp32 data."""
+    model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name, (8, 1, 1), "bfloat16")
+    dtypes = {}
+    for reduce_dtype in ("compute", "float32"):
+        fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, 1, grad_reduce_dtype=reduce_dtype, **image_stats))
+        with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+            lowered = fn.lower(params, batch, jax.random.PRNGKey(1))
+        dtypes[reduce_dtype] = _float_reduction_dtypes(_partitioned_hlo(lowered, tmp_path / reduce_dtype))
+    assert dtypes == {"compute": {"bf16", "f32"}, "float32": {"f32"}}

@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-8))
     config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
     config.grad_accum_steps = 1
+    # Dtype of the data-parallel gradient all-reduce: "compute" (each weight's gradient in its layer's compute
+    # dtype, bf16) or "float32" (as the reference's DDP; train/step.py make_gradient_fn).
+    config.grad_reduce_dtype = "compute"
 
     config.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor) per slice; -1 fills the rest
     config.dcn_mesh_shape = ml_collections.FieldReference(None, field_type=tuple)  # multi-slice: slices per axis

@@ -70,8 +70,10 @@ def topology(name: str, num_slices: int = 1) -> Topology:
             platform="tpu", topology_name=f"{prefix}:{'x'.join(map(str, grid))}", chip_config_name=chip_config,
             chips_per_host_bounds=(2, 2, 1), num_slices=num_slices)
     except Exception as error:  # the TPU PJRT plugin missing or refusing the topology
-        raise RuntimeError(f"cannot describe TPU topology {name} ({type(error).__name__}: {error}); "
-                           f"install the TPU compiler with: pip install -e '.[tpu-aot]'") from error
+        hint = ("another process holds libtpu (any jax process without JAX_PLATFORMS=cpu loads it); an AOT compile "
+                "uses no TPU, so run it with ALLOW_MULTIPLE_LIBTPU_LOAD=1" if "lockfile" in str(error)
+                else "install the TPU compiler with: pip install -e '.[tpu-aot]'")
+        raise RuntimeError(f"cannot describe TPU topology {name} ({type(error).__name__}: {error}); {hint}") from error
     return Topology(name if num_slices == 1 else f"{num_slices}x{name}", tuple(description.devices), float(hbm))
 
 
@@ -143,7 +145,8 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
     model, tx, abstract = abstract_train_state(config, mesh, rules, schedule)
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
-                                          std=config.data.std)
+                                          std=config.data.std,
+                                          grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
     shardings, batch_sh = jax.tree.map(lambda x: x.sharding, abstract), sharding.batch_sharding(mesh, rules)
     start = time.perf_counter()
     compiled = trainer.compile_train_step(train_step, abstract, shardings, batch_sh, mesh, rules, config)

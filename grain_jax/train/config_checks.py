@@ -16,6 +16,7 @@ from grain_jax.train.optimizer import DURATION_UNITS, steps_from_duration
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 PARAM_DTYPES = ("bfloat16", "float32")
+GRAD_REDUCE_DTYPES = ("compute", "float32")
 LOSS_WEIGHTS = ("image_caption", "box_l1", "box_giou", "box_factor", "region_description", "match_l1", "match_giou",
                 "match_similarity")
 
@@ -87,9 +88,13 @@ def check_values(config: Any) -> None:
                  high_open=False)
     for i, std in enumerate(_number(config, "data.std") or ()):
         _check_range(problems, f"data.std[{i}]", std, 0, low_open=True)
-    for key, allowed in (("dtype", COMPUTE_DTYPES), ("param_dtype", PARAM_DTYPES)):
-        if config.get(key) not in allowed:
-            problems.append(f"config.{key} must be one of {list(allowed)}, got {config.get(key)!r}")
+    for key, allowed, default in (("dtype", COMPUTE_DTYPES, None), ("param_dtype", PARAM_DTYPES, None),
+                                  ("grad_reduce_dtype", GRAD_REDUCE_DTYPES, "compute")):
+        if config.get(key, default) not in allowed:
+            problems.append(f"config.{key} must be one of {list(allowed)}, got {config.get(key, default)!r}")
+    if config.get("grad_reduce_dtype") == "float32" and config.get("param_dtype") != "float32":
+        problems.append(f"config.grad_reduce_dtype='float32' needs config.param_dtype='float32' (the gradients are "
+                        f"reduced in the parameters' dtype), got {config.get('param_dtype')!r}")
     _check_mesh(problems, "mesh_shape", config.get("mesh_shape"), allow_fill=True)
     if config.get("dcn_mesh_shape") is not None:
         _check_mesh(problems, "dcn_mesh_shape", config.dcn_mesh_shape, allow_fill=False)

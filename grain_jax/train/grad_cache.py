@@ -92,6 +92,24 @@ def _gradient_groups() -> tuple[tuple[str, ...], int, tuple]:
     return axes, int(np.prod([mesh.shape[axis] for axis in axes], dtype=int)), inner_rules
 
 
+def _per_group(fn: Callable, axes: tuple[str, ...], inner_rules: tuple) -> Callable:
+    """``fn(key, params, *rows)`` on each group's rows, on the group's devices (``jax.shard_map``, manual over
+    ``axes`` only), with group g's key ``fold_in(key, g)``; every leaf of ``rows`` and of the result has its batch
+    axis first."""
+    def in_group(key, p, *rows):
+        with nn.logical_axis_rules(inner_rules):  # the group's rows are not split over ``axes`` again
+            return fn(jax.random.fold_in(key, jax.lax.axis_index(axes)), p, *rows)
+
+    if not axes:
+        return lambda key, p, *rows: fn(jax.random.fold_in(key, 0), p, *rows)
+    return lambda key, p, *rows: jax.shard_map(
+        in_group, in_specs=(P(), P()) + (P(axes),) * len(rows), out_specs=P(axes), axis_names=set(axes))(key, p, *rows)
+
+
+def _cached(outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {key: value for key, value in outputs.items() if key in CACHED_OUTPUTS}
+
+
 def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax.Array]],
                      loss_fn: Callable[[Mapping[str, jax.Array], dict], tuple[jax.Array, dict]],
                      k: int) -> Callable:
@@ -102,31 +120,16 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
       loss_fn: ``(outputs, batch) -> (loss, metrics)`` on the full batch.
       k: number of micro-batches; must divide the batch size.
     """
-    def cached(outputs):
-        return {key: value for key, value in outputs.items() if key in CACHED_OUTPUTS}
-
     def gradients(params, batch, rng):
         axes, groups, inner_rules = _gradient_groups()
-
-        def per_group(fn):
-            """``fn(key, params, *rows)`` on each group's rows, on the group's devices (``jax.shard_map``, manual
-            over ``axes`` only); every leaf of ``rows`` and of the result has its batch axis first."""
-            def in_group(key, p, *rows):
-                with nn.logical_axis_rules(inner_rules):  # the group's rows are not split over ``axes`` again
-                    return fn(jax.random.fold_in(key, jax.lax.axis_index(axes)), p, *rows)
-
-            if not axes:
-                return lambda key, p, *rows: fn(jax.random.fold_in(key, 0), p, *rows)
-            return lambda key, p, *rows: jax.shard_map(
-                in_group, in_specs=(P(), P()) + (P(axes),) * len(rows), out_specs=P(axes),
-                axis_names=set(axes))(key, p, *rows)
 
         micro = jax.tree.map(lambda x: split(x, k), batch)
         index = jnp.arange(k)
 
         def embed(xs):
             j, micro_batch = xs
-            run = per_group(lambda key, p, rows: _batch_first(cached(apply_fn(jax.lax.stop_gradient(p), rows, key))))
+            run = _per_group(lambda key, p, rows: _batch_first(_cached(apply_fn(jax.lax.stop_gradient(p), rows, key))),
+                             axes, inner_rules)
             return _batch_first(run(jax.random.fold_in(rng, j), params, micro_batch), inverse=True)
 
         outputs = jax.lax.map(embed, (index, micro))
@@ -144,12 +147,12 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
             """[1, ...] parameter gradients of this group's rows (not reduced over the groups)."""
             # Marked as varying over the groups: the gradient of an invariant input would be psum'ed right here.
             p = jax.lax.pcast(p, axes, to="varying")
-            _, pull_back = jax.vjp(lambda p: cached(apply_fn(p, rows, key)), p)
+            _, pull_back = jax.vjp(lambda p: _cached(apply_fn(p, rows, key)), p)
             return jax.tree.map(lambda g: g[None], pull_back(_batch_first(d_rows, inverse=True))[0])
 
         def backward(grads, xs):
             j, micro_batch, d_micro_outputs = xs
-            micro_grads = per_group(group_grads)(jax.random.fold_in(rng, j), params, micro_batch,
+            micro_grads = _per_group(group_grads, axes, inner_rules)(jax.random.fold_in(rng, j), params, micro_batch,
                                                  _batch_first(d_micro_outputs))
             return jax.tree.map(jnp.add, grads, micro_grads), None
 
@@ -161,5 +164,35 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
         grads = jax.tree.map(lambda g: g.sum(axis=0), grads)  # the one all-reduce over ``axes``
         grads = {**grads, "logit_scale": grads["logit_scale"] + d_logit_scale}
         return (loss, metrics), grads
+
+    return gradients
+
+
+def make_fp32_reduced_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax.Array]],
+                                  loss_fn: Callable[[Mapping[str, jax.Array], dict], tuple[jax.Array, dict]]
+                                  ) -> Callable:
+    """``gradients(params, batch, rng) -> ((loss, metrics), grads)`` of one step on the whole batch, with the
+    data-parallel reduction of the gradients in the parameters' dtype (fp32, ``config.grad_reduce_dtype``).
+
+    Under the partitioner alone, a weight's gradient is all-reduced where it is computed, at the
+    weight-gradient matmul, so in the compute dtype (bf16). Here the model runs as the G groups of
+    ``_per_group`` with the parameters marked as varying over the groups before the model casts them: the
+    transpose of that mark, the psum over the groups, then sums fp32 gradients, as the reference's
+    DistributedDataParallel all-reduces fp32 ``.grad``. The loss still sees the whole batch (arguments as
+    in ``make_gradient_fn``); group g's dropout key is ``fold_in(rng, g)``.
+    """
+    def gradients(params, batch, rng):
+        axes, _, inner_rules = _gradient_groups()
+
+        def group_outputs(key, p, rows):
+            if axes:
+                p = jax.lax.pcast(p, axes, to="varying")  # where the gradients will be psum'ed: still fp32 here
+            return _batch_first(_cached(apply_fn(p, rows, key)))
+
+        def loss(params):
+            outputs = _batch_first(_per_group(group_outputs, axes, inner_rules)(rng, params, batch), inverse=True)
+            return loss_fn({**outputs, "logit_scale": params["logit_scale"].astype(jnp.float32)}, batch)
+
+        return jax.value_and_grad(loss, has_aux=True)(params)
 
     return gradients

@@ -58,7 +58,15 @@ def model_flops_per_step(train_step, abstract_args: tuple, mesh, rules: tuple) -
     """
     import flax.linen as nn
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        analysis = jax.jit(train_step).lower(*abstract_args).cost_analysis()
+        lowered = jax.jit(train_step).lower(*abstract_args)
+    analysis = lowered.cost_analysis()
+    if analysis is None:
+        # PJRT plugins (TPU, GPU, compile-only TPU topologies) do not analyse unoptimised HLO; XLA's
+        # HloCostAnalysis is platform-independent, so the CPU client counts the same program. jax has no
+        # public entry point for it.
+        from jax._src.lib import _jax
+        analysis = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                                 lowered.compiler_ir("hlo").as_hlo_module())
     return float(analysis.get("flops", 0.0))
 
 

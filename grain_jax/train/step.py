@@ -26,29 +26,38 @@ LOGIT_SCALE_MAX = math.log(100.0)
 
 
 def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int = 1, *,
-                     mean: Sequence[float], std: Sequence[float]) -> Callable:
-    """``gradients(params, batch, rng) -> ((loss, metrics), grads)``; GradCache over k > 1 micro-batches."""
-    if grad_accum_steps == 1:
-        return jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std),
-                                  has_aux=True)
-    return grad_cache.make_gradient_fn(functools.partial(model_outputs, model, mean=mean, std=std),
-                                       functools.partial(total_loss, config=loss_config), grad_accum_steps)
+                     mean: Sequence[float], std: Sequence[float], grad_reduce_dtype: str = "compute") -> Callable:
+    """``gradients(params, batch, rng) -> ((loss, metrics), grads)``; GradCache over k > 1 micro-batches.
+
+    ``grad_reduce_dtype`` (``config.grad_reduce_dtype``): ``"compute"`` leaves the data-parallel gradient
+    all-reduce to the partitioner, which reduces each weight's gradient in the dtype its layer computes in
+    (bf16 with ``config.dtype="bfloat16"``); ``"float32"`` reduces the fp32 parameter gradients
+    (``grad_cache.make_fp32_reduced_gradient_fn``). GradCache (k > 1) always reduces fp32 gradients.
+    """
+    apply_fn = functools.partial(model_outputs, model, mean=mean, std=std)
+    loss_fn = functools.partial(total_loss, config=loss_config)
+    if grad_accum_steps > 1:
+        return grad_cache.make_gradient_fn(apply_fn, loss_fn, grad_accum_steps)
+    if grad_reduce_dtype == "float32":
+        return grad_cache.make_fp32_reduced_gradient_fn(apply_fn, loss_fn)
+    return jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std), has_aux=True)
 
 
 def make_train_step(model: nn.Module, loss_config: Any, tx: optax.GradientTransformation,
                     schedule: optax.Schedule, grad_accum_steps: int = 1, *, mean: Sequence[float],
-                    std: Sequence[float]) -> Callable:
+                    std: Sequence[float], grad_reduce_dtype: str = "compute") -> Callable:
     """``train_step(state, batch, rng) -> (state, metrics)``; metrics are fp32 scalars.
 
     ``mean`` / ``std``: the per-channel image statistics (``config.data``) that normalise the
-    batch's uint8 images inside the step.
+    batch's uint8 images inside the step. ``grad_reduce_dtype``: see ``make_gradient_fn``.
 
     The per-step randomness is ``fold_in(rng, state.step)``, so a resumed run draws
     exactly the same dropout masks as an uninterrupted one. A step whose loss,
     gradients or new parameters are not finite leaves the state unchanged and
     reports ``finite = 0`` (the host then stops; see ``trainer``).
     """
-    gradients = make_gradient_fn(model, loss_config, grad_accum_steps, mean=mean, std=std)
+    gradients = make_gradient_fn(model, loss_config, grad_accum_steps, mean=mean, std=std,
+                                 grad_reduce_dtype=grad_reduce_dtype)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array) -> tuple[TrainState, dict]:
         (loss, metrics), grads = gradients(state.params, batch, jax.random.fold_in(rng, state.step))

@@ -304,7 +304,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
 
     train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
-                                          std=config.data.std)
+                                          std=config.data.std,
+                                          grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
     compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
     _barrier("grain_jax_train_step_compiled")
     evaluators = from_config(config.get("evals"))
