@@ -5,6 +5,7 @@ import signal
 
 import jax
 import numpy as np
+import psutil
 import pytest
 
 import _train_utils
@@ -35,8 +36,14 @@ def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, data_cache):
     process = _train_utils.start(_train_utils.cli(killed_dir, data_cache, "--config.checkpoint_every_steps=2",
                                                   "--config.data.num_workers=2"))
     _wait_for(process, f"step 5/{_train_utils.TOTAL_STEPS}")
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert len(workers) >= 2  # the data workers (and multiprocessing's resource tracker)
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
+    # The killed trainer's workers do not outlive it (loader.exit_with_parent).
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    alive = [w for w in alive if "resource_tracker" not in " ".join(w.cmdline())]  # exits when its pipe closes
+    assert not alive, f"data workers still running after the trainer was killed: {alive}"
     with checkpoints.manager(killed_dir, read_only=True) as mngr:
         interrupted_at = mngr.latest_step()
     assert interrupted_at is not None and interrupted_at < _train_utils.TOTAL_STEPS

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 from typing import Any, Callable, Iterator
 
@@ -21,6 +22,22 @@ import grain
 
 AUTO_WORKERS = -1
 MAX_AUTO_WORKERS = 16
+PARENT_POLL_SECONDS = 1.0
+
+
+def exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """grain worker start-up (``mp_prefetch(worker_init_fn=...)``): the worker ends itself once the
+    training process is gone. A trainer killed by SIGKILL or the OOM killer cannot stop its workers,
+    which would otherwise live on (re-parented to init) with their memory."""
+    del worker_index, worker_count
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)  # the parent is gone: nothing is waiting for this worker's batches
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
 
 
 def available_cores() -> int:
@@ -66,7 +83,8 @@ class BatchIterator(grain.DatasetIterator):
             dataset = self._dataset[self._next_index:].to_iter_dataset(read)
             if self.num_workers > 0:
                 dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
-                    num_workers=self.num_workers, per_worker_buffer_size=max(self._prefetch, 1)))
+                    num_workers=self.num_workers, per_worker_buffer_size=max(self._prefetch, 1)),
+                    worker_init_fn=exit_with_parent)
             self._iterator = iter(dataset)
         return self._iterator
 
