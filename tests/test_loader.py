@@ -1,9 +1,16 @@
-"""BatchIterator (worker-count-independent state), DevicePrefetch (state of the unseen batch) and transforms."""
+"""BatchIterator (worker-count-independent state, batches built in shared memory by workers), DevicePrefetch
+(state of the unseen batch) and transforms."""
+import gc
+import time
+from multiprocessing import resource_tracker, shared_memory
+
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+
+from grain.multiprocessing import SharedMemoryArray
 
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.data import loader, transforms
@@ -43,6 +50,52 @@ def test_batch_iterator_reads_the_state_of_grains_multi_worker_iterator():
     resumed = loader.BatchIterator(batches)
     resumed.set_state(state)
     assert next(resumed).tolist() == [12, 13, 14, 15] and resumed.get_state() == {"next_index": 4}
+
+
+def _big_batch(k):
+    """Batch k: "image" [64,64,64] uint8 (256 KiB, a ``batch_array``) = k + 1 in row k % 64, else 0; "k" [1];
+    "in_shared_memory" [] bool: where ``batch_array`` put the image."""
+    image = loader.batch_array((64, 64, 64), np.uint8)
+    image[k % 64] = k + 1
+    return {"image": image, "k": np.array([k]), "in_shared_memory": np.array(isinstance(image, SharedMemoryArray))}
+
+
+def test_batches_built_in_workers_shared_memory_equal_those_built_in_process():
+    expected = [_big_batch(k) for k in range(5)]
+    assert not any(batch["in_shared_memory"] for batch in expected)
+    for num_workers in (1, 2):
+        iterator = loader.BatchIterator(grain.MapDataset.range(5).map(_big_batch), num_workers=num_workers)
+        for k, batch in enumerate(iterator):
+            assert batch["in_shared_memory"]  # so grain sends it without a copy (module doc)
+            for key in ("image", "k"):
+                np.testing.assert_array_equal(batch[key], expected[k][key], err_msg=f"{num_workers} workers, {key}")
+        assert k == 4
+
+
+def _shared_memory_exists(name):
+    try:
+        block = shared_memory.SharedMemory(name)
+    except FileNotFoundError:
+        return False
+    resource_tracker.unregister(block._name, "shared_memory")  # opened here only to look: not ours to free
+    block.close()
+    return True
+
+
+def test_batch_array_in_a_worker_is_zeroed_shared_memory_and_discard_frees_it(monkeypatch):
+    monkeypatch.setattr(loader, "_in_worker", True)
+    array = loader.batch_array((512, 256), np.uint8)
+    assert isinstance(array, SharedMemoryArray) and not array.any()
+    assert type(loader.batch_array((4, 4), np.int32)) is np.ndarray  # small arrays go pickled
+    name = array.shm.name
+    assert _shared_memory_exists(name)
+    loader.discard(array)
+    del array
+    gc.collect()
+    deadline = time.monotonic() + 10  # grain may have made the unlink asynchronous (a thread)
+    while _shared_memory_exists(name) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _shared_memory_exists(name)
 
 
 def test_resolve_num_workers():

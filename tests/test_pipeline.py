@@ -9,10 +9,11 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
+from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from grain_jax import batch as batch_lib
-from grain_jax.data import pipeline, records
+from grain_jax.data import loader, pipeline, records
 from grain_jax.data.tokenizer import EOT, SOT
 from grain_jax.sharding import create_mesh
 
@@ -295,7 +296,7 @@ def test_to_global_on_fake_devices(data_dir):
                 np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
 
 
-def test_clear_errors(data_dir, tmp_path):
+def test_clear_errors(data_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         pipeline.make_train_iterator(_config(str(tmp_path / "missing")), global_batch_size=4, seed=0)
     with pytest.raises(ValueError, match="split 'test' not found"):
@@ -330,6 +331,15 @@ def test_clear_errors(data_dir, tmp_path):
     records.write_tfds_metadata(truncated_dir, features, {"train": [1]}, {"train": num_bytes}, "truncated jpeg")
     with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
         next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
+
+    # Built in a worker, the failed batch's shared memory is freed (tests/test_loader.py: discard).
+    monkeypatch.setattr(loader, "_in_worker", True)
+    monkeypatch.setattr(loader, "MIN_SHARED_MEMORY_BYTES", 0)
+    discarded = []
+    monkeypatch.setattr(loader, "discard", lambda array, discard=loader.discard: discard(discarded.append(array) or array))
+    with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
+        next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
+    assert [type(array) for array in discarded] == [SharedMemoryArray]
 
 
 def test_prepared_texts_and_boxes_reach_the_batch(tmp_path):
