@@ -1,7 +1,5 @@
 """BatchIterator (worker-count-independent state, batches built in shared memory by workers), DevicePrefetch
 (state of the unseen batch) and transforms."""
-import gc
-import time
 from multiprocessing import resource_tracker, shared_memory
 
 import grain
@@ -9,8 +7,6 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-
-from grain.multiprocessing import SharedMemoryArray
 
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.data import loader, transforms
@@ -54,22 +50,30 @@ def test_batch_iterator_reads_the_state_of_grains_multi_worker_iterator():
 
 def _big_batch(k):
     """Batch k: "image" [64,64,64] uint8 (256 KiB, a ``batch_array``) = k + 1 in row k % 64, else 0; "k" [1];
-    "in_shared_memory" [] bool: where ``batch_array`` put the image."""
+    "in_shared_memory" [] bool: whether ``batch_array`` built the image in a block (a view, not a new array)."""
     image = loader.batch_array((64, 64, 64), np.uint8)
     image[k % 64] = k + 1
-    return {"image": image, "k": np.array([k]), "in_shared_memory": np.array(isinstance(image, SharedMemoryArray))}
+    return {"image": image, "k": np.array([k]), "in_shared_memory": np.array(not image.flags.owndata)}
 
 
-def test_batches_built_in_workers_shared_memory_equal_those_built_in_process():
-    expected = [_big_batch(k) for k in range(5)]
+def test_batches_built_in_workers_blocks_equal_in_process_ones_and_blocks_are_reused_only_when_dropped():
+    expected = [_big_batch(k) for k in range(12)]
     assert not any(batch["in_shared_memory"] for batch in expected)
     for num_workers in (1, 2):
-        iterator = loader.BatchIterator(grain.MapDataset.range(5).map(_big_batch), num_workers=num_workers)
+        iterator = loader.BatchIterator(grain.MapDataset.range(12).map(_big_batch), num_workers=num_workers)
+        kept = {}
         for k, batch in enumerate(iterator):
-            assert batch["in_shared_memory"]  # so grain sends it without a copy (module doc)
+            assert batch["in_shared_memory"]  # so only a handle crossed the queue (module doc)
+            if k % 3 == 0:
+                kept[k] = batch  # held: its block must not be refilled meanwhile
+        assert k == 11 and len(kept) == 4
+        for k, batch in kept.items():
             for key in ("image", "k"):
                 np.testing.assert_array_equal(batch[key], expected[k][key], err_msg=f"{num_workers} workers, {key}")
-        assert k == 4
+        blocks = list(iterator._received._open.values())
+        assert len(blocks) < 12  # the dropped batches' blocks came back
+        iterator.close()
+        assert not any(_shared_memory_exists(block.name) for block in blocks)  # close unlinks them
 
 
 def _shared_memory_exists(name):
@@ -77,25 +81,25 @@ def _shared_memory_exists(name):
         block = shared_memory.SharedMemory(name)
     except FileNotFoundError:
         return False
-    resource_tracker.unregister(block._name, "shared_memory")  # opened here only to look: not ours to free
+    resource_tracker.unregister(block._name, "shared_memory")  # opened here only to look
     block.close()
     return True
 
 
-def test_batch_array_in_a_worker_is_zeroed_shared_memory_and_discard_frees_it(monkeypatch):
-    monkeypatch.setattr(loader, "_in_worker", True)
-    array = loader.batch_array((512, 256), np.uint8)
-    assert isinstance(array, SharedMemoryArray) and not array.any()
+def test_batch_array_in_a_worker_reuses_a_discarded_block_zero_filled(monkeypatch):
+    blocks = loader._WorkerBlocks()
+    monkeypatch.setattr(loader, "_worker_blocks", blocks)
     assert type(loader.batch_array((4, 4), np.int32)) is np.ndarray  # small arrays go pickled
-    name = array.shm.name
-    assert _shared_memory_exists(name)
-    loader.discard(array)
-    del array
-    gc.collect()
-    deadline = time.monotonic() + 10  # grain may have made the unlink asynchronous (a thread)
-    while _shared_memory_exists(name) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _shared_memory_exists(name)
+    first = loader.batch_array((512, 256), np.uint8)
+    assert not first.flags.owndata and not first.any()
+    first[:] = 7
+    second = loader.batch_array((512, 256), np.uint8)
+    assert not np.shares_memory(first, second)  # first is still lent
+    loader.discard(first)
+    third = loader.batch_array((512, 256), np.uint8)
+    assert np.shares_memory(first, third) and not third.any()  # first's block, zero-filled again
+    for block in blocks._blocks[(512, 256), "|u1"]:
+        block.unlink()
 
 
 def test_resolve_num_workers():

@@ -9,7 +9,6 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 from jax.sharding import NamedSharding, PartitionSpec
-from grain.multiprocessing import SharedMemoryArray
 from PIL import Image
 
 from grain_jax import batch as batch_lib
@@ -332,14 +331,16 @@ def test_clear_errors(data_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
         next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
 
-    # Built in a worker, the failed batch's shared memory is freed (tests/test_loader.py: discard).
-    monkeypatch.setattr(loader, "_in_worker", True)
+    # Built in a worker, the failed batch's block goes back to the worker (tests/test_loader.py: discard).
+    monkeypatch.setattr(loader, "_worker_blocks", loader._WorkerBlocks())
     monkeypatch.setattr(loader, "MIN_SHARED_MEMORY_BYTES", 0)
     discarded = []
     monkeypatch.setattr(loader, "discard", lambda array, discard=loader.discard: discard(discarded.append(array) or array))
     with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
         next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
-    assert [type(array) for array in discarded] == [SharedMemoryArray]
+    assert len(discarded) == 1 and not loader._worker_blocks._lent
+    for block in loader._worker_blocks._blocks[(1, RESOLUTION, RESOLUTION, 3), "|u1"]:
+        block.unlink()
 
 
 def test_prepared_texts_and_boxes_reach_the_batch(tmp_path):
