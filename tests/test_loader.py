@@ -1,6 +1,6 @@
 """BatchIterator (worker-count-independent state, batches built in shared memory by workers), DevicePrefetch
 (state of the unseen batch) and transforms."""
-from multiprocessing import resource_tracker, shared_memory
+from multiprocessing import shared_memory
 
 import grain
 import jax
@@ -81,8 +81,7 @@ def _shared_memory_exists(name):
         block = shared_memory.SharedMemory(name)
     except FileNotFoundError:
         return False
-    resource_tracker.unregister(block._name, "shared_memory")  # opened here only to look
-    block.close()
+    block.close()  # (and left registered: the resource tracker unlinks it at exit)
     return True
 
 
