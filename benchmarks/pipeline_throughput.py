@@ -183,16 +183,34 @@ def measure(loader: str, records_dir: str, resolution: int, num_workers: int, ba
         next(iterator)
     processes = [me] + me.children(recursive=True)
     cpu_start = [sum(p.cpu_times()[:2]) for p in processes]
+    faults_start = [_minor_page_faults(p.pid) for p in processes]
     wall_start = time.perf_counter()
     for _ in range(num_batches):
         next(iterator)
     wall = time.perf_counter() - wall_start
-    cpu = sum(sum(p.cpu_times()[:2]) - c for p, c in zip(processes, cpu_start))
+    cpus = [sum(p.cpu_times()[:2]) - c for p, c in zip(processes, cpu_start)]
+    faults = [_minor_page_faults(p.pid) - f for p, f in zip(processes, faults_start)]
+    # Worker processes are the busiest children; the others are helpers (multiprocessing's resource tracker).
+    workers = sorted(range(1, len(processes)), key=lambda i: cpus[i], reverse=True)[:num_workers]
     records = num_batches * batch_size
     iterator.close()
-    return {"wall_records_per_s": records / wall, "records_per_cpu_s": records / cpu,
+    return {"wall_records_per_s": records / wall, "records_per_cpu_s": records / sum(cpus),
             "startup_wall_s": startup_wall, "startup_cpu_s": startup_cpu,
-            "image_bytes_per_batch": int(first["images"].nbytes)}
+            "image_bytes_per_batch": int(first["images"].nbytes),
+            # per batch: CPU ms of the loading process, of the workers, of other children; workers' page faults
+            "parent_cpu_ms": cpus[0] / num_batches * 1e3,
+            "workers_cpu_ms": sum(cpus[i] for i in workers) / num_batches * 1e3,
+            "other_cpu_ms": (sum(cpus[1:]) - sum(cpus[i] for i in workers)) / num_batches * 1e3,
+            "worker_page_faults": sum(faults[i] for i in workers) / num_batches}
+
+
+def _minor_page_faults(pid: int) -> float:
+    """Minor page faults of a process so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return float("nan")
 
 
 def profile(records_dir: str, resolution: int, repeats: int = 200) -> dict[str, float]:
@@ -303,6 +321,12 @@ def main():
                 print(f"{loader:>18} {resolution:>4} {num_workers:>7} {r['records_per_cpu_s']:>14.0f} "
                       f"{r['wall_records_per_s']:>15.0f} {r['image_bytes_per_batch'] / 2**20:>15.2f} "
                       f"{r['startup_wall_s']:>8.1f}, {r['startup_cpu_s']:>7.1f}", flush=True)
+    print(f"\nCPU per batch of {args.batch_size} (ms) in the loading process / its workers / other children "
+          f"(resource tracker), and the workers' minor page faults per batch:")
+    for (loader, resolution, num_workers), r in results.items():
+        if num_workers and loader.startswith("grain_jax"):
+            print(f"{loader:>18} {resolution:>4} px {num_workers} workers: {r['parent_cpu_ms']:6.1f} / "
+                  f"{r['workers_cpu_ms']:6.1f} / {r['other_cpu_ms']:5.2f} ms, {r['worker_page_faults']:7.0f} faults")
     for resolution in resolutions:
         for num_workers in workers:
             ours, theirs = results[("grain_jax", resolution, num_workers)], results.get(
