@@ -12,7 +12,7 @@ Otherwise grain copies every finished array into a new shared-memory block, and 
 faults cost about 15% of a worker's CPU at 224 px (benchmarks/pipeline_throughput.py). A worker
 builds one batch at a time, in its main thread: its queue to the training process is the
 read-ahead, and decode threads inside a worker only compete with it for the GIL and the cores
-(+15% CPU per record when measured).
+(the batch cost ~15% more CPU with two of them).
 
 ``DevicePrefetch`` keeps the next ``size`` global batches on device (transfers are
 asynchronous, so the step never waits on one) and counts the seconds the step loop spent
