@@ -47,7 +47,7 @@ def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
     return float(np.median(wall)), float(np.median(cpu))
 
 
-def _parse_overrides(text: str) -> dict:
+def parse_overrides(text: str) -> dict:
     """``"a=1,b=xla"`` -> ``{"a": 1, "b": "xla"}`` (ints, floats and tuples of ints parsed as such)."""
     overrides = {}
     for item in filter(None, re.split(r",(?![^()]*\))", text)):  # commas inside (...) belong to a tuple
@@ -116,7 +116,7 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
 def compile_times(name: str, args: argparse.Namespace) -> None:
     base = None
     for variant in args.variants.split(";"):
-        label, trace, compile_ = prepare(name, _parse_overrides(variant), args)
+        label, trace, compile_ = prepare(name, parse_overrides(variant), args)
         total = trace + compile_
         base = total if base is None else base
         print(f"{label}: batch {args.batch_size} @ {args.image_size}px, dtype {args.dtype}, remat "
@@ -126,7 +126,7 @@ def compile_times(name: str, args: argparse.Namespace) -> None:
 
 
 def benchmark(name: str, args: argparse.Namespace) -> None:
-    variants = [prepare(name, _parse_overrides(v), args) for v in args.variants.split(";")]
+    variants = [prepare(name, parse_overrides(v), args) for v in args.variants.split(";")]
     times = {label: ([], []) for label, *_ in variants}
     for _ in range(args.repeats):  # round-robin
         for label, _, forward, step in variants:

@@ -2,11 +2,13 @@ r"""Our train step side by side with PyTorch implementations of the same model: 
 
     python benchmarks/vs_reference.py --variant S/16 --batch_size 8                  # vs open_clip
     python benchmarks/vs_reference.py --variant S/16 --reference_repo PATH/grain-clip  # + the authors' CLIP
+    python benchmarks/vs_reference.py --variant S/16 --overrides "text_length_buckets=(16,32,48,64)" --profile
 
 One step = forward, contrastive loss, backward, AdamW, in float32 on the default devices (CPU: both
 frameworks use every core). Steps alternate between the implementations (interleaved rounds), so a
 load change on a shared machine hits both alike; the printed ratio is ours / theirs of the median
-step (wall and process-CPU time), < 1 meaning ours is faster.
+step (wall and process-CPU time), < 1 meaning ours is faster. Each side also shows its kernel (system) CPU
+time and minor page faults per step: memory the step touches for the first time costs a fault per 4 KiB page.
 
 * open_clip (installed, a test dependency): ``open_clip.model.CLIP`` with OpenAI's ViT and text
   tower at our variant's sizes, against our ``clip-vit-*`` with the matching OpenAI options.
@@ -15,13 +17,19 @@ step (wall and process-CPU time), < 1 meaning ours is faster.
   ViT + OpenAI text tower, the GRAIN paper's CLIP baseline) is timed against our ``clip-vit-*``
   (same architecture). Their GRAIN step (decoder, matcher, losses in train.py) is not harnessed.
 
+``--overrides``: ours is also timed with these model options (work that cannot change the result left out,
+e.g. length buckets), against the same PyTorch step. ``--profile``: after the timed rounds, one step of
+each is profiled and its time printed per op category (``step_profile.py``).
+
 Texts are 77 tokens zero padded, with ``--caption_tokens`` real tokens at most (both sides see the
 same ids).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import resource
 import sys
 import time
 
@@ -37,24 +45,32 @@ from grain_jax.losses import LossConfig, total_loss
 from grain_jax.models import OPENAI_VIT, create_model
 from grain_jax.models.vit import decode_variant
 
+import model_step  # benchmarks/, beside this script
+import step_profile
+
 CONTEXT = 77
 
 
-def _time(fn) -> tuple[float, float]:
-    start, start_cpu = time.perf_counter(), time.process_time()
+def _time(fn) -> tuple[float, float, float, int]:
+    """(wall s, process CPU s, of which kernel s, minor page faults) of one call."""
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     fn()
-    return time.perf_counter() - start, time.process_time() - start_cpu
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    user, system = after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+    return wall, user + system, system, after.ru_minflt - before.ru_minflt
 
 
 def jax_step(model_name: str, overrides: dict, batch: dict):
-    """A zero-argument callable running one jitted train step of our CLIP-mode model (compiled first)."""
+    """(a zero-argument callable running one compiled train step of our CLIP-mode model, its optimised HLO)."""
     model = create_model(model_name, **overrides)
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["images"], batch["caption_tokens"]))["params"]
     tx = optax.adamw(1e-4, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.1)
     state = [params, tx.init(params)]
     config = LossConfig()
 
-    @jax.jit
+    # Donated like the trainer's step (trainer.compile_train_step): the update writes into the old
+    # parameters' and moments' buffers, as PyTorch's in-place AdamW does, instead of fresh memory.
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, opt_state, batch):
         def loss_fn(params):
             out, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"], train=True)
@@ -64,14 +80,15 @@ def jax_step(model_name: str, overrides: dict, batch: dict):
         return optax.apply_updates(params, updates), opt_state, loss
 
     batch = jax.device_put(batch)
+    start = time.perf_counter()
+    compiled = step.lower(state[0], state[1], batch).compile()
+    print(f"  ours {model_name} {overrides}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
 
     def run():
-        state[0], state[1], loss = step(state[0], state[1], batch)
+        state[0], state[1], loss = compiled(state[0], state[1], batch)
         jax.block_until_ready(loss)
-    start = time.perf_counter()
-    run()
-    print(f"  ours {model_name} {overrides}: compiled in {time.perf_counter() - start:.1f} s", flush=True)
-    return run
+    run()  # warm-up
+    return run, compiled.as_text()
 
 
 def torch_step(model: torch.nn.Module, encode, batch: dict):
@@ -133,7 +150,13 @@ def main() -> None:
     parser.add_argument("--caption_tokens", type=int, default=32, help="longest caption (SOT..EOT) in tokens")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--reference_repo", default=None, help="a checkout of github.com/shaunak27/grain-clip")
+    parser.add_argument("--overrides", default="",
+                        help="also time ours with these model options (e.g. 'text_length_buckets=(16,32,48,64)')")
+    parser.add_argument("--profile", action="store_true",
+                        help="after the timed rounds, profile one step of each and print time per op category")
     args = parser.parse_args()
+    if args.profile:
+        step_profile.enable_xla_traceme()  # before JAX starts its backend
 
     batch = fake_batch(args.batch_size, args.image_size, args.caption_tokens, 8)
     # Both models take normalised float pixels (the batch contract's uint8 is normalised inside our train step).
@@ -142,10 +165,13 @@ def main() -> None:
     name = "clip-vit-b16"  # with the variant's image tower
     common = dict(vit_variant=args.variant, image_size=args.image_size, dtype="float32")
     torch.manual_seed(0)
-    pairs = {"open_clip": (jax_step(name, {**common, **OPENAI_VIT}, batch),
-                           torch_step(open_clip_model(args.variant, args.image_size), _open_clip_encode, batch))}
+    open_clip = torch_step(open_clip_model(args.variant, args.image_size), _open_clip_encode, batch)
+    pairs = {"open_clip": (*jax_step(name, {**common, **OPENAI_VIT}, batch), open_clip)}
+    if args.overrides:  # ours computing less (same result), against the same PyTorch step
+        pairs[f"open_clip, ours with {args.overrides}"] = (
+            *jax_step(name, {**common, **OPENAI_VIT, **model_step.parse_overrides(args.overrides)}, batch), open_clip)
     if args.reference_repo:
-        pairs["authors' CLIP"] = (jax_step(name, common, batch),
+        pairs["authors' CLIP"] = (*jax_step(name, common, batch),
                                   torch_step(authors_model(args.reference_repo, args.variant), _authors_encode, batch))
     else:
         print("  (no --reference_repo: the authors' code is not timed)")
@@ -153,12 +179,19 @@ def main() -> None:
     print(f"{args.variant} CLIP step, batch {args.batch_size} @ {args.image_size}px, fp32, {jax.device_count()} x "
           f"{jax.devices()[0].device_kind}, torch {torch.__version__} with {torch.get_num_threads()} threads, "
           f"{args.rounds} interleaved rounds")
-    for label, (ours, theirs) in pairs.items():
-        times = np.array([[_time(ours), _time(theirs)] for _ in range(args.rounds)])  # [round, impl, wall|cpu]
+    for label, (ours, hlo, theirs) in pairs.items():
+        # [round, impl, (wall, cpu, system cpu, page faults)]
+        times = np.array([[_time(ours), _time(theirs)] for _ in range(args.rounds)])
         med = np.median(times, axis=0)
-        ratio = np.median(times[:, 0] / times[:, 1], axis=0)
-        print(f"vs {label}: ours {med[0, 0]:.2f} s (CPU {med[0, 1]:.2f} s), theirs {med[1, 0]:.2f} s "
-              f"(CPU {med[1, 1]:.2f} s); ours/theirs wall {ratio[0]:.2f}, CPU {ratio[1]:.2f}", flush=True)
+        ratio = np.median(times[:, 0, :2] / times[:, 1, :2], axis=0)
+        side = [f"{med[i, 0]:.2f} s (CPU {med[i, 1]:.2f} s, kernel {med[i, 2]:.2f} s, {med[i, 3] / 1e3:.0f}k page faults)"
+                for i in range(2)]
+        print(f"vs {label}: ours {side[0]}, theirs {side[1]}; ours/theirs wall {ratio[0]:.2f}, CPU {ratio[1]:.2f}",
+              flush=True)
+        if args.profile:
+            print(f"one step of each, by category (summed over threads):\n"
+                  + step_profile.table({"ours": step_profile.profile_jax(ours, hlo),
+                                        label: step_profile.profile_torch(theirs)}), flush=True)
 
 
 if __name__ == "__main__":
