@@ -47,6 +47,8 @@ _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for a TPU topology in
 _TRAIN_CONFIG = flags.DEFINE_string("train_config", None,
                                     "With --topology: compile the whole train step of this config file[:args].")
 _REMAT = flags.DEFINE_list("remat_policies", ["none"], "With --train_config: model.remat_policy values.")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "With --train_config: GradCache micro-batches (default: the "
+                              "config's).")
 
 # MaxText's accelerator_to_spec_map: name -> (chip config, chips per host, wrap).
 _TOPOLOGIES = {"v5e:16x16": ("default", (2, 2, 1), (True, True, False)), "v5e:4x4": ("default", (2, 2, 1), None),
@@ -129,7 +131,8 @@ def train_step_rows(mesh, rules) -> None:
     spec = importlib.util.spec_from_file_location("train_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}")
+    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}"
+          + (f", grad_accum_steps={_ACCUM.value}" if _ACCUM.value else ""))
     print(f"{'batch':>7} {'impl':>8} {'remat':>22} {'temp GiB/chip':>14} {'total GiB/chip':>15} {'compile s':>10}")
     for batch_size in (int(b) for b in _BATCH_SIZES.value):
         for remat in _REMAT.value:
@@ -139,6 +142,8 @@ def train_step_rows(mesh, rules) -> None:
                 config.model.remat_policy = remat
                 config.loss.contrastive_impl = impl
                 config.loss.contrastive_chunks = _CHUNKS.value
+                if _ACCUM.value:
+                    config.grad_accum_steps = _ACCUM.value
                 schedule = trainer.schedule_from_config(config, total_steps=1000, warmup_steps=10)
                 model = state_lib.build_model(config)
                 boxed = models.abstract_params(model)
