@@ -26,9 +26,10 @@ def test_split_and_join_are_inverse_and_interleave_rows():
 
 
 @functools.cache
-def _setup(model_name, mesh_shape=(2, 2, 1), dtype="float32"):
+def _setup(model_name, mesh_shape=(2, 2, 1), dtype="float32", scan_layers=False):
     config = _train_utils.runlocal_config("unused", dtype=dtype, global_batch_size=BATCH)
     config.model_name = model_name
+    config.model.scan_layers = scan_layers
     if model_name.startswith("grain"):
         config.model.decoder_dropout = 0.0
     mesh = sharding.create_mesh(mesh_shape, devices=jax.devices()[:int(np.prod(mesh_shape))])
@@ -46,8 +47,9 @@ def _setup(model_name, mesh_shape=(2, 2, 1), dtype="float32"):
 
 
 @functools.cache
-def _gradients(model_name, k, mesh_shape=(2, 2, 1), grad_reduce_dtype="compute"):
-    model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name, mesh_shape)
+def _gradients(model_name, k, mesh_shape=(2, 2, 1), grad_reduce_dtype="compute", scan_layers=False):
+    model, loss_config, mesh, rules, params, batch, image_stats = _setup(model_name, mesh_shape,
+                                                                         scan_layers=scan_layers)
     fn = jax.jit(step_lib.make_gradient_fn(model, loss_config, k, grad_reduce_dtype=grad_reduce_dtype, **image_stats))
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         return jax.device_get(fn(params, batch, jax.random.PRNGKey(1)))
@@ -59,6 +61,12 @@ def _gradients(model_name, k, mesh_shape=(2, 2, 1), grad_reduce_dtype="compute")
 ])
 def test_grad_cache_equals_one_full_batch_step(model_name, k, mesh_shape):
     _assert_same_step(_gradients(model_name, k, mesh_shape), _gradients(model_name, 1, mesh_shape), model_name)
+
+
+def test_grad_cache_with_scanned_layers_equals_one_full_batch_step():
+    """scan_layers: the decoder's scan carry starts as zeros that must vary over the groups like its inputs."""
+    _assert_same_step(_gradients("grain-tiny", 2, scan_layers=True), _gradients("grain-tiny", 1, scan_layers=True),
+                      "grain-tiny")
 
 
 @pytest.mark.parametrize("model_name,mesh_shape", [("clip-tiny", (2, 2, 1)), ("grain-tiny", (2, 2, 1)),
