@@ -7,6 +7,7 @@ r"""Large contrastive batches: per-device memory and step time of dense / chunke
     # AOT of the whole B/16 train step per v5e chip, one line per (batch, impl, remat policy)
     python benchmarks/large_batch.py --topology v5e:16x16 --train_config grain_jax/configs/grain_cc12m.py:variant=B/16 \
         --batch_sizes 16384,32768 --impls dense,ring --remat_policies none,full
+    # ... with GradCache over 2 micro-batches: add --grad_accum_steps 2
 
 The loss step is ``value_and_grad(total_loss)`` with respect to GRAIN-shaped model
 outputs (image / caption embeddings [B, D], region embeddings [B, Q, D], description
