@@ -44,6 +44,7 @@ _DIM = flags.DEFINE_integer("dim", 512, "Embedding width D (B/16: 512, L/14: 768
 _QUERIES = flags.DEFINE_integer("queries", 5, "Region queries Q = description slots M.")
 _TIME_MAX_BATCH = flags.DEFINE_integer("time_max_batch", 1024, "Execute and time only up to this batch.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
+_MESH = flags.DEFINE_list("mesh_shape", ["-1", "1", "1"], "(data, fsdp, tensor) mesh over the devices.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for a TPU topology instead, e.g. v5e:16x16 (AOT only).")
 _TRAIN_CONFIG = flags.DEFINE_string("train_config", None,
                                     "With --topology: compile the whole train step of this config file[:args].")
@@ -132,7 +133,8 @@ def train_step_rows(mesh, rules) -> None:
     spec = importlib.util.spec_from_file_location("train_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}"
+    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}, "
+          f"mesh {dict(mesh.shape)}"
           + (f", grad_accum_steps={_ACCUM.value}" if _ACCUM.value else ""))
     print(f"{'batch':>7} {'impl':>8} {'remat':>22} {'temp GiB/chip':>14} {'total GiB/chip':>15} {'compile s':>10}")
     for batch_size in (int(b) for b in _BATCH_SIZES.value):
@@ -168,7 +170,7 @@ def train_step_rows(mesh, rules) -> None:
 
 def main(argv):
     del argv
-    mesh = sharding.create_mesh((-1, 1, 1), devices=_devices())
+    mesh = sharding.create_mesh(tuple(int(x) for x in _MESH.value), devices=_devices())
     rules = sharding.axis_rules()
     if _TRAIN_CONFIG.value:
         if not _TOPOLOGY.value:
