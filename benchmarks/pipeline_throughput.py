@@ -8,8 +8,12 @@
 2. Profiles the per-record costs of the pipeline's steps in this process (µs per record, CPU),
    and of a whole batch (read, parse, draws, decode, batch assembly) per record.
 3. Measures each loader in a fresh subprocess: records per wall second and per CPU-second of
-   the whole loader (the process and its worker processes: psutil user+system time, counted
-   after start-up, so other load on the machine does not change it):
+   the whole loader (the process, its worker processes and multiprocessing's resource tracker:
+   psutil user+system time, so other load on the machine changes it less than wall time) in
+   steady state, after ``--warmup_batches`` that start the workers and drain what they read
+   ahead meanwhile (CPU spent before the window would otherwise count as free records); and,
+   separately, the start-up: wall and CPU seconds from creating the loader to its first batch
+   (worker processes importing their modules and opening the records):
    * ``grain_jax``: ``make_train_iterator`` of this checkout;
    * ``grain_jax@before``: the same of the checkout at ``--before`` (e.g. a ``git worktree``
      of an older commit), on the same records;
@@ -154,10 +158,13 @@ class WebdatasetLoader:
 
 # ------------------------------------------------------------------------------------ measurement
 def measure(loader: str, records_dir: str, resolution: int, num_workers: int, batch_size: int,
-            num_batches: int) -> dict:
-    """Runs in a fresh process: records/s (wall) and records per CPU-second of loader + workers."""
+            num_batches: int, warmup_batches: int) -> dict:
+    """Runs in a fresh process: steady-state records/s (wall) and records per CPU-second of loader +
+    workers, and the start-up to the first batch (wall s, CPU s)."""
     import psutil
 
+    me = psutil.Process()
+    wall_start, cpu_start = time.perf_counter(), sum(me.cpu_times()[:2])
     if loader.startswith("grain_jax"):
         from absl import flags
         from grain_jax.data import pipeline
@@ -168,20 +175,42 @@ def measure(loader: str, records_dir: str, resolution: int, num_workers: int, ba
     else:
         iterator = WebdatasetLoader(os.path.join(records_dir, f"wds-{resolution}"), batch_size, num_workers,
                                     full=loader == "webdataset")
-    for _ in range(2):  # start-up and the first fetches are not throughput
-        first = next(iterator)
-    me = psutil.Process()
+    first = next(iterator)
+    processes = [me] + me.children(recursive=True)
+    startup_cpu = sum(sum(p.cpu_times()[:2]) for p in processes) - cpu_start  # children: all their CPU so far
+    startup_wall = time.perf_counter() - wall_start
+    for _ in range(warmup_batches):
+        next(iterator)
     processes = [me] + me.children(recursive=True)
     cpu_start = [sum(p.cpu_times()[:2]) for p in processes]
+    faults_start = [_minor_page_faults(p.pid) for p in processes]
     wall_start = time.perf_counter()
     for _ in range(num_batches):
         next(iterator)
     wall = time.perf_counter() - wall_start
-    cpu = sum(sum(p.cpu_times()[:2]) - c for p, c in zip(processes, cpu_start))
+    cpus = [sum(p.cpu_times()[:2]) - c for p, c in zip(processes, cpu_start)]
+    faults = [_minor_page_faults(p.pid) - f for p, f in zip(processes, faults_start)]
+    # Worker processes are the busiest children; the others are helpers (multiprocessing's resource tracker).
+    workers = sorted(range(1, len(processes)), key=lambda i: cpus[i], reverse=True)[:num_workers]
     records = num_batches * batch_size
     iterator.close()
-    return {"wall_records_per_s": records / wall, "records_per_cpu_s": records / cpu,
-            "image_bytes_per_batch": int(first["images"].nbytes)}
+    return {"wall_records_per_s": records / wall, "records_per_cpu_s": records / sum(cpus),
+            "startup_wall_s": startup_wall, "startup_cpu_s": startup_cpu,
+            "image_bytes_per_batch": int(first["images"].nbytes),
+            # per batch: CPU ms of the loading process, of the workers, of other children; workers' page faults
+            "parent_cpu_ms": cpus[0] / num_batches * 1e3,
+            "workers_cpu_ms": sum(cpus[i] for i in workers) / num_batches * 1e3,
+            "other_cpu_ms": (sum(cpus[1:]) - sum(cpus[i] for i in workers)) / num_batches * 1e3,
+            "worker_page_faults": sum(faults[i] for i in workers) / num_batches}
+
+
+def _minor_page_faults(pid: int) -> float:
+    """Minor page faults of a process so far (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return float(f.read().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return float("nan")
 
 
 def profile(records_dir: str, resolution: int, repeats: int = 200) -> dict[str, float]:
@@ -239,7 +268,8 @@ def profile(records_dir: str, resolution: int, repeats: int = 200) -> dict[str, 
 def _measure_in_subprocess(args, loader: str, resolution: int, num_workers: int) -> dict:
     root = args.before if loader.endswith("@before") else REPO
     env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
-    spec = json.dumps([loader, args.records_dir, resolution, num_workers, args.batch_size, args.num_batches])
+    spec = json.dumps([loader, args.records_dir, resolution, num_workers, args.batch_size, args.num_batches,
+                       args.warmup_batches])
     # The measuring code is always this file's; only the grain_jax it imports changes.
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_measure", spec], env=env, cwd=root,
                          capture_output=True, text=True, check=False)
@@ -254,7 +284,9 @@ def main():
     parser.add_argument("--before", default=None, help="checkout of an older grain_jax to compare against")
     parser.add_argument("--num_records", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--num_batches", type=int, default=24, help="timed batches per setting")
+    parser.add_argument("--num_batches", type=int, default=48, help="timed batches per setting")
+    parser.add_argument("--warmup_batches", type=int, default=16,
+                        help="batches read after the first and before timing: more than the workers read ahead")
     parser.add_argument("--workers", default="0,1,2", help="comma-separated worker counts")
     parser.add_argument("--resolutions", default=",".join(map(str, RESOLUTIONS)),
                         help=f"comma-separated subset of {RESOLUTIONS}, measured in this order")
@@ -279,7 +311,7 @@ def main():
         for name, micros in costs.items():
             print(f"  {micros:8.1f}  {name}")
     print(f"\n{'loader':>18} {'px':>4} {'workers':>7} {'records/CPU-s':>14} {'wall records/s':>15} "
-          f"{'image MiB/batch':>15}")
+          f"{'image MiB/batch':>15} {'start-up s, CPU-s':>18}")
     results = {}
     for resolution in resolutions:
         for loader in loaders:
@@ -287,7 +319,14 @@ def main():
                 r = _measure_in_subprocess(args, loader, resolution, num_workers)
                 results[loader, resolution, num_workers] = r
                 print(f"{loader:>18} {resolution:>4} {num_workers:>7} {r['records_per_cpu_s']:>14.0f} "
-                      f"{r['wall_records_per_s']:>15.0f} {r['image_bytes_per_batch'] / 2**20:>15.2f}", flush=True)
+                      f"{r['wall_records_per_s']:>15.0f} {r['image_bytes_per_batch'] / 2**20:>15.2f} "
+                      f"{r['startup_wall_s']:>8.1f}, {r['startup_cpu_s']:>7.1f}", flush=True)
+    print(f"\nCPU per batch of {args.batch_size} (ms) in the loading process / its workers / other children "
+          f"(resource tracker), and the workers' minor page faults per batch:")
+    for (loader, resolution, num_workers), r in results.items():
+        if num_workers and loader.startswith("grain_jax"):
+            print(f"{loader:>18} {resolution:>4} px {num_workers} workers: {r['parent_cpu_ms']:6.1f} / "
+                  f"{r['workers_cpu_ms']:6.1f} / {r['other_cpu_ms']:5.2f} ms, {r['worker_page_faults']:7.0f} faults")
     for resolution in resolutions:
         for num_workers in workers:
             ours, theirs = results[("grain_jax", resolution, num_workers)], results.get(

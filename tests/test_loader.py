@@ -1,4 +1,7 @@
-"""BatchIterator (worker-count-independent state), DevicePrefetch (state of the unseen batch) and transforms."""
+"""BatchIterator (worker-count-independent state, batches built in shared memory by workers), DevicePrefetch
+(state of the unseen batch) and transforms."""
+from multiprocessing import shared_memory
+
 import grain
 import jax
 import numpy as np
@@ -43,6 +46,59 @@ def test_batch_iterator_reads_the_state_of_grains_multi_worker_iterator():
     resumed = loader.BatchIterator(batches)
     resumed.set_state(state)
     assert next(resumed).tolist() == [12, 13, 14, 15] and resumed.get_state() == {"next_index": 4}
+
+
+def _big_batch(k):
+    """Batch k: "image" [64,64,64] uint8 (256 KiB, a ``batch_array``) = k + 1 in row k % 64, else 0; "k" [1];
+    "in_shared_memory" [] bool: whether ``batch_array`` built the image in a block (a view, not a new array)."""
+    image = loader.batch_array((64, 64, 64), np.uint8)
+    image[k % 64] = k + 1
+    return {"image": image, "k": np.array([k]), "in_shared_memory": np.array(not image.flags.owndata)}
+
+
+def test_batches_built_in_workers_blocks_equal_in_process_ones_and_blocks_are_reused_only_when_dropped():
+    expected = [_big_batch(k) for k in range(12)]
+    assert not any(batch["in_shared_memory"] for batch in expected)
+    for num_workers in (1, 2):
+        iterator = loader.BatchIterator(grain.MapDataset.range(12).map(_big_batch), num_workers=num_workers)
+        kept = {}
+        for k, batch in enumerate(iterator):
+            assert batch["in_shared_memory"]  # so only a handle crossed the queue (module doc)
+            if k % 3 == 0:
+                kept[k] = batch  # held: its block must not be refilled meanwhile
+        assert k == 11 and len(kept) == 4
+        for k, batch in kept.items():
+            for key in ("image", "k"):
+                np.testing.assert_array_equal(batch[key], expected[k][key], err_msg=f"{num_workers} workers, {key}")
+        names = list(iterator._received._open)
+        assert len(names) < 12  # the dropped batches' blocks came back
+        assert not any(map(_shared_memory_exists, names))  # unlinked once mapped: nothing can leak
+        iterator.close()
+
+
+def _shared_memory_exists(name):
+    try:
+        block = shared_memory.SharedMemory(name)
+    except FileNotFoundError:
+        return False
+    block.close()  # (and left registered: the resource tracker unlinks it at exit)
+    return True
+
+
+def test_batch_array_in_a_worker_reuses_a_discarded_block_zero_filled(monkeypatch):
+    blocks = loader._WorkerBlocks()
+    monkeypatch.setattr(loader, "_worker_blocks", blocks)
+    assert type(loader.batch_array((4, 4), np.int32)) is np.ndarray  # small arrays go pickled
+    first = loader.batch_array((512, 256), np.uint8)
+    assert not first.flags.owndata and not first.any()
+    first[:] = 7
+    second = loader.batch_array((512, 256), np.uint8)
+    assert not np.shares_memory(first, second)  # first is still lent
+    loader.discard(first)
+    third = loader.batch_array((512, 256), np.uint8)
+    assert np.shares_memory(first, third) and not third.any()  # first's block, zero-filled again
+    for block in blocks._blocks[(512, 256), "|u1"]:
+        block.unlink()
 
 
 def test_resolve_num_workers():

@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from PIL import Image
 
 from grain_jax import batch as batch_lib
-from grain_jax.data import pipeline, records
+from grain_jax.data import loader, pipeline, records
 from grain_jax.data.tokenizer import EOT, SOT
 from grain_jax.sharding import create_mesh
 
@@ -295,7 +295,7 @@ def test_to_global_on_fake_devices(data_dir):
                 np.testing.assert_array_equal(np.asarray(shard.data), value[shard.index])
 
 
-def test_clear_errors(data_dir, tmp_path):
+def test_clear_errors(data_dir, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="not a directory"):
         pipeline.make_train_iterator(_config(str(tmp_path / "missing")), global_batch_size=4, seed=0)
     with pytest.raises(ValueError, match="split 'test' not found"):
@@ -330,6 +330,17 @@ def test_clear_errors(data_dir, tmp_path):
     records.write_tfds_metadata(truncated_dir, features, {"train": [1]}, {"train": num_bytes}, "truncated jpeg")
     with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
         next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
+
+    # Built in a worker, the failed batch's block goes back to the worker (tests/test_loader.py: discard).
+    monkeypatch.setattr(loader, "_worker_blocks", loader._WorkerBlocks())
+    monkeypatch.setattr(loader, "MIN_SHARED_MEMORY_BYTES", 0)
+    discarded = []
+    monkeypatch.setattr(loader, "discard", lambda array, discard=loader.discard: discard(discarded.append(array) or array))
+    with pytest.raises(ValueError, match="record 'record-3': cannot decode its image"):
+        next(pipeline.make_train_iterator(_config(truncated_dir), global_batch_size=1, seed=0))
+    assert len(discarded) == 1 and not loader._worker_blocks._lent
+    for block in loader._worker_blocks._blocks[(1, RESOLUTION, RESOLUTION, 3), "|u1"]:
+        block.unlink()
 
 
 def test_prepared_texts_and_boxes_reach_the_batch(tmp_path):

@@ -169,8 +169,17 @@ class _ExampleOptions:
         ``caption_tokens [size,Lc]``, ``description_tokens [size,M,Ld]``, ``boxes [size,M,4]`` cxcywh
         in [0,1], ``box_mask [size,M]``; padded box slots and rows past ``len(records)`` are zero.
         ``use_mllm_caption`` and ``flip`` [len(records)] are the per-record draws."""
-        m, s = self.max_boxes, self.image_size
-        images = np.zeros((size, s, s, 3), np.uint8)
+        images = loader.batch_array((size, self.image_size, self.image_size, 3), np.uint8)
+        try:
+            return self._fill(images, records, use_mllm_caption, flip)
+        except BaseException:
+            loader.discard(images)
+            raise
+
+    def _fill(self, images: np.ndarray, records: Sequence[Mapping[str, Any]], use_mllm_caption: Sequence[bool],
+              flip: Sequence[bool]) -> dict[str, np.ndarray]:
+        """``batch`` with ``images`` [size,S,S,3] allocated (zero-filled): decodes into it."""
+        size, m = len(images), self.max_boxes
         # Stored token rows [size, L] / [size, M, L]: re-truncated below, for the whole batch at once.
         captions = np.zeros((size, records[0]["caption_tokens"].shape[-1] if records else self.caption_length),
                             np.int32)
@@ -182,7 +191,7 @@ class _ExampleOptions:
         for row, (record, use_mllm, flip_row) in enumerate(zip(records, use_mllm_caption, flip)):
             # Squash like the prepare step did (boxes are normalised, so they stay valid); a no-op
             # for records stored at the training resolution, the common path.
-            image = transforms.squash_resize(transforms.decode_image(record["image"], record["id"]), s)
+            image = transforms.squash_resize(transforms.decode_image(record["image"], record["id"]), self.image_size)
             images[row] = image[:, ::-1] if flip_row else image
             flips[row] = flip_row
             use_mllm = use_mllm and record["has_mllm_caption"]
