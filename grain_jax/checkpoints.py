@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from grain_jax.data import transforms
+from grain_jax.models import scan
 
 MODEL_CONFIG = "model_config.json"
 CHECKPOINTS = "checkpoints"
@@ -77,8 +78,6 @@ def restore_params(directory: str, abstract_params: Any = None, step: int | None
     Raises:
       ValueError listing the parameters that are missing, unexpected or of another shape.
     """
-    from grain_jax.models import scan
-
     with manager(directory, item_handlers={"params": ocp.StandardCheckpointHandler()}, read_only=True) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:
