@@ -229,6 +229,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         synthetic.generate_scenes("test", 0, 1)
     with pytest.raises(ValueError, match="resolution must be >= 32"):
         synthetic.generate_scenes("train", 0, 1, resolution=16)
+    with pytest.raises(ValueError, match="unnamed_prob must be in"):  # before anything is written
+        synthetic.ensure_synthetic(tmp_path / "unnamed", num_train=8, unnamed_prob=-0.1)
+    assert not (tmp_path / "unnamed").exists()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no synthetic benchmark"):

@@ -26,6 +26,8 @@ Design
     layout and background only, never a part or attribute word;
   - regions: up to 5 of the scene's grounded phrases (each object offers its descriptors with the
     box of the part they name, plus "a <name>" with the object box), with detector-like scores.
+  With ``unnamed_prob`` > 0 (default 0), some objects are *unnamed*: random part combinations called
+  "object" in every text (`_unnamed_objects`).
 * **Zero-shot splits** (ImageFolder, one object per image): `seen` (the training classes) and
   `novel`: classes with new names whose part-value combinations never occur in training, while
   every single part value (and so every descriptor word) does. Novel names never occur in
@@ -520,7 +522,7 @@ def _unnamed_objects(rng: np.random.Generator, unnamed_prob: float, cat: Catalog
     novel = np.array([c.attributes for c in cat.novel])
     rows = np.zeros((CHUNK * 3, len(FACTORS)), np.int64)
     todo = np.arange(CHUNK * 3)
-    while len(todo):  # rejection sampling: about 1 in 3 random combinations is rejected
+    while len(todo):  # rejection sampling: under 1% of random combinations is rejected
         candidates = np.stack([rng.integers(n, size=len(todo)) for _, n in FACTORS], 1)
         ok = (_distances(candidates, seen).min(1) >= 1) & (_distances(candidates, novel).min(1) >= 2)
         rows[todo[ok]] = candidates[ok]
@@ -530,7 +532,7 @@ def _unnamed_objects(rng: np.random.Generator, unnamed_prob: float, cat: Catalog
 
 def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attributes: np.ndarray,
                   resolution: int, seed: int, max_regions: int, mllm_captions: str, with_labels: bool,
-                  unnamed_prob: float = 0.0, cat: Catalogue | None = None) -> list[Scene]:
+                  unnamed_prob: float, cat: Catalogue) -> list[Scene]:
     """All CHUNK scenes of one chunk, from the chunk's own random streams."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk])
     mllm_rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk, 1])
@@ -685,6 +687,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
         arguments["unnamed_prob"] = unnamed_prob
     if mllm_captions not in MLLM_CAPTION_STYLES:
         raise ValueError(f"mllm_captions must be one of {MLLM_CAPTION_STYLES}, got {mllm_captions!r}")
+    if not 0.0 <= unnamed_prob < 1.0:
+        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
     existing = _read_marker(directory)
     if existing == arguments:
         return directory
