@@ -7,6 +7,7 @@ r"""Large contrastive batches: per-device memory and step time of dense / chunke
     # AOT of the whole B/16 train step per v5e chip, one line per (batch, impl, remat policy)
     python benchmarks/large_batch.py --topology v5e:16x16 --train_config grain_jax/configs/grain_cc12m.py:variant=B/16 \
         --batch_sizes 16384,32768 --impls dense,ring --remat_policies none,full
+    # ... with GradCache over 2 micro-batches: add --grad_accum_steps 2
 
 The loss step is ``value_and_grad(total_loss)`` with respect to GRAIN-shaped model
 outputs (image / caption embeddings [B, D], region embeddings [B, Q, D], description
@@ -43,10 +44,13 @@ _DIM = flags.DEFINE_integer("dim", 512, "Embedding width D (B/16: 512, L/14: 768
 _QUERIES = flags.DEFINE_integer("queries", 5, "Region queries Q = description slots M.")
 _TIME_MAX_BATCH = flags.DEFINE_integer("time_max_batch", 1024, "Execute and time only up to this batch.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
+_MESH = flags.DEFINE_list("mesh_shape", ["-1", "1", "1"], "(data, fsdp, tensor) mesh over the devices.")
 _TOPOLOGY = flags.DEFINE_string("topology", None, "Compile for a TPU topology instead, e.g. v5e:16x16 (AOT only).")
 _TRAIN_CONFIG = flags.DEFINE_string("train_config", None,
                                     "With --topology: compile the whole train step of this config file[:args].")
 _REMAT = flags.DEFINE_list("remat_policies", ["none"], "With --train_config: model.remat_policy values.")
+_ACCUM = flags.DEFINE_integer("grad_accum_steps", None, "With --train_config: GradCache micro-batches (default: the "
+                              "config's).")
 
 # MaxText's accelerator_to_spec_map: name -> (chip config, chips per host, wrap).
 _TOPOLOGIES = {"v5e:16x16": ("default", (2, 2, 1), (True, True, False)), "v5e:4x4": ("default", (2, 2, 1), None),
@@ -129,7 +133,9 @@ def train_step_rows(mesh, rules) -> None:
     spec = importlib.util.spec_from_file_location("train_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}")
+    print(f"train step {_TRAIN_CONFIG.value} on {mesh.devices.size} x {mesh.devices.flat[0].device_kind}, "
+          f"mesh {dict(mesh.shape)}"
+          + (f", grad_accum_steps={_ACCUM.value}" if _ACCUM.value else ""))
     print(f"{'batch':>7} {'impl':>8} {'remat':>22} {'temp GiB/chip':>14} {'total GiB/chip':>15} {'compile s':>10}")
     for batch_size in (int(b) for b in _BATCH_SIZES.value):
         for remat in _REMAT.value:
@@ -139,6 +145,8 @@ def train_step_rows(mesh, rules) -> None:
                 config.model.remat_policy = remat
                 config.loss.contrastive_impl = impl
                 config.loss.contrastive_chunks = _CHUNKS.value
+                if _ACCUM.value:
+                    config.grad_accum_steps = _ACCUM.value
                 schedule = trainer.schedule_from_config(config, total_steps=1000, warmup_steps=10)
                 model = state_lib.build_model(config)
                 boxed = models.abstract_params(model)
@@ -162,7 +170,7 @@ def train_step_rows(mesh, rules) -> None:
 
 def main(argv):
     del argv
-    mesh = sharding.create_mesh((-1, 1, 1), devices=_devices())
+    mesh = sharding.create_mesh(tuple(int(x) for x in _MESH.value), devices=_devices())
     rules = sharding.axis_rules()
     if _TRAIN_CONFIG.value:
         if not _TOPOLOGY.value:

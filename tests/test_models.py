@@ -29,6 +29,8 @@ def test_create_model_rejects_unknown_name_and_override():
         param_counts(create_model("grain-tiny", vit_variant="X/16"))
     with pytest.raises(ValueError, match="unknown remat_policy 'sometimes'"):
         param_counts(create_model("grain-tiny", remat_policy="sometimes"))
+    with pytest.raises(ValueError, match="unknown remat_policy 'save_only_these_names'"):  # builds a policy, is none
+        param_counts(create_model("grain-tiny", remat_policy="save_only_these_names"))
 
 
 def test_dtype_strings_are_parsed():

@@ -2,18 +2,21 @@
 semantics (weights taken through the PyTorch layouts documented in grain_jax/models/layers.py), text
 masking and pooling, dropout, bf16, remat and sharding."""
 import functools
+import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from scipy.special import erf
 
 from grain_jax import sharding
 from grain_jax.batch import fake_batch
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.data import transforms
+from grain_jax.losses import LossConfig, total_loss
 from grain_jax.models import create_model
 
 VOCAB = 512
@@ -311,6 +314,30 @@ def test_remat_policy_wraps_every_block_in_a_checkpoint(grain, batch):
                                                                batch["caption_tokens"], batch["description_tokens"]),
                                    jax.random.key(0))
         assert jax.tree.structure(same_tree) == jax.tree.structure(abstract)
+
+
+@pytest.mark.parametrize("policy, kept", [("save_qkv_proj", {"qkv_proj"}),
+                                          ("save_dot_except_mlp", {"qkv_proj", "out_proj"})])
+def test_named_remat_policies_keep_their_projections_and_give_the_same_gradients(grain, batch, policy, kept, capsys):
+    _, variables, _, _, _ = grain
+    config = LossConfig()
+
+    def loss_fn(model):
+        def loss(v):
+            out, _ = model.apply(v, batch["images"], batch["caption_tokens"], batch["description_tokens"])
+            return total_loss(out, batch, config)[0]
+        return loss
+
+    remat = loss_fn(create_model("grain-tiny", **TINY, remat_policy=policy))
+    jax.ad_checkpoint.print_saved_residuals(remat, variables)
+    assert set(re.findall(r"named '(\w+)'", capsys.readouterr().out)) == kept
+    value, grads = jax.jit(jax.value_and_grad(loss_fn(create_model("grain-tiny", **TINY))))(variables)
+    remat_value, remat_grads = jax.jit(jax.value_and_grad(remat))(variables)
+    np.testing.assert_allclose(remat_value, value, rtol=1e-6)
+    assert float(jnp.abs(grads["params"]["image"]["blocks_0"]["attn"]["qkv_kernel"]).max()) > 0
+    for path, g in traverse_util.flatten_dict(grads, sep="/").items():
+        np.testing.assert_allclose(traverse_util.flatten_dict(remat_grads, sep="/")[path], g, rtol=1e-5, atol=1e-7,
+                                   err_msg=path)
 
 
 def test_sharded_apply_equals_unsharded(grain, batch):

@@ -192,6 +192,36 @@ def test_training_data_never_shows_a_novel_class():
     assert [s.objects[0].concept for s in novel] == list(cat.novel) * 2
 
 
+def test_unnamed_objects_are_new_combinations_called_object_and_leave_other_images_unchanged(train_scenes):
+    cat = synthetic.catalogue()
+    seen = np.array([c.attributes for c in cat.seen])
+    novel = np.array([c.attributes for c in cat.novel])
+    names = set(cat.class_names("seen")) | set(cat.class_names("novel"))
+    scenes = synthetic.generate_scenes("train", 0, len(train_scenes), unnamed_prob=0.3, with_labels=True)
+    unnamed = [o for s in scenes for o in s.objects if o.concept.name == synthetic.UNNAMED]
+    assert len(unnamed) / sum(len(s.objects) for s in scenes) == pytest.approx(0.3, abs=0.05)
+    rows = np.array([o.concept.attributes for o in unnamed])
+    assert synthetic._distances(rows, seen).min() >= 1 and synthetic._distances(rows, novel).min() >= 2
+    assert len({tuple(r) for r in rows}) > 0.8 * len(rows)  # random combinations, not a few fixed ones
+    for before, scene in zip(train_scenes, scenes):
+        if all(o.concept.name != synthetic.UNNAMED for o in scene.objects):
+            # The images of the world without them (texts are later draws of the same streams).
+            assert np.array_equal(before.image, scene.image)
+            continue
+        # Drawn with their own part values (every label of the drawn pixels is there) ...
+        for o, labels in zip(scene.objects, scene.labels):
+            assert (labels > 0).any()
+        # ... and in every text only by the generic name, next to the named objects' names.
+        texts = [scene.caption, scene.mllm_caption] + [r["description"] for r in scene.regions]
+        words = {w.strip(",.:") for t in texts for w in t.split()}
+        assert words & names <= {o.concept.name for o in scene.objects}
+        assert synthetic.UNNAMED in _words(scene.caption)
+    assert synthetic.generate_scenes("novel", 0, 10, unnamed_prob=0.3)[3].image.tobytes() == \
+        synthetic.generate_scenes("novel", 0, 10)[3].image.tobytes()  # zero-shot splits never change
+    with pytest.raises(ValueError, match="unnamed_prob must be in"):
+        synthetic.generate_scenes("train", 0, 1, unnamed_prob=1.0)
+
+
 def test_bad_arguments_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="num_seen_classes >= 6"):
         synthetic.catalogue(0, 4, 3)
@@ -199,6 +229,9 @@ def test_bad_arguments_are_clear_errors(tmp_path):
         synthetic.generate_scenes("test", 0, 1)
     with pytest.raises(ValueError, match="resolution must be >= 32"):
         synthetic.generate_scenes("train", 0, 1, resolution=16)
+    with pytest.raises(ValueError, match="unnamed_prob must be in"):  # before anything is written
+        synthetic.ensure_synthetic(tmp_path / "unnamed", num_train=8, unnamed_prob=-0.1)
+    assert not (tmp_path / "unnamed").exists()
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="holds no synthetic benchmark"):

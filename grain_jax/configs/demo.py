@@ -31,7 +31,7 @@ def get_config(arg=None):
     # In-process loading: at 64 px one core decodes several times what the CPU step consumes
     # (docs/data.md, "Input pipeline"), and worker start-up would cost seconds on every run and test.
     config.data.num_workers = 0
-    config.synthetic = dict(resolution=64)
+    config.synthetic = dict(resolution=64, unnamed_prob=0.0)
     config.global_batch_size = 32
     config.total_steps = 300
     config.warmup_steps = 20

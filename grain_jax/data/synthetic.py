@@ -26,6 +26,8 @@ Design
     layout and background only, never a part or attribute word;
   - regions: up to 5 of the scene's grounded phrases (each object offers its descriptors with the
     box of the part they name, plus "a <name>" with the object box), with detector-like scores.
+  With ``unnamed_prob`` > 0 (default 0), some objects are *unnamed*: random part combinations called
+  "object" in every text (`_unnamed_objects`).
 * **Zero-shot splits** (ImageFolder, one object per image): `seen` (the training classes) and
   `novel`: classes with new names whose part-value combinations never occur in training, while
   every single part value (and so every descriptor word) does. Novel names never occur in
@@ -384,6 +386,7 @@ def _join(items: Sequence[str]) -> str:
 _BASE_LOOKS = {"legs": "on two thin legs", "wheels": "on two wheels", "stand": "on a flat stand"}
 _GENERIC_NOUNS = ("object", "figure", "toy", "thing")
 MLLM_CAPTION_STYLES = ("holistic", "names_only")
+UNNAMED = "object"  # the "class name" of an unnamed object (`_unnamed_objects`) in every text
 MENTION_PROB = 0.6  # each part value of an object is mentioned in its MLLM caption with this probability
 WRONG_PROB = 0.1  # a mentioned value is a wrong one (MLLM hallucination) with this probability
 NAME_PROB = 0.5  # the MLLM caption calls an object by its class name (else a generic noun)
@@ -476,13 +479,19 @@ def _regions(rng: np.random.Generator, objects: Sequence[SceneObject], max_regio
 
 def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64, seed: int = 0,
                     num_seen_classes: int = 40, num_novel_classes: int = 10, max_regions: int = 5,
-                    mllm_captions: str = "holistic", with_labels: bool = False) -> list[Scene]:
+                    mllm_captions: str = "holistic", unnamed_prob: float = 0.0, with_labels: bool = False
+                    ) -> list[Scene]:
     """Scenes `start .. start+count-1` of a split, identical however the range is cut.
 
     Splits: "train" / "validation" (1-3 objects of seen classes, all texts), "seen" / "novel"
     (one object per image, class index = scene index % number of classes, for zero-shot tests).
-    `mllm_captions`: "holistic" or "names_only" (see `_captions`). `with_labels` keeps each object's label map (tests check boxes against drawn pixels).
+    `mllm_captions`: "holistic" or "names_only" (see `_captions`). `unnamed_prob`: the probability that a
+    training / validation object is an unnamed one instead (see `_unnamed_objects`); 0 draws nothing, so
+    the scenes are those of a world without them. `with_labels` keeps each object's label map (tests check
+    boxes against drawn pixels).
     """
+    if not 0.0 <= unnamed_prob < 1.0:
+        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split must be one of {list(SPLIT_STREAMS)}, got {split!r}")
     if resolution < 32:
@@ -494,15 +503,37 @@ def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64,
     first_chunk, last_chunk = start // CHUNK, (start + count - 1) // CHUNK
     for chunk in range(first_chunk, last_chunk + 1):
         chunk_scenes = _chunk_scenes(split, chunk, classes, attributes, resolution, seed, max_regions, mllm_captions,
-                                     with_labels)
+                                     with_labels, unnamed_prob, cat)
         scenes += [s for i, s in enumerate(chunk_scenes, chunk * CHUNK) if start <= i < start + count]
     return scenes
 
 
+def _unnamed_objects(rng: np.random.Generator, unnamed_prob: float, cat: Catalogue) -> tuple[np.ndarray, np.ndarray]:
+    """Which of a chunk's [CHUNK, 3] object slots hold an unnamed object, and its part values [CHUNK, 3, F].
+
+    An unnamed object is what web captions describe without a name the model knows: a random combination
+    of part values, never a seen class and at distance >= 2 from every novel class (so that novel
+    combinations still never occur in training), called UNNAMED in every text. It gives the part words
+    combinations beyond the 40 seen classes, which the seen classes alone cannot (diagnosed in
+    docs/synthetic-benchmark.md: without them every part word is learnt as a set of seen classes).
+    """
+    unnamed = rng.random((CHUNK, 3)) < unnamed_prob
+    seen = np.array([c.attributes for c in cat.seen])
+    novel = np.array([c.attributes for c in cat.novel])
+    rows = np.zeros((CHUNK * 3, len(FACTORS)), np.int64)
+    todo = np.arange(CHUNK * 3)
+    while len(todo):  # rejection sampling: under 1% of random combinations is rejected
+        candidates = np.stack([rng.integers(n, size=len(todo)) for _, n in FACTORS], 1)
+        ok = (_distances(candidates, seen).min(1) >= 1) & (_distances(candidates, novel).min(1) >= 2)
+        rows[todo[ok]] = candidates[ok]
+        todo = todo[~ok]
+    return unnamed, rows.reshape(CHUNK, 3, len(FACTORS))
+
+
 def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attributes: np.ndarray,
-                  resolution: int, seed: int, max_regions: int, mllm_captions: str, with_labels: bool
-                  ) -> list[Scene]:
-    """All CHUNK scenes of one chunk, from the chunk's own random stream."""
+                  resolution: int, seed: int, max_regions: int, mllm_captions: str, with_labels: bool,
+                  unnamed_prob: float, cat: Catalogue) -> list[Scene]:
+    """All CHUNK scenes of one chunk, from the chunk's own random streams."""
     rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk])
     mllm_rng = np.random.default_rng([seed, SPLIT_STREAMS[split], chunk, 1])
     indices = np.arange(chunk * CHUNK, (chunk + 1) * CHUNK)
@@ -514,7 +545,13 @@ def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attri
     images = _backgrounds(rng, CHUNK, resolution)
     present = np.arange(3)[None] < num_objects[:, None]  # [C, 3]
     scene_of, slot = np.nonzero(present)
-    obj_classes = attributes[class_index[scene_of, slot]]
+    slot_attributes = attributes[class_index]  # [C, 3, F]
+    unnamed = np.zeros((CHUNK, 3), bool)
+    if scene_level and unnamed_prob > 0:  # its own stream: the other draws are those of a world without them
+        unnamed, random_rows = _unnamed_objects(np.random.default_rng([seed, SPLIT_STREAMS[split], chunk, 2]),
+                                                unnamed_prob, cat)
+        slot_attributes = np.where(unnamed[..., None], random_rows, slot_attributes)
+    obj_classes = slot_attributes[scene_of, slot]
     (index, y, x, value), boxes = _draw_all(obj_classes, x0[scene_of, slot].astype(np.float32),
                                             y0[scene_of, slot].astype(np.float32),
                                             size[scene_of, slot].astype(np.float32), resolution)
@@ -532,7 +569,9 @@ def _chunk_scenes(split: str, chunk: int, classes: Sequence[ConceptClass], attri
         union = boxes[k][[p for p, name in enumerate(PART_NAMES) if name in part_boxes]]
         part_boxes["object"] = [*union[:, :2].min(0).tolist(), *union[:, 2:].max(0).tolist()]
         cell = CELLS[cells[i, j]] if cells[i, j] >= 0 else None
-        objects[i].append(SceneObject(classes[class_index[i, j]], cell, part_boxes, palettes[k]))
+        concept = (ConceptClass(UNNAMED, *map(int, slot_attributes[i, j])) if unnamed[i, j]
+                   else classes[class_index[i, j]])
+        objects[i].append(SceneObject(concept, cell, part_boxes, palettes[k]))
         if with_labels:
             object_labels[i].append(labels[k])
 
@@ -563,14 +602,15 @@ class _RawExamples:
 
 def raw_splits(num_train: int = 20000, num_validation: int = 1000, *, resolution: int = 64, seed: int = 0,
                num_seen_classes: int = 40, num_novel_classes: int = 10, max_regions: int = 5,
-               mllm_captions: str = "holistic") -> dict:
+               mllm_captions: str = "holistic", unnamed_prob: float = 0.0) -> dict:
     """`{"train": ..., "validation": ...}` iterables (with len) of raw examples for `prepare_dataset`.
 
     A raw example is `{"id", "image": uint8 [R, R, 3], "caption", "mllm_caption",
     "regions": [{"description", "box": xyxy in [0, 1], "score"}]}`.
     """
     args = dict(resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
-                num_novel_classes=num_novel_classes, max_regions=max_regions, mllm_captions=mllm_captions)
+                num_novel_classes=num_novel_classes, max_regions=max_regions, mllm_captions=mllm_captions,
+                unnamed_prob=unnamed_prob)
     return {"train": _RawExamples("train", num_train, args),
             "validation": _RawExamples("validation", num_validation, args)}
 
@@ -608,7 +648,7 @@ def _read_marker(directory: str) -> dict | None:
 def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_validation: int | None = None,
                      num_test_per_class: int | None = None, resolution: int = 64, seed: int = 0,
                      num_seen_classes: int = 40, num_novel_classes: int = 10, max_boxes: int = 5,
-                     mllm_captions: str = "holistic", num_workers: int | None = None) -> str:
+                     mllm_captions: str = "holistic", unnamed_prob: float = 0.0, num_workers: int | None = None) -> str:
     """Generates the benchmark into `directory` unless it already holds it with these arguments.
 
     Args:
@@ -623,6 +663,8 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
       max_boxes: regions per training image.
       mllm_captions: "holistic" (MLLM captions mention some part values of each object, as real
         ones do) or "names_only" (the strict ablation: no part or attribute word in any caption).
+      unnamed_prob: probability that a training / validation object is an unnamed random combination of
+        part values (``generate_scenes``); the zero-shot splits do not change.
       num_workers: prepare worker processes (default: all cores, or none for <= 2000 scenes,
         where starting workers costs more than it saves); does not change the output.
 
@@ -641,8 +683,12 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
     arguments = dict(num_train=num_train, num_validation=num_validation, num_test_per_class=num_test_per_class,
                      resolution=resolution, seed=seed, num_seen_classes=num_seen_classes,
                      num_novel_classes=num_novel_classes, max_boxes=max_boxes, mllm_captions=mllm_captions)
+    if unnamed_prob:  # recorded only when used, so that caches of worlds without unnamed objects stay valid
+        arguments["unnamed_prob"] = unnamed_prob
     if mllm_captions not in MLLM_CAPTION_STYLES:
         raise ValueError(f"mllm_captions must be one of {MLLM_CAPTION_STYLES}, got {mllm_captions!r}")
+    if not 0.0 <= unnamed_prob < 1.0:
+        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
     existing = _read_marker(directory)
     if existing == arguments:
         return directory
@@ -660,7 +706,7 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(directory)}.tmp-", dir=parent)
     try:
         prepare.prepare_dataset(raw_splits(num_train, num_validation, max_regions=max_boxes,
-                                           mllm_captions=mllm_captions, **generator_args),
+                                           mllm_captions=mllm_captions, unnamed_prob=unnamed_prob, **generator_args),
                                 staging, resolution=resolution, max_boxes=max_boxes, num_workers=num_workers,
                                 source="synthetic", extra_info={"synthetic": arguments})
         for split in ("seen", "novel"):

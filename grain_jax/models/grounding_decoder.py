@@ -119,7 +119,10 @@ class GroundingDecoder(nn.Module):
         queries = self.param("query_embed", nn.with_logical_partitioning(nn.initializers.normal(self.query_init_std),
                                                                       ("seq", "embed")),
                              (num_slots, self.width), self.param_dtype).astype(jnp.float32)
-        tgt = jnp.zeros((vision_tokens.shape[0], num_slots, self.width), jnp.float32)
+        # zeros_like, not zeros: inside a shard_map (GradCache's groups) the scanned layers' carry must vary over
+        # the mesh axes its inputs vary over, or nn.scan refuses the carry.
+        tgt = jnp.broadcast_to(jnp.zeros_like(vision_tokens[:, :1, :1], jnp.float32),
+                               (vision_tokens.shape[0], num_slots, self.width))
         final_norm = layers.layer_norm(_LN_EPS, self.param_dtype, name="decoder_norm")
 
         layer_cls = layers.remat(DecoderLayer, self.remat_policy, scanned=self.scan_layers)

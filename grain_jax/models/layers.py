@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +34,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from flax.linen.dtypes import promote_dtype
+from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -104,11 +106,27 @@ def projection(module: nn.Module, name: str, shape: tuple[int, int], param_dtype
     return module.param(name, nn.with_logical_partitioning(init, ("embed", None)), shape, param_dtype)
 
 
+# Remat policies that keep named activations (``checkpoint_name`` in MultiHeadAttention), after
+# MaxText's recipes of the same names. Between "none" and "full": the backward pass recomputes the
+# rest of the block (LayerNorms, attention core, MLP) but not the projections kept here.
+# Per token and layer they keep 3W ("save_qkv_proj") or 4W ("save_dot_except_mlp") compute-dtype values.
+NAMED_REMAT_POLICIES = {
+    "save_qkv_proj": ("qkv_proj",),
+    "save_dot_except_mlp": ("qkv_proj", "out_proj"),
+}
+
+
+def _is_policy(fn: Callable) -> bool:
+    """A checkpoint policy takes (prim, *avals, **params); other entries (save_only_these_names, ...) build one."""
+    return next(iter(inspect.signature(fn).parameters), None) in ("prim", "_")
+
+
 def remat(module_cls: type[nn.Module], policy: str | None, scanned: bool = False) -> type[nn.Module]:
     """Wraps a block class in ``nn.remat``.
 
-    ``policy``: "none" (no remat), "full" (save nothing, recompute the block), or the
-    name of any ``jax.checkpoint_policies`` entry (e.g. "dots_saveable").
+    ``policy``: "none" (no remat), "full" (save nothing, recompute the block), a key of
+    ``NAMED_REMAT_POLICIES``, or the name of any ``jax.checkpoint_policies`` entry (e.g.
+    "dots_with_no_batch_dims_saveable": keep every weight matmul's output).
     ``scanned``: the block is the body of an ``nn.scan``, which already keeps XLA from merging the
     recomputation into the forward pass, so remat's own CSE barriers (``prevent_cse``) are dropped.
     """
@@ -116,9 +134,13 @@ def remat(module_cls: type[nn.Module], policy: str | None, scanned: bool = False
         return module_cls
     if policy == "full":
         return nn.remat(module_cls, prevent_cse=not scanned)
-    fn = getattr(jax.checkpoint_policies, policy, None)
-    if fn is None or policy.startswith("_"):
-        raise ValueError(f"unknown remat_policy {policy!r}: use 'none', 'full' or a jax.checkpoint_policies name")
+    if policy in NAMED_REMAT_POLICIES:
+        fn = jax.checkpoint_policies.save_only_these_names(*NAMED_REMAT_POLICIES[policy])
+    else:
+        fn = getattr(jax.checkpoint_policies, policy, None)
+        if fn is None or policy.startswith("_") or not _is_policy(fn):
+            raise ValueError(f"unknown remat_policy {policy!r}: use 'none', 'full', one of "
+                             f"{sorted(NAMED_REMAT_POLICIES)} or a jax.checkpoint_policies name")
     return nn.remat(module_cls, policy=fn, prevent_cse=not scanned)
 
 
@@ -218,7 +240,7 @@ class MultiHeadAttention(nn.Module):
 
         def project(x, index):  # [..., L, W] -> [..., L, H, Dh]
             x, kernel, bias = promote_dtype(x, qkv_kernel[:, index], qkv_bias[index], dtype=self.dtype)
-            return jnp.einsum("...lw,whd->...lhd", x, kernel) + bias
+            return checkpoint_name(jnp.einsum("...lw,whd->...lhd", x, kernel) + bias, "qkv_proj")
 
         q, k, v = project(inputs_q, 0), project(inputs_k, 1), project(inputs_v, 2)
         if self.qk_norm:
@@ -243,7 +265,7 @@ class MultiHeadAttention(nn.Module):
             attended = dot_product_attention(q, k, v, causal=self.causal, implementation=impl)
 
         attended, out_kernel, out_bias = promote_dtype(attended, out_kernel, out_bias, dtype=self.dtype)
-        return jnp.einsum("...qhd,hdw->...qw", attended, out_kernel) + out_bias
+        return checkpoint_name(jnp.einsum("...qhd,hdw->...qw", attended, out_kernel) + out_bias, "out_proj")
 
 
 class Mlp(nn.Module):

@@ -23,8 +23,10 @@ sharded over (``"data"`` by default; G = their size) and leaves the others to th
 partitioner. The scan accumulates a [G, ...] gradient whose group g never leaves
 its devices, and the sum over G after the scan is the one all-reduce (the compiled
 HLO has no collective of float data inside the loops, tests/test_grad_cache.py).
-Axes that parameters are sharded over (``"fsdp"``) keep their per-micro-batch
-reduce-scatter: deferring it would hold full, unsharded gradients. (``jax.vmap`` with
+Over the axes that shard the parameters (``"fsdp"``, ``"tensor"``), each group's accumulator is sharded
+like the parameters (``param_axes``), so every micro-batch's weight gradients are reduce-scattered into it.
+Deferring that reduction would hold the whole fp32 gradient on every device, which is what FSDP avoids;
+left to itself, the partitioner did exactly that (benchmarks/grad_cache_fsdp.py). (``jax.vmap`` with
 ``spmd_axis_name`` would express the groups too, but its batched patch-embedding
 convolution made the partitioner all-gather each micro-batch's images.) Group g of micro-batch j uses the dropout key
 ``fold_in(fold_in(rng, j), g)`` in both passes, so the recomputed forward is the one
@@ -112,13 +114,15 @@ def _cached(outputs: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax.Array]],
                      loss_fn: Callable[[Mapping[str, jax.Array], dict], tuple[jax.Array, dict]],
-                     k: int) -> Callable:
+                     k: int, param_axes: Any) -> Callable:
     """``gradients(params, batch, rng) -> ((loss, metrics), grads)`` accumulated over ``k`` micro-batches.
 
     Args:
       apply_fn: ``(params, batch, rng) -> outputs`` of the model (train mode).
       loss_fn: ``(outputs, batch) -> (loss, metrics)`` on the full batch.
       k: number of micro-batches; must divide the batch size.
+      param_axes: the parameters' logical partition specs (``nn.get_partition_spec`` of the boxed
+        parameters), which shard the gradient accumulators.
     """
     def gradients(params, batch, rng):
         axes, groups, inner_rules = _gradient_groups()
@@ -150,16 +154,20 @@ def make_gradient_fn(apply_fn: Callable[[Any, dict, jax.Array], Mapping[str, jax
             _, pull_back = jax.vjp(lambda p: _cached(apply_fn(p, rows, key)), p)
             return jax.tree.map(lambda g: g[None], pull_back(_batch_first(d_rows, inverse=True))[0])
 
+        def accumulators(grads):
+            """[G, ...] per-group gradient sums: group g on its devices, the rest sharded like the parameters."""
+            if not axes:
+                return grads
+            return jax.tree.map(lambda g, spec: jax.lax.with_sharding_constraint(
+                g, P(axes, *nn.logical_to_mesh_axes(spec or ()))), grads, param_axes)
+
         def backward(grads, xs):
             j, micro_batch, d_micro_outputs = xs
             micro_grads = _per_group(group_grads, axes, inner_rules)(jax.random.fold_in(rng, j), params, micro_batch,
                                                  _batch_first(d_micro_outputs))
-            return jax.tree.map(jnp.add, grads, micro_grads), None
+            return accumulators(jax.tree.map(jnp.add, grads, micro_grads)), None
 
-        zeros = jax.tree.map(lambda p: jnp.zeros((groups,) + p.shape, p.dtype), params)  # [G, ...] per-group sums
-        if axes:  # the group axis on the group's devices, the rest as the partitioner likes
-            zeros = jax.tree.map(lambda z: jax.lax.with_sharding_constraint(
-                z, P(axes, *[P.UNCONSTRAINED] * (z.ndim - 1))), zeros)
+        zeros = accumulators(jax.tree.map(lambda p: jnp.zeros((groups,) + p.shape, p.dtype), params))
         grads, _ = jax.lax.scan(backward, zeros, (index, micro, d_micro))
         grads = jax.tree.map(lambda g: g.sum(axis=0), grads)  # the one all-reduce over ``axes``
         grads = {**grads, "logit_scale": grads["logit_scale"] + d_logit_scale}

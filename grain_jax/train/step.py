@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grain_jax import models
 from grain_jax.inference.objective import forward_loss, model_outputs
 from grain_jax.losses import total_loss
 from grain_jax.train import grad_cache
@@ -37,7 +38,8 @@ def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int =
     apply_fn = functools.partial(model_outputs, model, mean=mean, std=std)
     loss_fn = functools.partial(total_loss, config=loss_config)
     if grad_accum_steps > 1:
-        return grad_cache.make_gradient_fn(apply_fn, loss_fn, grad_accum_steps)
+        return grad_cache.make_gradient_fn(apply_fn, loss_fn, grad_accum_steps,
+                                           nn.get_partition_spec(models.abstract_params(model)))
     if grad_reduce_dtype == "float32":
         return grad_cache.make_fp32_reduced_gradient_fn(apply_fn, loss_fn)
     return jax.value_and_grad(functools.partial(forward_loss, model, loss_config, mean=mean, std=std), has_aux=True)
