@@ -59,21 +59,32 @@ COLUMNS = (("seen", "eval/0shot/synthetic_seen/top1"),
 CURVES = (("loss/image_caption", "L_ic (training)"), ("acc/image_caption", "in-batch image->caption accuracy"))
 
 
+def run_dir(name: str, seed: int, args) -> str:
+    """The run's workdir, absolute: the trainer runs in the repository root, not in the caller's directory."""
+    return os.path.join(os.path.abspath(args.workdir), name, f"seed{seed}")
+
+
+def train_command(name: str, seed: int, args) -> list[str]:
+    """The trainer's command line for one (run, seed); every path in it is absolute."""
+    root = os.path.abspath(args.workdir)
+    config, _ = RUNS[name]
+    return [sys.executable, "-m", "grain_jax.cli.train", "--config", os.path.join(ROOT, config),
+            "--workdir", run_dir(name, seed, args), f"--config.seed={seed}",
+            # One generated benchmark per caption style (a cache dir holds one).
+            f"--config.data_cache_dir={os.path.join(root, 'data_' + STRICT_WORLD.get(name, 'holistic'))}",
+            f"--config.compilation_cache_dir={os.path.join(root, 'compilation_cache', name)}",
+            *([f"--config.total_steps={args.steps}"] if args.steps else []), *args.override]
+
+
 def run_one(name: str, seed: int, args, cpus: set[int] | None = None) -> dict:
     """Trains and evaluates one (run, seed) unless its final metrics exist; returns them.
 
     ``cpus``: the cores the run is pinned to (``--jobs`` > 1), else all.
     """
-    workdir = os.path.join(args.workdir, name, f"seed{seed}")
+    workdir = run_dir(name, seed, args)
     final = os.path.join(workdir, "final_metrics.json")
     if not os.path.exists(final):
-        config, _ = RUNS[name]
-        command = [sys.executable, "-m", "grain_jax.cli.train", "--config", os.path.join(ROOT, config),
-                   "--workdir", workdir, f"--config.seed={seed}",
-                   # One generated benchmark per caption style (a cache dir holds one).
-                   f"--config.data_cache_dir={os.path.join(args.workdir, 'data_' + STRICT_WORLD.get(name, 'holistic'))}",
-                   f"--config.compilation_cache_dir={os.path.join(args.workdir, 'compilation_cache', name)}",
-                   *([f"--config.total_steps={args.steps}"] if args.steps else []), *args.override]
+        command = train_command(name, seed, args)
         os.makedirs(workdir, exist_ok=True)
         start = time.time()
         with open(os.path.join(workdir, "ablation.log"), "w") as log:

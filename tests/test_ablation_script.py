@@ -1,4 +1,5 @@
 """benchmarks/ablation.py without training: every run's config loads, the table's statistics, the README block."""
+import argparse
 import importlib.util
 import os
 
@@ -66,3 +67,17 @@ def test_unknown_runs_are_refused(capsys):
     with pytest.raises(SystemExit):
         ablation.main(["--workdir", "unused", "--runs", "grain,glip"])
     assert "unknown runs ['glip']" in capsys.readouterr().err
+
+
+def test_relative_workdir_is_resolved_against_the_callers_directory(tmp_path, monkeypatch):
+    # The trainer runs in the repository root; a relative --workdir once sent the runs there while the
+    # script looked for their results under the caller's directory.
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(workdir="runs", steps=None, override=["--config.warmup_steps=60"])
+    command = ablation.train_command("grain", 2, args)
+    flags = dict(arg.split("=", 1) for arg in command if arg.startswith("--config.") and "dir=" in arg)
+    assert command[command.index("--workdir") + 1] == str(tmp_path / "runs" / "grain" / "seed2")
+    assert flags == {"--config.data_cache_dir": str(tmp_path / "runs" / "data_holistic"),
+                     "--config.compilation_cache_dir": str(tmp_path / "runs" / "compilation_cache" / "grain")}
+    assert command[-1] == "--config.warmup_steps=60"
+    assert ablation.run_dir("grain", 2, args) == str(tmp_path / "runs" / "grain" / "seed2")
