@@ -189,7 +189,7 @@ def main() -> None:
         print(f"vs {label}: ours {side[0]}, theirs {side[1]}; ours/theirs wall {ratio[0]:.2f}, CPU {ratio[1]:.2f}",
               flush=True)
         if args.profile:
-            print(f"one step of each, by category (summed over threads):\n"
+            print("one step of each, by category (summed over threads):\n"
                   + step_profile.table({"ours": step_profile.profile_jax(ours, hlo),
                                         label: step_profile.profile_torch(theirs)}), flush=True)
 
