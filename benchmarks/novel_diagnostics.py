@@ -1,7 +1,7 @@
 r"""Why does (or doesn't) the global image embedding recognise the synthetic benchmark's novel classes?
 
     python benchmarks/novel_diagnostics.py --checkpoints workdirs/abl1000/grain/seed0,workdirs/abl1000/clip/seed0 \
-        --synthetic_dir workdirs/abl1000/data_holistic [--per_class 50] [--output diag.json]
+        [--per_class 50] [--seed 0] [--output diag.json]
 
 Cheap, training-free measurements on trained checkpoints (GRAIN or CLIP), each printed as one line and
 written to ``--output``. Images are the zero-shot splits' scenes regenerated with their label maps

@@ -490,8 +490,7 @@ def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64,
     the scenes are those of a world without them. `with_labels` keeps each object's label map (tests check
     boxes against drawn pixels).
     """
-    if not 0.0 <= unnamed_prob < 1.0:
-        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
+    _check_unnamed_prob(unnamed_prob)
     if split not in SPLIT_STREAMS:
         raise ValueError(f"split must be one of {list(SPLIT_STREAMS)}, got {split!r}")
     if resolution < 32:
@@ -506,6 +505,11 @@ def generate_scenes(split: str, start: int, count: int, *, resolution: int = 64,
                                      with_labels, unnamed_prob, cat)
         scenes += [s for i, s in enumerate(chunk_scenes, chunk * CHUNK) if start <= i < start + count]
     return scenes
+
+
+def _check_unnamed_prob(unnamed_prob: float) -> None:
+    if not 0.0 <= unnamed_prob < 1.0:
+        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
 
 
 def _unnamed_objects(rng: np.random.Generator, unnamed_prob: float, cat: Catalogue) -> tuple[np.ndarray, np.ndarray]:
@@ -687,8 +691,7 @@ def ensure_synthetic(directory: str | os.PathLike, num_train: int = 20000, num_v
         arguments["unnamed_prob"] = unnamed_prob
     if mllm_captions not in MLLM_CAPTION_STYLES:
         raise ValueError(f"mllm_captions must be one of {MLLM_CAPTION_STYLES}, got {mllm_captions!r}")
-    if not 0.0 <= unnamed_prob < 1.0:
-        raise ValueError(f"unnamed_prob must be in [0, 1), got {unnamed_prob}")
+    _check_unnamed_prob(unnamed_prob)
     existing = _read_marker(directory)
     if existing == arguments:
         return directory
