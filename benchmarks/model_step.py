@@ -9,6 +9,9 @@
     python benchmarks/model_step.py --models grain-vit-b16 --image_size 224 --batch_size 8 --compile_only \
         --variants "scan_layers=False;scan_layers=True"
 
+A variant's ``text_length_buckets=(...)`` is not a model option: it cuts the batch's texts on the host
+(``config.data.text_length_buckets``, ``text_batching.fit_texts``), as the trainer does.
+
 Prints, per model (and variant), its parameter count, the compile time of the train step and the median
 wall (and process CPU) time of the jitted forward (train=False) and of a full train step (forward + backward
 of ``total_loss`` + AdamW update) on a random batch that satisfies the batch contract. Variants are timed
@@ -33,7 +36,8 @@ from grain_jax.batch import fake_batch
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.data import transforms
 from grain_jax.losses import LossConfig, total_loss
-from grain_jax.models import create_model, init_params, param_counts
+from grain_jax.inference.objective import text_keys
+from grain_jax.models import create_model, init_params, param_counts, text_batching
 
 
 def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -59,6 +63,12 @@ def parse_overrides(text: str) -> dict:
     return overrides
 
 
+def split_overrides(overrides: dict) -> tuple[dict, tuple[int, ...]]:
+    """(model overrides, text_length_buckets): the buckets are the batch's (cut on the host), not the model's."""
+    overrides = dict(overrides)
+    return overrides, tuple(overrides.pop("text_length_buckets", ()))
+
+
 def _label(name: str, overrides: dict, model) -> str:
     label = f"{name}[{','.join(f'{k}={v}' for k, v in overrides.items())}]" if overrides else name
     return label + f" ({sum(param_counts(model).values()) / 1e6:.2f} M params)"
@@ -67,13 +77,15 @@ def _label(name: str, overrides: dict, model) -> str:
 def prepare(name: str, overrides: dict, args: argparse.Namespace):
     """(label, compile seconds, forward fn, train-step fn) of one model variant, compiled;
     with ``args.compile_only``: (label, trace seconds, compile seconds), nothing allocated or run."""
+    model_overrides, buckets = split_overrides(overrides)
     model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy,
-                         **overrides)
+                         **model_overrides)
     batch = fake_batch(args.batch_size, args.image_size, args.caption_length, args.description_length)
     if args.pad_texts_to:  # short texts in long zero-padded rows, as real data tokenized to 77
         for key in ("caption_tokens", "description_tokens"):
             pad = [(0, 0)] * (batch[key].ndim - 1) + [(0, args.pad_texts_to - batch[key].shape[-1])]
             batch[key] = np.pad(batch[key], pad)
+    batch = text_batching.fit_texts(batch, buckets, text_keys(model))
     batch["images"] = np.asarray(transforms.normalize(batch["images"], IMAGENET_MEAN, IMAGENET_STD))  # model input
     init = functools.partial(init_params, model)
     params = nn.unbox(jax.eval_shape(init, jax.random.key(0)) if args.compile_only

@@ -1,4 +1,6 @@
 """Work the text tower skips (packed descriptions, length buckets) and fused attention: same results."""
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,6 +8,8 @@ import numpy as np
 import pytest
 
 from grain_jax.batch import fake_batch
+from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from grain_jax.inference import objective
 from grain_jax.losses import LossConfig, total_loss
 from grain_jax.models import create_model, layers, text_batching
 
@@ -78,28 +82,80 @@ def test_description_overflow_encodes_every_slot_and_says_so(setup):
     np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
 
 
-def test_length_buckets_give_the_same_embeddings(setup):
-    batch, run = setup
-    longest = int(np.argmax(batch["caption_tokens"], -1).max()) + 1
-    full_out, full_aux, _ = run(attention_impl="explicit")
-    out, aux, _ = run(attention_impl="explicit", text_length_buckets=[8, longest, 20])
-    # Equal up to fp32 reduction order (XLA tiles a shorter sequence differently), as padding is today.
-    for key in ("txt/caption", "txt/descriptions"):
-        np.testing.assert_allclose(out[key], full_out[key], rtol=1e-5, atol=1e-5, err_msg=key)
-    np.testing.assert_allclose(aux["txt/caption_features"][:, :longest], full_aux["txt/caption_features"][:, :longest],
-                               rtol=1e-5, atol=1e-5)
-    assert not np.asarray(aux["txt/caption_features"])[:, longest:].any()
+def _tokens(eot_positions, length):
+    """[N, length] rows SOT ... EOT with the EOT at each position (None: an all-zero padding row)."""
+    tokens = np.zeros((len(eot_positions), length), np.int32)
+    for row, eot in enumerate(eot_positions):
+        if eot is not None:
+            tokens[row, :eot] = 1000 + row
+            tokens[row, 0], tokens[row, eot] = 49406, 49407
+    return tokens
 
 
-def test_bucket_and_capacity_helpers():
-    assert text_batching.bucket_lengths([32, 8, 77, 16], 40) == (8, 16, 32, 40)
-    tokens = np.zeros((3, 40), np.int32)
-    tokens[:, 0], tokens[0, 9], tokens[1, 3] = 49406, 49407, 49407
-    assert int(text_batching.bucket_index(tokens, (8, 16, 32, 40))) == 1  # EOT at 9 needs 10 positions
+@pytest.mark.parametrize("eots,padded,expected", [
+    ([9, 3], 40, 16),               # EOT at 9 needs 10 positions: bucket 16
+    ([7, None], 40, 8),             # EOT at 7 fits 8 exactly; the padding row needs nothing
+    ([None, None], 40, 8),          # only padding: the shortest bucket
+    ([32, 1], 40, 40),              # 33 positions: no bucket below 40 holds them, the padded length
+    ([39, 2], 40, 40),              # EOT at the last position (a truncated text): the full length
+    ([9], 12, 12),                  # buckets at or above the padded length are never chosen
+])
+def test_host_rule_picks_the_shortest_bucket_that_holds_the_last_eot(eots, padded, expected):
+    tokens = _tokens(eots, padded)
+    cut = text_batching.fit_texts({"caption_tokens": tokens, "boxes": np.ones(3)}, (32, 8, 16, 77),
+                                  ("caption_tokens",))
+    assert cut["caption_tokens"].shape == (len(eots), expected)
+    np.testing.assert_array_equal(cut["caption_tokens"], tokens[:, :expected])
+    assert cut["boxes"].shape == (3,)  # other keys untouched
+
+
+def test_host_rule_cuts_each_text_array_to_its_own_bucket():
+    captions = _tokens([5, 2], 24)
+    descriptions = _tokens([12, None, 3, None], 16).reshape(2, 2, 16)  # [B, M, Ld]
+    cut = text_batching.fit_texts({"caption_tokens": captions, "description_tokens": descriptions}, (8, 12),
+                                  ("caption_tokens", "description_tokens"))
+    assert cut["caption_tokens"].shape == (2, 8) and cut["description_tokens"].shape == (2, 2, 16)
+    assert text_batching.fit_texts({"caption_tokens": captions}, (), ("caption_tokens",))["caption_tokens"].shape \
+        == (2, 24)  # no buckets: as it came
+
+
+@pytest.mark.parametrize("buckets", [[1], [16, 0], "16,32", [8.0], [True]])
+def test_bad_buckets_name_the_config_key(buckets):
+    with pytest.raises(ValueError, match=r"config\.data\.text_length_buckets must be token lengths >= 2"):
+        text_batching.fit_texts({"caption_tokens": _tokens([3], 16)}, buckets, ("caption_tokens",))
+
+
+def test_the_old_model_option_names_the_new_key():
+    with pytest.raises(ValueError, match=r"no longer a model option: set config\.data\.text_length_buckets"):
+        create_model("grain-tiny", text_length_buckets=(16, 32))
+
+
+def test_a_cut_batch_gives_the_losses_and_gradients_of_the_full_one(setup):
+    batch, _ = setup
+    # Descriptions (<= 16 tokens) zero padded to 24, as real data is to 77.
+    batch = dict(batch, description_tokens=np.pad(batch["description_tokens"], ((0, 0), (0, 0), (0, 8))))
+    model = create_model("grain-tiny", **SMALL, attention_impl="explicit")
+    params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["images"], batch["caption_tokens"],
+                                          batch["description_tokens"])["params"])
+    longest = text_batching.needed_length(batch["caption_tokens"])
+    cut = text_batching.fit_texts(batch, (8, longest, 20), objective.text_keys(model))
+    assert cut["caption_tokens"].shape[-1] == longest < batch["caption_tokens"].shape[-1]
+    assert cut["description_tokens"].shape[-1] == 20
+    gradients = jax.jit(jax.value_and_grad(functools.partial(
+        objective.forward_loss, model, LossConfig(), train=False, mean=IMAGENET_MEAN, std=IMAGENET_STD), has_aux=True))
+    (full_loss, full_metrics), full_grads = gradients(params, batch)
+    (loss, metrics), grads = gradients(params, cut)
+    # Equal up to fp32 reduction order (XLA tiles a shorter sequence differently).
+    np.testing.assert_allclose(loss, full_loss, rtol=1e-5)
+    for key in full_metrics:
+        np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-5, atol=1e-5, err_msg=key)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(full_grads), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=jax.tree_util.keystr(path))
+
+
+def test_capacity_helper():
     assert text_batching.description_capacity(160, 0.75) == 120
     assert text_batching.description_capacity(10, 0.75) == 8
     assert text_batching.description_capacity(5, 0.9) == 5
     with pytest.raises(ValueError, match="description_budget must be in"):
         text_batching.description_capacity(10, 0)
-    with pytest.raises(ValueError, match="text_length_buckets must be lengths >= 2"):
-        text_batching.bucket_lengths([1], 16)

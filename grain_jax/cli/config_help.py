@@ -13,6 +13,8 @@ from absl import flags
 from grain_jax.cli import console
 
 _OVERRIDE = re.compile(r"^--?(?:no)?config\.([^=\s]+)")
+# Keys that moved: old dotted key -> new one.
+_MOVED = {"model.text_length_buckets": "data.text_length_buckets"}
 
 
 def spec_from_argv(argv: Sequence[str]) -> str | None:
@@ -66,6 +68,8 @@ def describe(config: ml_collections.ConfigDict, spec: str) -> str:
 
 def _missing_key(config: ml_collections.ConfigDict, key: str) -> str | None:
     """Why ``--config.KEY`` names nothing in ``config`` (with a did-you-mean), or None if it exists."""
+    if key in _MOVED:
+        return f"--config.{key}: this key is now --config.{_MOVED[key]}"
     node, done = config, []
     for part in key.split("."):
         where = "the config" if not done else "config." + ".".join(done)

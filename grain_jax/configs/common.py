@@ -62,11 +62,15 @@ def data_config(*, image_size: int, caption_length: int = 77, description_length
 
     ``num_workers=-1``: worker processes sized from this process's CPU cores
     (``grain_jax.data.loader.resolve_num_workers``); 0 decodes in the training process.
+    ``text_length_buckets`` (e.g. ``(16, 32, 48)``; () = off): each batch's captions and descriptions are cut
+    to the shortest bucket that holds their last EOT, and the step runs compiled for that length
+    (``grain_jax.models.text_batching``; docs/performance.md, "Length buckets").
     """
     return ml_collections.ConfigDict(dict(
         dir=ml_collections.FieldReference(dir, field_type=str), train_split="train", eval_split="validation", image_size=image_size,
         caption_length=caption_length, description_length=description_length, max_boxes=max_boxes,
-        mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=-1, prefetch=2, augment=False))
+        mllm_caption_prob=0.5, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_workers=-1, prefetch=2, augment=False,
+        text_length_buckets=()))
 
 
 def loss_config(**overrides) -> ml_collections.ConfigDict:

@@ -31,7 +31,9 @@ counted twice. Every process yields the same number of batches (``to_global`` ne
 ``data_config`` keys (dict or ``ml_collections.ConfigDict``; defaults in ``DEFAULTS``):
 dir, train_split, eval_split, image_size (None = the records' resolution), caption_length,
 description_length, max_boxes, mllm_caption_prob, mean, std (used on device, not here),
-num_workers (-1 = sized from this process's CPU cores, see ``loader.resolve_num_workers``), prefetch, augment.
+num_workers (-1 = sized from this process's CPU cores, see ``loader.resolve_num_workers``), prefetch, augment;
+text_length_buckets (not read here: the trainer and the validation evaluator cut each batch's texts to the
+shortest bucket that holds them, ``models.text_batching.fit_texts``).
 """
 from __future__ import annotations
 

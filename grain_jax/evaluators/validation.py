@@ -5,6 +5,7 @@ Runs the train step's forward pass and loss (``inference.objective.forward_loss`
 excluded by the loss. Losses and accuracies are averaged over batches weighted by their
 number of real examples (contrastive terms use in-batch negatives, so they depend on the
 eval batch size). Metrics: ``val/loss/total``, ``val/loss/image_caption``, ``val/acc/...``.
+With ``data.text_length_buckets`` the texts are cut to their bucket as in training (one compile per length).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from grain_jax.inference import to_host
-from grain_jax.inference.objective import forward_loss
+from grain_jax.inference.objective import forward_loss, text_keys
+from grain_jax.models import text_batching
 
 
 class Evaluator:
@@ -51,6 +53,7 @@ class Evaluator:
 
         spec = inference_model.spec
         step = self._step_fn(inference_model.model, spec.mean, spec.std)
+        buckets, keys = self.data.get("text_length_buckets") or (), text_keys(inference_model.model)
         mesh = inference_model.mesh
         sums: dict[str, float] = {}
         total = 0
@@ -63,6 +66,7 @@ class Evaluator:
                 valid = int(np.sum(multihost_utils.process_allgather(np.int32(valid))))
             if valid == 0:
                 continue
+            batch = text_batching.fit_texts(batch, buckets, keys)
             with nn.logical_axis_rules(inference_model.rules):
                 if mesh is None:
                     metrics = step(inference_model.params, batch)

@@ -14,6 +14,11 @@ from grain_jax.data import transforms
 from grain_jax.losses import total_loss
 
 
+def text_keys(model: nn.Module) -> tuple[str, ...]:
+    """The batch's token arrays the model encodes (what ``config.data.text_length_buckets`` cuts)."""
+    return ("caption_tokens", "description_tokens") if model.has_grounding else ("caption_tokens",)
+
+
 def model_outputs(model: nn.Module, params: Any, batch: dict, rng: jax.Array | None = None, train: bool = True, *,
                   mean: Sequence[float], std: Sequence[float]) -> dict:
     """The model's ``out`` dict for a batch; CLIP models are not fed descriptions (they have no use for them).
@@ -22,7 +27,7 @@ def model_outputs(model: nn.Module, params: Any, batch: dict, rng: jax.Array | N
     data's ``mean`` / ``std`` (``transforms.normalize``, as inference does). ``rng``: dropout
     randomness (None: none, for ``train=False``).
     """
-    descriptions = batch["description_tokens"] if model.has_grounding else None
+    descriptions = batch["description_tokens"] if "description_tokens" in text_keys(model) else None
     pixels = transforms.normalize(batch["images"], mean, std)
     outputs, _ = model.apply({"params": params}, pixels, batch["caption_tokens"], descriptions,
                              train=train, rngs={} if rng is None else {"dropout": rng})

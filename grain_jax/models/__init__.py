@@ -48,6 +48,10 @@ def create_model(name: str, **overrides) -> GrainModel:
     """A registered model, e.g. ``create_model("grain-vit-b16", num_queries=10, dtype="bfloat16")``."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {list_models()}")
+    if "text_length_buckets" in overrides:  # a model field until texts were cut on the host
+        raise ValueError("text_length_buckets is no longer a model option: set config.data.text_length_buckets "
+                         "(batches are cut to the bucket on the host, models/text_batching.py); in a checkpoint's "
+                         "model_config.json, delete the entry (it never changed the parameters)")
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for model {name!r}; valid: {sorted(_FIELDS)}")
@@ -55,8 +59,6 @@ def create_model(name: str, **overrides) -> GrainModel:
     for key in ("dtype", "param_dtype"):  # configs may spell dtypes as strings
         if key in config:
             config[key] = jnp.dtype(config[key])
-    if "text_length_buckets" in config:  # module fields must be hashable (configs may give lists)
-        config["text_length_buckets"] = tuple(config["text_length_buckets"])
     return GrainModel(**config)
 
 

@@ -11,16 +11,15 @@ dec/layer_boxes [L, B, Q, 4], logit_scale []. ``aux``: img/tokens [B, 1+N, Wv],
 txt/caption_features [B, Lc, Wt], dec/hidden [L, B, Q+1, D].
 
 Text work that cannot change the result is skipped (models/text_batching.py), opt-in:
-* ``description_budget`` < 1: only the valid (non-zero) description slots are encoded, packed into
-  ``ceil8(budget * B * M)`` rows; padding slots of ``txt/descriptions`` are then zero (the losses mask
-  them). A batch with more valid descriptions than that encodes every slot instead (same values, full
-  cost) and says so in ``out["txt/description_overflow"]`` (1.0 on such a batch, else 0.0).
-* ``text_length_buckets``: texts are encoded at the shortest bucket length that holds the batch's last
-  EOT; ``txt/caption_features`` are then zero past that length.
+``description_budget`` < 1: only the valid (non-zero) description slots are encoded, packed into
+``ceil8(budget * B * M)`` rows; padding slots of ``txt/descriptions`` are then zero (the losses mask
+them). A batch with more valid descriptions than that encodes every slot instead (same values, full
+cost) and says so in ``out["txt/description_overflow"]`` (1.0 on such a batch, else 0.0). Texts are
+encoded at the length they come in: cutting a batch to a shorter length bucket is the caller's
+(``config.data.text_length_buckets``, ``text_batching.fit_texts`` on the host).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -70,9 +69,8 @@ class GrainModel(nn.Module):
     # are then stacked on a leading "layers" axis. False = the reference / converter layout. models/scan.py.
     scan_layers: bool = False
     attention_impl: str = "auto"  # layers.ATTENTION_IMPLS: "auto" = cuDNN flash on GPU in bf16, else explicit
-    # Text work skipped (see the module docstring): fraction of description slots encoded; static lengths.
+    # Text work skipped (see the module docstring): fraction of description slots encoded.
     description_budget: float = 1.0
-    text_length_buckets: tuple[int, ...] = ()
 
     @property
     def has_grounding(self) -> bool:
@@ -127,14 +125,8 @@ class GrainModel(nn.Module):
         return out
 
     def _text(self, tokens: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """tokens [..., L] -> (embeddings [..., E], features [..., L, Wt]), at the bucket length that fits."""
-        flat = tokens.reshape(-1, tokens.shape[-1])
-        lengths = text_batching.bucket_lengths(self.text_length_buckets, flat.shape[-1])
-        if len(lengths) == 1:
-            embedding, features = self.text(flat)
-        else:
-            branches = [functools.partial(_text_at_length, length=n, padded=flat.shape[-1]) for n in lengths]
-            embedding, features = nn.switch(text_batching.bucket_index(flat, lengths), branches, self, flat)
+        """tokens [..., L] -> (embeddings [..., E], features [..., L, Wt])."""
+        embedding, features = self.text(tokens.reshape(-1, tokens.shape[-1]))
         return (embedding.reshape(*tokens.shape[:-1], -1),
                 features.reshape(*tokens.shape, -1))
 
@@ -172,9 +164,3 @@ class GrainModel(nn.Module):
             out.update(self._descriptions(description_tokens))
         out["logit_scale"] = self.logit_scale.astype(jnp.float32)
         return out, aux
-
-
-def _text_at_length(model: GrainModel, tokens: jax.Array, length: int, padded: int) -> tuple[jax.Array, jax.Array]:
-    """tokens [N, padded] encoded at their first ``length`` positions -> (embeddings, features zero-padded)."""
-    embedding, features = model.text(tokens[:, :length])
-    return embedding, jnp.pad(features, ((0, 0), (0, padded - length), (0, 0)))

@@ -1,20 +1,26 @@
-"""Static-shape helpers that let the text tower skip work which cannot change the result.
+"""Helpers that let the text tower skip work which cannot change the result.
 
-* Packing: of the B x M description slots only the valid ones (non-zero tokens) are encoded, packed
-  into a fixed ``capacity`` of rows; the embeddings are scattered back to their slots afterwards.
-* Length buckets: with the causal mask and EOT pooling, tokens after the last EOT of a batch never
-  reach an embedding, so the batch is encoded at the shortest static length (bucket) that holds it.
+* Packing (in the jitted step): of the B x M description slots only the valid ones (non-zero tokens)
+  are encoded, packed into a fixed ``capacity`` of rows (``nn.cond`` in the model falls back to every
+  slot when a batch holds more); the embeddings are scattered back to their slots afterwards.
+* Length buckets (on the host, ``config.data.text_length_buckets``): with the causal mask and EOT
+  pooling, tokens after the last EOT of a batch never reach an embedding, so :func:`fit_texts` cuts a
+  batch's token arrays to the shortest bucket that holds them before they go to the device, and the
+  caller runs the step compiled for that length (one executable per length used).
 
-Both choose among static shapes inside the jitted step (``nn.cond`` / ``nn.switch`` in the model), so
-the step compiles once and a batch that does not fit simply takes the full-size branch.
+Why not inside the step: under autodiff a ``switch`` over one branch per bucket keeps the residuals
+of every branch (zeros for the ones not taken), so the step's temporaries are the sum over buckets
+(docs/performance.md, "Length buckets").
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 
 def description_capacity(num_slots: int, budget: float) -> int:
@@ -50,14 +56,38 @@ def unpack(embeddings: jax.Array, index: jax.Array, num_slots: int) -> jax.Array
     return out.at[index].set(embeddings, mode="drop")
 
 
-def bucket_lengths(buckets: Sequence[int], length: int) -> tuple[int, ...]:
-    """The static lengths to choose from for texts of padded length ``length``: buckets below it, then it."""
-    if any(b < 2 for b in buckets):
-        raise ValueError(f"text_length_buckets must be lengths >= 2 (SOT and EOT), got {tuple(buckets)}")
-    return tuple(sorted({b for b in buckets if b < length})) + (length,)
+def check_buckets(buckets: Sequence[int]) -> tuple[int, ...]:
+    """``config.data.text_length_buckets`` sorted without repeats; ValueError naming the key unless integers >= 2."""
+    if isinstance(buckets, (str, bytes)) or not all(
+            isinstance(b, (int, np.integer)) and not isinstance(b, bool) and b >= 2 for b in buckets):
+        raise ValueError(f"config.data.text_length_buckets must be token lengths >= 2 (SOT and EOT), e.g. "
+                         f"(16, 32, 48), got {buckets!r}")
+    return tuple(sorted({int(b) for b in buckets}))
 
 
-def bucket_index(tokens: jax.Array, lengths: Sequence[int]) -> jax.Array:
-    """tokens [N, L] -> int32 []: the first of ``lengths`` that holds every row up to its EOT (the max id)."""
-    needed = jnp.max(jnp.argmax(tokens, axis=-1)) + 1
-    return jnp.searchsorted(jnp.asarray(lengths, jnp.int32), needed.astype(jnp.int32)).astype(jnp.int32)
+def needed_length(tokens: np.ndarray) -> int:
+    """tokens [..., L] -> positions every row needs: up to its EOT (the row's max id, where the text tower
+    pools), the longest over rows; all-zero (padding) rows need none."""
+    rows = tokens.reshape(-1, tokens.shape[-1])
+    return int(np.max(np.where(rows.any(axis=-1), rows.argmax(axis=-1) + 1, 0), initial=0))
+
+
+def bucket_length(needed: int, buckets: Sequence[int], padded: int) -> int:
+    """The shortest of ``buckets`` (sorted) that holds ``needed`` positions and is below ``padded``, else ``padded``."""
+    return next((b for b in buckets if needed <= b < padded), padded)
+
+
+def fit_texts(batch: Mapping[str, np.ndarray], buckets: Sequence[int], keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """The host batch with each of its token arrays ``keys`` ([..., L]) cut to the bucket that holds it.
+
+    Every process gets the same lengths (the longest need over processes), so the global batch has
+    one shape. No ``buckets``: the batch as it is.
+    """
+    if not buckets:
+        return dict(batch)
+    buckets = check_buckets(buckets)
+    needed = np.array([needed_length(batch[key]) for key in keys], np.int32)
+    if jax.process_count() > 1:
+        needed = np.max(multihost_utils.process_allgather(needed), axis=0)
+    return {**batch, **{key: batch[key][..., :bucket_length(int(n), buckets, batch[key].shape[-1])]
+                        for key, n in zip(keys, needed)}}

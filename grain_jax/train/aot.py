@@ -5,7 +5,9 @@ shardings over the *target* devices, lowers and compiles the same step function
 ``grain-jax-train`` runs, and reports its per-chip memory and FLOPs (as MaxText's
 ``train_compile`` does). TPU topologies (``v5e-256``, ``v4-32``, ``v5p-128``, ``v6e-64`` …) come
 from ``jax.experimental.topologies.get_topology_desc`` and need libtpu (the ``tpu-aot``
-extra), not a TPU; ``cpu`` compiles for this machine's (fake) CPU devices.
+extra), not a TPU; ``cpu`` compiles for this machine's (fake) CPU devices. Texts are at the config's
+full lengths: with ``data.text_length_buckets`` the trainer also runs steps compiled for shorter texts,
+which need less memory, so the report is the worst case.
 
 The binary is ``grain-jax-compile`` (``grain_jax/cli/compile.py``).
 """
@@ -93,6 +95,8 @@ class CompileReport:
     hbm_bytes: float | None
     flops_per_step: float  # model FLOPs (trainer.model_flops_per_step: no remat recompute), all devices
     sharding_excess: float  # params + optimizer bytes per device over fully sharded (sharding.sharding_excess)
+    text_lengths: tuple[int, int] = (77, 77)  # (caption, description) tokens the step was compiled for
+    text_length_buckets: tuple[int, ...] = ()  # config.data.text_length_buckets: shorter steps the trainer may run
 
     @property
     def total_bytes(self) -> float:
@@ -106,11 +110,13 @@ class CompileReport:
     def summary(self) -> str:
         hbm = f" of {self.hbm_bytes / GIB:.1f} GiB HBM" if self.hbm_bytes else ""
         verdict = "" if self.hbm_bytes is None else ("; fits" if self.fits else "; DOES NOT FIT")
+        texts = (f"; texts at their full {self.text_lengths[0]} / {self.text_lengths[1]} tokens, the worst case of "
+                 f"data.text_length_buckets {self.text_length_buckets}" if self.text_length_buckets else "")
         return (f"{self.topology} ({self.num_devices} x {self.device_kind}, mesh {self.mesh_shape}), global batch "
                 f"{self.global_batch_size}: compiled in {self.compile_s:.1f}s; per device: arguments "
                 f"{self.argument_bytes / GIB:.2f} GiB, temporaries {self.temp_bytes / GIB:.2f} GiB, total "
                 f"{self.total_bytes / GIB:.2f} GiB{hbm}{verdict}; {self.flops_per_step / 1e12:.4g} TFLOPs per step; "
-                f"state {100 * self.sharding_excess:.1f}% over fully sharded")
+                f"state {100 * self.sharding_excess:.1f}% over fully sharded{texts}")
 
 
 def abstract_train_state(config: ml_collections.ConfigDict, mesh, rules: tuple, schedule):
@@ -159,4 +165,6 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
         temp_bytes=memory.temp_size_in_bytes, alias_bytes=memory.alias_size_in_bytes,
         hbm_bytes=target.hbm_bytes if hbm_bytes is None else hbm_bytes,
         flops_per_step=trainer.model_flops_per_step(config, tx, schedule, abstract, shardings, batch_sh, mesh, rules),
-        sharding_excess=sharding.sharding_excess({"params": abstract.params, "opt_state": abstract.opt_state})[0])
+        sharding_excess=sharding.sharding_excess({"params": abstract.params, "opt_state": abstract.opt_state})[0],
+        text_lengths=(config.data.caption_length, config.data.description_length),
+        text_length_buckets=tuple(config.data.get("text_length_buckets") or ()))

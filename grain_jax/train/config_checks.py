@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 from grain_jax.data.tokenizer import DEFAULT_CONTEXT_LENGTH
+from grain_jax.models import text_batching
 from grain_jax.train.optimizer import DURATION_UNITS, steps_from_duration
 
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
@@ -104,6 +105,10 @@ def check_values(config: Any) -> None:
                                     and 0 <= profile[0] < profile[1]):
         problems.append(f"config.profile_steps must be (start, stop) with 0 <= start < stop (steps [start, stop) "
                         f"are traced), got {profile!r}")
+    try:
+        text_batching.check_buckets(_number(config, "data.text_length_buckets") or ())
+    except ValueError as error:
+        problems.append(str(error))
     image_size = _number(config, "data.image_size")
     if not isinstance(image_size, int) or image_size <= 0:
         problems.append(f"config.data.image_size must be a positive integer, got {image_size!r}")

@@ -5,7 +5,8 @@ Order of events:
      benchmark, generated into ``config.data_cache_dir``, default ``WORKDIR/data``), durations and schedule;
   2. build the mesh and initialise the state sharded over it;
   3. resume: the workdir's newest readable checkpoint -> ``config.init_from`` -> scratch;
-  4. AOT-compile the train step (memory analysis and FLOPs logged);
+  4. AOT-compile the train step (memory analysis and FLOPs logged); with ``config.data.text_length_buckets``
+     at the full text lengths (the worst case) first, and once more for each shorter length a batch is cut to;
   5. loop: step, log every ``log_every_steps``, checkpoint every ``checkpoint_every_steps``,
      evaluate every evaluator's ``every_steps``; on SIGTERM / preemption save and return;
   6. checkpoint, run every evaluator, print where everything is.
@@ -32,6 +33,7 @@ from jax.sharding import Mesh
 from grain_jax import checkpoints, sharding
 from grain_jax.batch import abstract_batch
 from grain_jax.data import loader, resolve
+from grain_jax.models import text_batching
 from grain_jax.train import (config_checks, metrics as metrics_lib, optimizer, resume, state as state_lib,
                              step as step_lib)
 
@@ -135,35 +137,65 @@ def check_sufficiently_sharded(state, config) -> float:
     return excess
 
 
-def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config) -> tuple:
-    """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings."""
+def abstract_step_inputs(state, shardings, batch_sh, mesh: Mesh, config, text_lengths: tuple[int, int] | None = None
+                         ) -> tuple:
+    """``(state, batch, rng)`` of the train step as ``ShapeDtypeStruct``s with their shardings.
+
+    ``text_lengths``: the batch's (caption, description) token lengths; None: the config's full ones.
+    """
     data = config.data
-    batch_shapes = abstract_batch(config.global_batch_size, data.image_size, data.caption_length,
-                                  data.description_length, data.max_boxes, batch_sh)
+    caption_length, description_length = text_lengths or (data.caption_length, data.description_length)
+    batch_shapes = abstract_batch(config.global_batch_size, data.image_size, caption_length, description_length,
+                                  data.max_boxes, batch_sh)
     abstract_state = sharding.abstract_arrays(state, shardings)
     return abstract_state, batch_shapes, jax.ShapeDtypeStruct((2,), np.uint32, sharding=state_lib.replicated(mesh))
 
 
-def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config):
-    """AOT-compiles the step for this config's batch shapes; logs its memory analysis."""
+def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules: tuple, config,
+                       text_lengths: tuple[int, int] | None = None):
+    """AOT-compiles the step for this config's batch shapes (``text_lengths``: as ``abstract_step_inputs``);
+    logs its memory analysis."""
     repl = state_lib.replicated(mesh)
     jitted = jax.jit(train_step, in_shardings=(shardings, batch_sh, repl), out_shardings=(shardings, repl),
                      donate_argnums=(0,))
     start = time.perf_counter()
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        compiled = jitted.lower(*abstract_step_inputs(state, shardings, batch_sh, mesh, config)).compile()
+        compiled = jitted.lower(*abstract_step_inputs(state, shardings, batch_sh, mesh, config,
+                                                      text_lengths)).compile()
     memory = compiled.memory_analysis()
     if memory is not None:
-        _say(f"compiled train step in {time.perf_counter() - start:.1f}s; per device: "
+        texts = "" if text_lengths is None else " for texts of {} (captions) / {} (descriptions) tokens".format(
+            *text_lengths)
+        _say(f"compiled train step{texts} in {time.perf_counter() - start:.1f}s; per device: "
              f"arguments {memory.argument_size_in_bytes / 2**20:.1f} MiB, "
              f"temporaries {memory.temp_size_in_bytes / 2**20:.1f} MiB, "
              f"outputs {memory.output_size_in_bytes / 2**20:.1f} MiB (donated {memory.alias_size_in_bytes / 2**20:.1f})")
     return compiled
 
 
+class TrainSteps:
+    """The train step compiled once per text length the batches come in (``config.data.text_length_buckets``).
+
+    ``compile(text_lengths)`` -> executable; None is the config's full lengths, compiled up front (its
+    memory analysis is the worst case), any shorter (caption, description) lengths on first use. Each
+    goes through the persistent compilation cache, so a restarted run loads every one of them.
+    """
+
+    def __init__(self, compile_fn, config):
+        self._compile = compile_fn
+        self._steps = {(config.data.caption_length, config.data.description_length): compile_fn(None)}
+
+    def for_batch(self, batch: dict):
+        """The executable for ``batch``'s text lengths (compiled now if it is the first such batch)."""
+        lengths = (batch["caption_tokens"].shape[-1], batch["description_tokens"].shape[-1])
+        if lengths not in self._steps:
+            self._steps[lengths] = self._compile(lengths)
+        return self._steps[lengths]
+
+
 def model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh: Mesh, rules: tuple) -> float:
     """The step's model FLOPs (MFU's numerator): the same model without remat and unrolled, one micro-batch of
-    the global batch."""
+    the global batch, texts at the config's full lengths (with ``data.text_length_buckets`` an upper bound)."""
     from grain_jax.losses import LossConfig
     from grain_jax.models import scan
     plain = ml_collections.ConfigDict(config.to_dict())
@@ -246,7 +278,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     """
     from grain_jax.data import pipeline
     from grain_jax.evaluators import from_config
-    from grain_jax.inference import InferenceModel
+    from grain_jax.inference import InferenceModel, objective
     from grain_jax.losses import LossConfig
 
     workdir = os.path.abspath(workdir)
@@ -285,7 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                                 seed=config.seed)
     # The next global batch is transferred while the current step runs; its state is the host
     # iterator's before the batches still queued, so checkpoints resume at the step's next batch.
-    data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(batch, batch_sh))
+    buckets, text_keys = config.data.get("text_length_buckets") or (), objective.text_keys(model)
+    data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(
+        text_batching.fit_texts(batch, buckets, text_keys), batch_sh))
     _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
     ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints,
                                run={key: config[key] for key in resume.RUN_KEYS})
@@ -306,7 +340,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
                                           std=config.data.std,
                                           grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
-    compiled = compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config)
+    steps = TrainSteps(lambda lengths: compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config,
+                                                          lengths), config)
     _barrier("grain_jax_train_step_compiled")
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
@@ -360,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profiling = True
             batch = next(data_iterator)
+            compiled = steps.for_batch(batch)
             with jax.transfer_guard("disallow"):  # every step input is already on device: no hidden copies
                 state, step_metrics = compiled(state, batch, train_rng)
             step += 1
