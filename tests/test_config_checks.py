@@ -30,6 +30,7 @@ BAD_VALUES = [
     ({"data.caption_length": 100}, "config.data.caption_length must be an integer in 1..77"),
     ({"data.description_length": 0}, "config.data.description_length must be an integer in 1..77"),
     ({"model.context_length": 100}, "config.model.context_length must be in 1..77"),
+    ({"data.text_length_buckets": (1, 16)}, "config.data.text_length_buckets must be token lengths >= 2"),
     ({"data.std": (0.2, 0.0, 0.2)}, "config.data.std[1] must be a finite number in (0, inf), got 0.0"),
     ({"mesh_shape": "abc"}, "config.mesh_shape must be 3 integers (data, fsdp, tensor)"),
     ({"mesh_shape": (2, 0, 1)}, "config.mesh_shape must be 3 integers (data, fsdp, tensor)"),

@@ -33,6 +33,8 @@ def _train(*args: str, cwd: str = _train_utils.REPO) -> subprocess.CompletedProc
     (["--config", DEMO, "--workdir", "{tmp}/w", "--config.model.remat_polcy=full"], 2,
      "grain-jax-train: error: --config.model.remat_polcy: config.model has no key 'remat_polcy'; "
      "did you mean --config.model.remat_policy?"),
+    (["--config", DEMO, "--workdir", "{tmp}/w", "--config.model.text_length_buckets=(16,32)"], 2,
+     "grain-jax-train: error: --config.model.text_length_buckets: this key is now --config.data.text_length_buckets"),
     (["--config", DEMO, "--workdir", "{tmp}/file/w"], 2,
      "grain-jax-train: error: --workdir {tmp}/file/w: {tmp}/file is a file, not a directory"),
     (["--config", f"{DEMO}:model=clop", "--workdir", "{tmp}/w"], 2,

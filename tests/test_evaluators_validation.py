@@ -54,11 +54,25 @@ def data_config(tmp_path_factory):
             "description_length": 8, "num_workers": 0, "prefetch": 0}
 
 
-def test_validation_losses_weight_batches_by_real_examples(data_config):
+@pytest.mark.parametrize("buckets", [(), (8, 16)], ids=["full_length", "length_buckets"])
+def test_validation_losses_weight_batches_by_real_examples(data_config, buckets, monkeypatch):
+    """With data.text_length_buckets the captions (at most 7 tokens, padded to 32) are cut to 8 before the step,
+    and the losses are those of the full-length oracle."""
+    from grain_jax.evaluators import validation
+    fit_texts, caption_lengths = validation.text_batching.fit_texts, []
+
+    def recording_fit_texts(*args):
+        batch = fit_texts(*args)
+        caption_lengths.append(batch["caption_tokens"].shape[-1])
+        return batch
+
+    monkeypatch.setattr(validation.text_batching, "fit_texts", recording_fit_texts)
     model = fakes.make_inference_model(fakes.NAMES)
     (_, evaluator, every, prefix), = common.from_config(
-        {"val": {"type": "validation", "every_steps": 5, "data": data_config, "batch_size": 8}})
+        {"val": {"type": "validation", "every_steps": 5, "data": {**data_config, "text_length_buckets": buckets},
+                 "batch_size": 8}})
     got = dict(evaluator.run(model))
+    assert caption_lengths == [8 if buckets else 32] * 2
 
     # Oracle: each batch's losses on its real examples only (padding sliced off), weighted by their count.
     expected, total = {}, 0

@@ -119,6 +119,22 @@ def test_host_rule_cuts_each_text_array_to_its_own_bucket():
         == (2, 24)  # no buckets: as it came
 
 
+def test_every_process_cuts_to_the_longest_need_of_any_process(monkeypatch):
+    """Two processes: this one's captions need 4 positions, the other's 12, so both cut to 16 (one global shape)."""
+    gathered = []
+
+    def allgather(needed):  # what multihost_utils.process_allgather returns: [processes, ...]
+        gathered.append(needed)
+        return np.stack([needed, np.array([12, 0], np.int32)])
+
+    monkeypatch.setattr(text_batching.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(text_batching.multihost_utils, "process_allgather", allgather)
+    batch = {"caption_tokens": _tokens([3], 40), "description_tokens": _tokens([5], 24)[None]}
+    cut = text_batching.fit_texts(batch, (8, 16), ("caption_tokens", "description_tokens"))
+    assert [n.tolist() for n in gathered] == [[4, 6]]  # one collective for both arrays
+    assert cut["caption_tokens"].shape == (1, 16) and cut["description_tokens"].shape == (1, 1, 8)
+
+
 @pytest.mark.parametrize("buckets", [[1], [16, 0], "16,32", [8.0], [True]])
 def test_bad_buckets_name_the_config_key(buckets):
     with pytest.raises(ValueError, match=r"config\.data\.text_length_buckets must be token lengths >= 2"):

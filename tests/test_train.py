@@ -121,3 +121,67 @@ def test_profile_steps_write_a_trace(tmp_path, data_cache, profile_steps):
     trainer.train_and_evaluate(config, str(tmp_path))
     traces = list((tmp_path / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+
+
+def test_length_buckets_compile_one_step_per_length_and_resume_exactly(tmp_path, data_cache, monkeypatch):
+    """config.data.text_length_buckets: the synthetic captions need 24-27 tokens and the descriptions 10, so
+    buckets (12, 25) cut the captions to 25 or leave them at 32 (both within the 12 steps) and the
+    descriptions to 12. The full lengths are compiled first, then each length once, on first use; a run
+    preempted at step 5 resumes to the uninterrupted run's parameters, loading every step it compiles
+    from the persistent cache."""
+    import os
+    import signal
+    from grain_jax import checkpoints
+    from grain_jax.data import pipeline
+
+    def config():
+        config = _train_utils.runlocal_config(data_cache, checkpoint_every_steps=2)
+        config.data.update(caption_length=32, description_length=16, text_length_buckets=(12, 25))
+        return config
+
+    hits, compiles, placed, preempt_at = [], [], [], []
+    compile_fn, to_global = trainer.compile_train_step, pipeline.to_global
+
+    def count_hits(event, **kwargs):
+        if event == "/jax/compilation_cache/cache_hits":
+            hits.append(event)
+
+    def counting_compile(*args):
+        before = len(hits)
+        compiled = compile_fn(*args)
+        compiles.append((args[-1], len(hits) > before))  # (text lengths, loaded from the persistent cache)
+        return compiled
+
+    def recording_to_global(batch, batch_sharding):
+        placed.append((batch["caption_tokens"].shape[-1], batch["description_tokens"].shape[-1]))
+        if len(placed) == 6 and preempt_at:  # placed while step 5 runs next: preempted after it
+            os.kill(os.getpid(), signal.SIGTERM)
+        return to_global(batch, batch_sharding)
+
+    monkeypatch.setattr(trainer, "compile_train_step", counting_compile)
+    monkeypatch.setattr(pipeline, "to_global", recording_to_global)
+    jax.monitoring.register_event_listener(count_hits)
+    try:
+        trainer.train_and_evaluate(config(), str(tmp_path / "reference"))
+        used = list(dict.fromkeys(placed[:_train_utils.TOTAL_STEPS]))  # the last placement is never stepped
+        assert sorted(used) == [(25, 12), (32, 12)], placed
+        assert [lengths for lengths, _ in compiles] == [None] + [u for u in used if u != (32, 16)]
+
+        del placed[:]
+        preempt_at.append(5)
+        interrupted = str(tmp_path / "interrupted")
+        trainer.train_and_evaluate(config(), interrupted)
+        ckpt = resume.Checkpointer(interrupted, keep=2)
+        assert ckpt.latest_step() == 5
+        ckpt.close()
+        del compiles[:], placed[:], preempt_at[:]
+        trainer.train_and_evaluate(config(), interrupted)
+    finally:
+        jax.monitoring.unregister_event_listener(count_hits)
+    resumed_lengths = list(dict.fromkeys(placed[:_train_utils.TOTAL_STEPS - 5]))
+    assert [lengths for lengths, _ in compiles] == [None] + [u for u in resumed_lengths if u != (32, 16)]
+    assert all(cached for _, cached in compiles), compiles
+    expected = checkpoints.restore_params(str(tmp_path / "reference"))
+    resumed = checkpoints.restore_params(interrupted)
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(resumed)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
