@@ -86,8 +86,9 @@ def jax_step(model_name: str, overrides: dict, batch: dict):
     batch = jax.device_put(batch)
     start = time.perf_counter()
     compiled = step.lower(state[0], state[1], batch).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
     print(f"  ours {model_name} {overrides}, texts of {batch['caption_tokens'].shape[-1]} tokens: compiled in "
-          f"{time.perf_counter() - start:.1f} s", flush=True)
+          f"{time.perf_counter() - start:.1f} s, temporaries {temp / 2**20:.0f} MiB", flush=True)
 
     def run():
         state[0], state[1], loss = compiled(state[0], state[1], batch)
