@@ -22,7 +22,8 @@ zero-shot evaluator builds them (``short`` templates x descriptor sentences, ave
   images (chance 1/values).
 * ``attr_errors``: on novel images, whether a wrong probe answer names the value of a seen class (the
   nearest by parts, or the one the global embedding reads the image as) more often than chance would
-  (``wrong_value_shares``).
+  (``wrong_value_shares``); ``world``: how often the seen classes nearest to a novel class share its value
+  of each factor (``nearest_value_shares``, no model).
 * ``open50``: novel images classified among all 50 classes (40 seen + 10 novel) with name-free
   caption-style prompts: the share that lands on a *seen* class shows a global embedding that codes
   seen combinations rather than parts.
@@ -160,6 +161,19 @@ def nearest_seen(cat: synthetic.Catalogue, concept: synthetic.ConceptClass,
     return [cat.seen[i] for i in np.flatnonzero(distance == distance.min())]
 
 
+def nearest_value_shares(cat: synthetic.Catalogue) -> dict[str, dict[str, float]]:
+    """Per factor, mean over novel classes: ``nearest_others``, the share of the seen classes nearest in the
+    other parts that have the novel class's value (the accuracy of answering "like the nearest seen class"),
+    and ``any_seen``, the share of all seen classes that have it (a property of the world, no model)."""
+    out = {}
+    for factor, _ in synthetic.FACTORS:
+        same = [np.mean([getattr(s, factor) == getattr(c, factor) for s in nearest_seen(cat, c, ignore=factor)])
+                for c in cat.novel]
+        anyone = [np.mean([getattr(s, factor) == getattr(c, factor) for s in cat.seen]) for c in cat.novel]
+        out[factor] = {"nearest_others": float(np.mean(same)), "any_seen": float(np.mean(anyone))}
+    return out
+
+
 def wrong_value_shares(cat: synthetic.Catalogue, concepts, assigned, factor: str, pred: np.ndarray) -> dict:
     """Does a wrong probe answer on a novel image name a seen class's value rather than a random one?
 
@@ -245,7 +259,7 @@ def diagnose(model, per_class: int, seed: int = 0, resolution: int = 64, attenti
                               np.asarray(l2_normalize(variants["evaluator"])) *
                               np.asarray(l2_normalize(variants["noname"])), -1)))}
 
-    result["attr"], result["attr_errors"] = {}, {}
+    result["attr"], result["attr_errors"], result["world"] = {}, {}, nearest_value_shares(cat)
     seen_clf = model.classifier([c.name for c in seen], cat.descriptors("seen"), templates)
     assigned = [seen[i] for i in np.argmax(img @ seen_clf.embeddings.T, 1)]  # the seen class each novel image is read as
     for split in ("seen", "novel"):

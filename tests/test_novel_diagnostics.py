@@ -58,6 +58,11 @@ def test_nearest_seen_classes_and_wrong_value_shares():
     assert shares["assigned"] == 1.0 and shares["assigned_chance"] == pytest.approx(1 / 3)  # 4 patterns
     right = diag.wrong_value_shares(cat, concepts, [novel] * 4, "pattern", pred)  # "read as" its own class
     assert right["assigned"] == right["assigned_chance"] == 0.0
+    world = diag.nearest_value_shares(cat)
+    assert set(world) == {f for f, _ in synthetic.FACTORS}
+    patterns = [c.pattern for c in cat.seen]
+    assert world["pattern"]["any_seen"] == pytest.approx(np.mean([patterns.count(c.pattern) / 40 for c in cat.novel]))
+    assert 0 <= world["base"]["nearest_others"] <= 1
 
 
 def test_draw_names_excludes_given_names_and_trained_tokens():
