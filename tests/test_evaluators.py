@@ -147,9 +147,12 @@ def test_class_prompts_are_descriptor_major_templates_times_descriptors():
 
 def test_remove_name_replaces_whole_mentions_only():
     assert prompts.remove_name("a bo's tail, not a bold body; Bo, BO.", "bo") == \
-        "a object's tail, not a bold body; object, object."
+        "an object's tail, not a bold body; object, object."
+    # the article before a mention agrees with the neutral word, keeping its capital
+    assert prompts.remove_name("A bebo, an bebo, a  bebo, abebo", "bebo") == "An object, an object, an  object, abebo"
+    assert prompts.remove_name("an apple", "apple", neutral="thing") == "a thing"
     assert prompts.remove_name("abo bob bo-like", "bo") == "abo bob object-like"  # "-" ends a word
-    assert prompts.remove_name("a red  panda's nose, a red pandas", "red panda") == "a object's nose, a red pandas"
+    assert prompts.remove_name("a red  panda's nose, a red pandas", "red panda") == "an object's nose, a red pandas"
     assert prompts.remove_name("a red body, a panda", "red panda") == "a red body, a panda"  # words apart
     assert prompts.remove_name("c++ and c", "c++") == "object and c"  # regex characters are literal
     assert prompts.remove_name("no mention", "bebo", neutral="thing") == "no mention"
@@ -165,13 +168,14 @@ def test_name_free_classifier_keeps_templates_and_descriptors_but_not_the_name()
     descs = {"bebo": ["a red body", "has a bebo-like tail"], "red panda": ["a bold red panda face"]}
     clf = classifier.build(encode, ["bebo", "red panda"], descs, ["a photo of a {},", "itap of {},"], name_free=True)
     assert clf.class_names == ["bebo", "red panda"]  # the labels keep their names, the prompts do not
-    assert encoded[:6] == ["a photo of a object, which is a red body", "itap of object, which is a red body",
-                           "a photo of a object, which has a object-like tail", "itap of object, which has a object-like tail",
-                           "a photo of a object, which is a bold object face", "itap of object, which is a bold object face"]
-    assert encoded[6:] == ["a red body", "has a object-like tail", "a bold object face"]  # the region descriptors
+    assert encoded[:6] == ["a photo of an object, which is a red body", "itap of object, which is a red body",
+                           "a photo of an object, which has an object-like tail",
+                           "itap of object, which has an object-like tail",
+                           "a photo of an object, which is a bold object face", "itap of object, which is a bold object face"]
+    assert encoded[6:] == ["a red body", "has an object-like tail", "a bold object face"]  # the region descriptors
     encoded.clear()
     classifier.build(encode, ["bebo"], None, ["a photo of a {},"], name_free=True)
-    assert encoded == ["a photo of a object,"]
+    assert encoded == ["a photo of an object,"]
 
 
 def test_concatenated_classifiers_pad_descriptors():

@@ -57,8 +57,9 @@ def build(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence
         descriptors = {c: list(descriptors[c]) for c in class_names}
         if name_free:
             descriptors = {c: [prompts.remove_name(d, c) for d in ds] for c, ds in descriptors.items()}
-    per_class = [descriptors_lib.class_prompts(prompts.NEUTRAL_NAME if name_free else c,
-                                               descriptors[c] if descriptors else None, templates)
+    if name_free:  # each template's name slot becomes the neutral word, its article agreeing ("an object")
+        templates = [prompts.remove_name(t, "{}") for t in templates]
+    per_class = [descriptors_lib.class_prompts(c, descriptors[c] if descriptors else None, templates)
                  for c in class_names]
     embeddings = _mean_embeddings(encode_texts, per_class, chunk_prompts)
     if renormalize:

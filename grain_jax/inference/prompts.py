@@ -120,9 +120,18 @@ def remove_name(text: str, class_name: str, neutral: str = NEUTRAL_NAME) -> str:
 
     A mention is the whole name, case-insensitive, not part of a longer word ("bo" is replaced in
     "a bo's tail", not in "a bold body"); the words of a multi-word name may be separated by any
-    whitespace.
+    whitespace. An article right before a mention agrees with ``neutral`` ("a bebo" -> "an object").
     """
     words = [re.escape(w) for w in class_name.split()]
     if not words:
         return text
-    return re.sub(r"(?<!\w)" + r"\s+".join(words) + r"(?!\w)", neutral, text, flags=re.IGNORECASE)
+    article = "an" if neutral[:1].lower() in "aeiou" else "a"
+
+    def replace(mention: re.Match) -> str:
+        said = mention.group("article")
+        if not said:
+            return neutral
+        return (article.capitalize() if said[0].isupper() else article) + mention.group("space") + neutral
+
+    pattern = r"(?<!\w)(?:(?P<article>an?)(?P<space>\s+))?" + r"\s+".join(words) + r"(?!\w)"
+    return re.sub(pattern, replace, text, flags=re.IGNORECASE)
