@@ -9,16 +9,21 @@ written to ``--output``. Images are the zero-shot splits' scenes regenerated wit
 zero-shot evaluator builds them (``short`` templates x descriptor sentences, averaged).
 
 * ``top1``: the global embedding's novel top-1 with the evaluator's prompts (sanity check against
-  ``final_metrics.json``), and with the same prompts but the class name replaced by a generic noun
-  (``noname``): what the never-trained novel *name* tokens add or cost; ``caption_style``: one prompt per
-  class worded like a holistic MLLM caption ("a red, striped, square object with a large green spike on
-  top"), i.e. the training captions' phrasing instead of the reference's descriptor sentences.
+  ``final_metrics.json``), and with the same prompts but the class name replaced by "object"
+  (``noname``, the evaluator's ``name_free/top1``): what the never-trained novel *name* tokens add or cost;
+  ``caption_style``: one prompt per class worded like a holistic MLLM caption ("a red, striped, square
+  object with a large green spike on top", ``synthetic.look_phrase``), i.e. the training captions'
+  phrasing instead of the reference's descriptor sentences.
 * ``text_cos``: mean pairwise cosine between the (normalised) class embeddings of the novel (and seen)
   classes: how separable the classes are in text space.
 * ``attr``: attribute probing. For each factor (shape, colour, pattern, attached-part kind, base), the
   value whose single-attribute text ("a red object", "a red body") scores highest against an image, by the
   global embedding and (GRAIN) by the best-matching region embedding; accuracy over seen and novel
   images (chance 1/values).
+* ``attr_errors``: on novel images, whether a wrong probe answer names the value of a seen class (the
+  nearest by parts, or the one the global embedding reads the image as) more often than chance would
+  (``wrong_value_shares``); ``world``: how often the seen classes nearest to a novel class share its value
+  of each factor (``nearest_value_shares``, no model).
 * ``open50``: novel images classified among all 50 classes (40 seen + 10 novel) with name-free
   caption-style prompts: the share that lands on a *seen* class shows a global embedding that codes
   seen combinations rather than parts.
@@ -40,12 +45,10 @@ import numpy as np
 
 from grain_jax import inference
 from grain_jax.data import synthetic, tokenizer, transforms
-from grain_jax.inference import descriptors as descriptors_lib
 from grain_jax.inference import prompts
 from grain_jax.losses.contrastive import l2_normalize
 from grain_jax.models import layers
 
-GENERIC = "object"
 # factor -> (values, caption-style text, descriptor-style text); the part is probed by its kind only.
 PROBES = {
     "shape": (synthetic.SHAPES, "a {} object", "a {} body"),
@@ -65,17 +68,6 @@ def probe_texts(factor: str, style: str) -> list[str]:
         return [(caption if style == "caption" else descriptor).format(_BASE_WORDS[v][style != "caption"])
                 for v in values]
     return [(caption if style == "caption" else descriptor).format(v) for v in values]
-
-
-def caption_style(concept: synthetic.ConceptClass, noun: str = GENERIC) -> str:
-    """Every part value of a class in one holistic phrase, as the MLLM captions word them."""
-    adjectives = [synthetic.COLOUR_NAMES[concept.colour], synthetic.PATTERNS[concept.pattern],
-                  synthetic.SHAPES[concept.shape]]
-    text = f"a {', '.join(adjectives)} {noun} with a {synthetic.PART_SIZES[concept.part_size]} " \
-           f"{synthetic.COLOUR_NAMES[concept.part_colour]} {synthetic.PART_KINDS[concept.part_kind]} " \
-           f"{synthetic._SIDE_PHRASES[synthetic.PART_SIDES[concept.part_side]]}"
-    base = synthetic.BASES[concept.base]
-    return text + (f" {synthetic._BASE_LOOKS[base]}" if base != "none" else "")
 
 
 def trained_tokens(seed: int, resolution: int, scenes: int = 2000) -> set[int]:
@@ -100,13 +92,6 @@ def draw_names(count: int, exclude: set[str], draw: int, trained: set[int] | Non
             continue
         names.append(name)
     return names
-
-
-def class_embeddings(model, names, descriptors, templates) -> np.ndarray:
-    """[C, D] as the evaluator: mean of the normalised template x descriptor-sentence embeddings
-    (names may repeat, e.g. all the generic noun)."""
-    return np.stack([model.encode_texts(descriptors_lib.class_prompts(n, d, templates)).mean(0)
-                     for n, d in zip(names, descriptors)])
 
 
 def attention_maps(model, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -162,6 +147,65 @@ def attention_summary(maps: dict[str, np.ndarray], on_object: np.ndarray) -> dic
     return out
 
 
+def probe_value(concept: synthetic.ConceptClass, factor: str) -> int:
+    """The index of a class's value among the probe's values (``PROBES``); -1 for "no base"."""
+    return getattr(concept, factor) - (factor == "base")
+
+
+def nearest_seen(cat: synthetic.Catalogue, concept: synthetic.ConceptClass,
+                 ignore: str | None = None) -> list[synthetic.ConceptClass]:
+    """The seen classes with the fewest part values differing from ``concept``'s (all but ``ignore``)."""
+    columns = [i for i, (factor, _) in enumerate(synthetic.FACTORS) if factor != ignore]
+    seen = np.array([c.attributes for c in cat.seen])[:, columns]
+    distance = (seen != np.array(concept.attributes)[columns]).sum(1)
+    return [cat.seen[i] for i in np.flatnonzero(distance == distance.min())]
+
+
+def nearest_value_shares(cat: synthetic.Catalogue) -> dict[str, dict[str, float]]:
+    """Per factor, mean over novel classes: ``nearest_others``, the share of the seen classes nearest in the
+    other parts that have the novel class's value (the accuracy of answering "like the nearest seen class"),
+    and ``any_seen``, the share of all seen classes that have it (a property of the world, no model)."""
+    out = {}
+    for factor, _ in synthetic.FACTORS:
+        same = [np.mean([getattr(s, factor) == getattr(c, factor) for s in nearest_seen(cat, c, ignore=factor)])
+                for c in cat.novel]
+        anyone = [np.mean([getattr(s, factor) == getattr(c, factor) for s in cat.seen]) for c in cat.novel]
+        out[factor] = {"nearest_others": float(np.mean(same)), "any_seen": float(np.mean(anyone))}
+    return out
+
+
+def wrong_value_shares(cat: synthetic.Catalogue, concepts, assigned, factor: str, pred: np.ndarray) -> dict:
+    """Does a wrong probe answer on a novel image name a seen class's value rather than a random one?
+
+    concepts: [N] the images' novel classes; assigned: [N] the seen class each image is read as;
+    pred: [N] the probe's predicted value indices. For each source of values (the seen classes nearest
+    to the image's class over all parts, ``nearest``, or over the other parts, ``nearest_others``, and
+    ``assigned``): among the wrong answers, the share naming one of the source's values (other than the
+    true one), and ``<source>_chance``, the share that uniformly random wrong answers would give.
+    """
+    count = len(PROBES[factor][0])
+    true = np.array([probe_value(c, factor) for c in concepts])
+    wrong = (pred != true) & (true >= 0)
+    out = {"wrong": float(wrong[true >= 0].mean()), "wrong_count": int(wrong.sum())}
+    sources = {"nearest": lambda i: nearest_seen(cat, concepts[i]),
+               "nearest_others": lambda i: nearest_seen(cat, concepts[i], ignore=factor),
+               "assigned": lambda i: [assigned[i]]}
+    for name, source in sources.items():
+        hits, chance = [], []
+        for i in np.flatnonzero(wrong):
+            values = {probe_value(c, factor) for c in source(i)} - {true[i], -1}
+            hits.append(pred[i] in values)
+            chance.append(len(values) / (count - 1))
+        out[name] = float(np.mean(hits)) if hits else float("nan")
+        out[f"{name}_chance"] = float(np.mean(chance)) if chance else float("nan")
+    return out
+
+
+def caption_style(concept: synthetic.ConceptClass) -> str:
+    """Every part value of a class in one name-free phrase, as the MLLM captions word a look."""
+    return synthetic.look_phrase(concept, prompts.NEUTRAL_NAME)
+
+
 def diagnose(model, per_class: int, seed: int = 0, resolution: int = 64, attention_images: int = 100,
              name_draws: int = 8) -> dict:
     cat = synthetic.catalogue(seed)
@@ -176,8 +220,11 @@ def diagnose(model, per_class: int, seed: int = 0, resolution: int = 64, attenti
     seen, novel = cat.classes("seen"), cat.classes("novel")
     names = [c.name for c in novel]
     descs = [c.descriptors for c in novel]
-    variants = {"evaluator": class_embeddings(model, names, descs, templates),
-                "noname": class_embeddings(model, [GENERIC] * len(names), descs, templates),
+    def class_embeddings(class_names: list[str], **kwargs) -> np.ndarray:  # [10, D], the evaluator's recipe
+        return model.classifier(class_names, dict(zip(class_names, descs)), templates, **kwargs).embeddings
+
+    variants = {"evaluator": class_embeddings(names),
+                "noname": class_embeddings(names, name_free=True),
                 "name_only": model.classifier(names, templates=templates).embeddings,
                 "caption_style": model.encode_texts([caption_style(c) for c in novel])}
     img = outputs["novel"]["image_embedding"]
@@ -194,7 +241,7 @@ def diagnose(model, per_class: int, seed: int = 0, resolution: int = 64, attenti
         accuracies = []
         for draw in range(name_draws):
             other = draw_names(len(names), {c.name for c in seen} | set(names), draw, trained if kind != "redrawn" else None)
-            e = class_embeddings(model, other, descs, templates)
+            e = class_embeddings(other)
             accuracies.append(float((np.argmax(img @ e.T, 1) == truth["novel"]).mean()))
         result["top1"][f"{kind}_names_mean"] = float(np.mean(accuracies))
         result["top1"][f"{kind}_names_std"] = float(np.std(accuracies, ddof=1))
@@ -206,27 +253,32 @@ def diagnose(model, per_class: int, seed: int = 0, resolution: int = 64, attenti
 
     result["text_cos"] = {"novel": mean_offdiag(variants["evaluator"]),
                           "novel_noname": mean_offdiag(variants["noname"]),
-                          "seen": mean_offdiag(class_embeddings(model, [c.name for c in seen],
-                                                                [c.descriptors for c in seen], templates)),
+                          "seen": mean_offdiag(model.classifier([c.name for c in seen], cat.descriptors("seen"),
+                                                                templates).embeddings),
                           "name_vs_noname_same_class": float(np.mean(np.sum(
                               np.asarray(l2_normalize(variants["evaluator"])) *
                               np.asarray(l2_normalize(variants["noname"])), -1)))}
 
-    result["attr"] = {}
+    result["attr"], result["attr_errors"], result["world"] = {}, {}, nearest_value_shares(cat)
+    seen_clf = model.classifier([c.name for c in seen], cat.descriptors("seen"), templates)
+    assigned = [seen[i] for i in np.argmax(img @ seen_clf.embeddings.T, 1)]  # the seen class each novel image is read as
     for split in ("seen", "novel"):
         concepts = [cat.classes(split)[t] for t in truth[split]]
         for factor in PROBES:
-            true = np.array([getattr(c, factor) - (factor == "base") for c in concepts])
+            true = np.array([probe_value(c, factor) for c in concepts])
             keep = true >= 0  # the base probe skips objects without a base
             for style in ("caption", "descriptor"):
                 texts = model.encode_texts(probe_texts(factor, style))
                 out = outputs[split]
                 key = f"{split}/{factor}/{style}"
-                g = out["image_embedding"] @ texts.T
-                result["attr"][f"{key}/global"] = float((g.argmax(1) == true)[keep].mean())
+                preds = {"global": (out["image_embedding"] @ texts.T).argmax(1)}
                 if "region_embeddings" in out:
-                    r = np.einsum("nqd,vd->nqv", out["region_embeddings"], texts).max(1)
-                    result["attr"][f"{key}/regions"] = float((r.argmax(1) == true)[keep].mean())
+                    preds["regions"] = np.einsum("nqd,vd->nqv", out["region_embeddings"], texts).max(1).argmax(1)
+                for where, pred in preds.items():
+                    result["attr"][f"{key}/{where}"] = float((pred == true)[keep].mean())
+                    if split == "novel":
+                        result["attr_errors"].update({f"{key}/{where}/{k}": v for k, v in wrong_value_shares(
+                            cat, concepts, assigned, factor, pred).items()})
     for split in ("seen", "novel"):
         for where in ("global", "regions"):
             values = [v for k, v in result["attr"].items() if k.startswith(split + "/") and k.endswith("/" + where)]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import _train_utils
+from grain_jax.evaluators import zeroshot
 from grain_jax.train import trainer
 
 
@@ -44,6 +45,20 @@ def test_table_reports_mean_and_sample_std_over_seeds():
     assert grain[1:3] == [f"45.0 ± {np.std([40, 50, 45], ddof=1):.1f}", "20.0 ± 10.0"]
     assert grain[3] == "–"  # a column no run reported
     assert "mean ± std over 3 seed(s)" in lines[-1]
+
+
+def test_name_free_columns_read_the_evaluator_keys_and_older_runs_show_a_dash():
+    columns = dict(ablation.COLUMNS)
+    key = columns["novel, names → object"]
+    assert key == "eval/0shot/synthetic_novel/" + zeroshot.NAME_FREE + "top1"
+    assert columns["novel α=0.5, names → object"] == "eval/0shot/synthetic_novel/name_free/alpha0.5/top1"
+    seen = ablation.COLUMNS[0][1]
+    results = {"grain": [{seen: 0.4, key: 0.3}, {seen: 0.5, key: 0.5}],  # evaluated with name_free/ metrics
+               "clip": [{seen: 0.6}, {seen: 0.5}]}  # final_metrics.json written before they existed
+    index = [c for c, _ in ablation.COLUMNS].index("novel, names → object") + 1
+    lines = ablation.table(results).splitlines()
+    assert lines[2].split(" | ")[index] == f"40.0 ± {np.std([30, 50], ddof=1):.1f}"
+    assert lines[3].split(" | ")[index] == "–"
 
 
 def test_readme_block_is_replaced_and_figures_copied(tmp_path):

@@ -42,6 +42,7 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
     assert "| folder_bench top1 | 100.00 | 100.00 |" in printed
     assert "| folder_bench top1, α=0.5 | 100.00 | 100.00 |" in printed
     assert "| folder_bench top1, α=0 | " in printed
+    assert "name_free/top1" not in result  # real class names: name-free metrics only with --name_free
     # The chart's bars: every checkpoint at α = 1, 0.5 and 0 (regions alone).
     assert suite._top1_series(runs) == [(i, key) for i in (0, 1) for key in ("top1", "alpha0.5/top1", "alpha0/top1")]
     png = np.asarray(Image.open(out.with_suffix(".png")))
@@ -51,6 +52,21 @@ def test_binary_writes_json_table_and_chart_and_skips_unprepared(tmp_path, perfe
     both = tmp_path / "both.json"
     eval_cli.main(["grain-jax-eval", f"--compare={out},{out}", f"--output={both}"])
     assert len(json.loads(both.read_text())["runs"]) == 4 and both.with_suffix(".png").exists()
+
+
+def test_binary_name_free_flag_adds_the_name_free_rows(tmp_path, perfect_load, capsys):
+    root = write_folder(tmp_path / "bench", per_class=1, descriptor_file=DESCRIPTORS)
+    out = tmp_path / "results.json"
+    eval_cli.main(["grain-jax-eval", "--checkpoint=random:x", f"--evals=folder:{root}", f"--output={out}",
+                   "--name_free", "--synthetic_alphas=1,0.5", "--batch_size=8", "--num_threads=2"])
+    printed = capsys.readouterr().out
+    run, = json.loads(out.read_text())["runs"]
+    assert run["results"]["folder_bench"]["name_free/top1"] == pytest.approx(0.1)  # the fake reads names only
+    assert run["config"]["name_free"] is True
+    assert "| folder_bench top1, names → object | 10.00 |" in printed
+    assert "| folder_bench top1, names → object, α=0.5 | " in printed
+    assert suite.metric_label("name_free/alpha0.5/top5") == "top5, names → object, α=0.5"
+    assert suite.metric_label("average/name_free/top1") == "average/name_free/top1"
 
 
 def test_binary_checks_every_dataset_before_loading_a_model(tmp_path, monkeypatch):

@@ -8,7 +8,7 @@ import tensorflow_datasets as tfds
 import evaluator_fakes as fakes
 from evaluator_fakes import DESCRIPTORS, NAMES, write_folder
 from grain_jax.evaluators import common, datasets, zeroshot
-from grain_jax.inference import batching, descriptors, prompts
+from grain_jax.inference import batching, classifier, descriptors, prompts
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +145,76 @@ def test_class_prompts_are_descriptor_major_templates_times_descriptors():
     assert descriptors.class_prompts("cat", ["fur"], ["a photo of a {}."]) == ["a photo of a cat, which has fur"]
 
 
+def test_remove_name_replaces_whole_mentions_only():
+    assert prompts.remove_name("a bo's tail, not a bold body; Bo, BO.", "bo") == \
+        "an object's tail, not a bold body; object, object."
+    # the article before a mention agrees with the neutral word, keeping its capital
+    assert prompts.remove_name("A bebo, an bebo, a  bebo, abebo", "bebo") == "An object, an object, an  object, abebo"
+    assert prompts.remove_name("an apple", "apple", neutral="thing") == "a thing"
+    assert prompts.remove_name("abo bob bo-like", "bo") == "abo bob object-like"  # "-" ends a word
+    assert prompts.remove_name("a red  panda's nose, a red pandas", "red panda") == "an object's nose, a red pandas"
+    assert prompts.remove_name("a red body, a panda", "red panda") == "a red body, a panda"  # words apart
+    assert prompts.remove_name("c++ and c", "c++") == "object and c"  # regex characters are literal
+    assert prompts.remove_name("no mention", "bebo", neutral="thing") == "no mention"
+
+
+def test_name_free_classifier_keeps_templates_and_descriptors_but_not_the_name():
+    encoded = []
+
+    def encode(texts):
+        encoded.extend(texts)
+        return np.ones((len(texts), 4), np.float32) / 2
+
+    descs = {"bebo": ["a red body", "has a bebo-like tail"], "red panda": ["a bold red panda face"]}
+    clf = classifier.build(encode, ["bebo", "red panda"], descs, ["a photo of a {},", "itap of {},"], name_free=True)
+    assert clf.class_names == ["bebo", "red panda"]  # the labels keep their names, the prompts do not
+    assert encoded[:6] == ["a photo of an object, which is a red body", "itap of object, which is a red body",
+                           "a photo of an object, which has an object-like tail",
+                           "itap of object, which has an object-like tail",
+                           "a photo of an object, which is a bold object face", "itap of object, which is a bold object face"]
+    assert encoded[6:] == ["a red body", "has an object-like tail", "a bold object face"]  # the region descriptors
+    encoded.clear()
+    classifier.build(encode, ["bebo"], None, ["a photo of a {},"], name_free=True)
+    assert encoded == ["a photo of an object,"]
+
+
+def test_concatenated_classifiers_pad_descriptors():
+    a = classifier.Classifier(["x"], np.ones((1, 2)), np.ones((1, 1, 2)), np.ones((1, 1), bool))
+    b = classifier.Classifier(["y", "z"], np.zeros((2, 2)), np.full((2, 3, 2), 2.0), np.ones((2, 3), bool))
+    both = classifier.concatenate(a, b)
+    assert both.class_names == ["x", "y", "z"] and both.embeddings.shape == (3, 2)
+    assert both.descriptor_embeddings.shape == (3, 3, 2)
+    assert both.descriptor_mask.tolist() == [[True, False, False]] + [[True] * 3] * 2
+    with pytest.raises(ValueError, match="with descriptors and one without"):
+        classifier.concatenate(a, classifier.Classifier(["y"], np.zeros((1, 2))))
+
+
+def test_name_free_metrics_score_the_prompts_without_names(tmp_path, perfect):
+    """The fake reads a text's class from its name only: without names every class embedding is class 0's,
+    so the name-free columns score exactly chance where the named ones are perfect."""
+    root = write_folder(tmp_path / "ds", per_class=1, descriptor_file=DESCRIPTORS)
+    folder = datasets.folder_dataset(root)
+    assert not any(k.startswith("name_free/") for k in zeroshot.evaluate(perfect, folder, num_threads=2))
+    synthetic = datasets.folder_dataset(root, name="synthetic_novel")  # on by default for the synthetic benchmark
+    for data, name_free in ((synthetic, None), (folder, True)):
+        results = zeroshot.evaluate(perfect, data, templates="short", name_free=name_free, num_threads=2)
+        assert results["top1"] == results["alpha0.5/top1"] == 1.0
+        assert results["name_free/top1"] == results["name_free/mean_per_class_recall"] == pytest.approx(0.1)
+        assert results["name_free/top5"] == pytest.approx(0.5)
+        assert results["name_free/alpha0/top1"] == results["alpha0/top1"]  # the regions never read a name
+        assert {k for k in results if k.startswith("name_free/")} == {
+            f"name_free/{a}{m}" for a in ("", "alpha0.5/", "alpha0/") for m in zeroshot.METRICS}
+    assert not any(k.startswith("name_free/") for k in zeroshot.evaluate(perfect, synthetic, name_free=False,
+                                                                        num_threads=2))
+    clip = fakes.make_inference_model(NAMES, mode="clip")
+    results = zeroshot.evaluate(clip, synthetic, templates="short", num_threads=2)
+    assert {k for k in results if k.startswith("name_free/")} == {f"name_free/{m}" for m in zeroshot.METRICS}
+    evaluator = zeroshot.Evaluator([f"folder:{root}"], templates="short", name_free=True, num_threads=2)
+    metrics = dict(evaluator.run(perfect))
+    assert metrics["0shot/folder_ds/name_free/top1"] == pytest.approx(0.1)
+    assert "0shot/folder_ds/name_free/alpha0.5/top1" in metrics
+
+
 def test_template_sets():
     assert len(prompts.get_templates("ref46")) == 46
     assert sum("type of bird" in t or "a  type" in t for t in prompts.REFERENCE_46) == 23
@@ -169,6 +239,9 @@ def test_averages_follow_the_reference_eleven():
     out = zeroshot.averages(results)
     assert out["average_11/top1"] == pytest.approx(0.4)
     assert out["average/top1"] == pytest.approx(1.7 / 3)
+    # A metric only some datasets report (region mixes, name_free/) has no average over all of them.
+    results["cifar10"]["name_free/top1"] = 0.2
+    assert set(zeroshot.averages(results)) == {"average/top1", "average_11/top1"}
 
 
 def test_expand_groups():

@@ -131,6 +131,33 @@ def test_invalid_and_other_group_columns_are_never_targets():
     assert float(per_device_accuracy) == 1.0 and float(per_device_loss) < 1e-6  # only column 0 is left
 
 
+def test_global_description_equals_numpy():
+    """Each valid description's cross-entropy over the batch's global embeddings, its own image the label."""
+    rng = np.random.default_rng(5)
+    image = rng.normal(size=(4, 8)).astype(np.float32)
+    descriptions = rng.normal(size=(4, 3, 8)).astype(np.float32)
+    mask = np.arange(3)[None] < np.array([3, 1, 0, 2])[:, None]
+    loss, accuracy = jax.jit(contrastive.global_description_loss)(image, descriptions, mask, 7.0)
+    images, texts = _np_normalize(image.astype(np.float64)), _np_normalize(descriptions.astype(np.float64))
+    logits = [(7.0 * images @ texts[b, m], b) for b, m in zip(*np.nonzero(mask))]
+    np.testing.assert_allclose(loss, np.mean([_np_cross_entropy(row, b) for row, b in logits]), rtol=1e-5)
+    np.testing.assert_allclose(accuracy, np.mean([np.argmax(row) == b for row, b in logits]))
+
+
+def test_global_description_weight_adds_the_term_and_defaults_to_the_reference():
+    rng = np.random.default_rng(6)
+    outputs, batch = _random_outputs(rng), _random_batch(rng)
+    reference_loss, reference = jit_total_loss(outputs, batch, LossConfig())
+    assert "loss/global_description" not in reference
+    loss, metrics = jit_total_loss(outputs, batch, LossConfig(global_description=0.5))
+    want, _ = contrastive.global_description_loss(outputs["img/embedding"], outputs["txt/descriptions"],
+                                                  batch["box_mask"], np.exp(outputs["logit_scale"]))
+    np.testing.assert_allclose(metrics["loss/global_description"], want, rtol=1e-6)
+    np.testing.assert_allclose(loss, reference_loss + 0.5 * want, rtol=1e-6)
+    with pytest.raises(ValueError, match="loss.global_description is computed with contrastive_impl='dense' only"):
+        LossConfig(global_description=1.0, contrastive_impl="ring")
+
+
 def test_negative_groups_must_divide_batch():
     with pytest.raises(ValueError, match="negative_groups=3"):
         contrastive.region_description_loss(np.zeros((4, 1, 2)), np.zeros((4, 1, 2)), np.ones((4, 1), bool),

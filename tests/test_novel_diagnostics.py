@@ -41,6 +41,30 @@ def test_caption_style_mentions_every_part_value_and_no_name():
         assert ("stand" in text or "legs" in text or "wheels" in text) == (concept.base != 0)
 
 
+def test_nearest_seen_classes_and_wrong_value_shares():
+    cat = synthetic.catalogue()
+    assert diag.nearest_seen(cat, cat.seen[3]) == [cat.seen[3]]
+    novel = cat.novel[0]
+    nearest = diag.nearest_seen(cat, novel)
+    distance = [sum(a != b for a, b in zip(c.attributes, novel.attributes)) for c in cat.seen]
+    assert {c.name for c in nearest} == {c.name for c, d in zip(cat.seen, distance) if d == min(distance)}
+    assert min(distance) >= 2  # the generator's rule for novel classes
+    # Wrong answers that always name the pattern of the seen class an image is read as.
+    other = next(c for c in cat.seen if c.pattern != novel.pattern)
+    concepts, assigned = [novel] * 4, [other] * 4
+    pred = np.array([novel.pattern, other.pattern, other.pattern, other.pattern])
+    shares = diag.wrong_value_shares(cat, concepts, assigned, "pattern", pred)
+    assert shares["wrong"] == 0.75 and shares["wrong_count"] == 3
+    assert shares["assigned"] == 1.0 and shares["assigned_chance"] == pytest.approx(1 / 3)  # 4 patterns
+    right = diag.wrong_value_shares(cat, concepts, [novel] * 4, "pattern", pred)  # "read as" its own class
+    assert right["assigned"] == right["assigned_chance"] == 0.0
+    world = diag.nearest_value_shares(cat)
+    assert set(world) == {f for f, _ in synthetic.FACTORS}
+    patterns = [c.pattern for c in cat.seen]
+    assert world["pattern"]["any_seen"] == pytest.approx(np.mean([patterns.count(c.pattern) / 40 for c in cat.novel]))
+    assert 0 <= world["base"]["nearest_others"] <= 1
+
+
 def test_draw_names_excludes_given_names_and_trained_tokens():
     trained = diag.trained_tokens(0, 64, scenes=100)
     seen = set(synthetic.catalogue().class_names("seen"))

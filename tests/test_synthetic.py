@@ -139,6 +139,18 @@ def _mentioned_values(scene) -> list[tuple[str, bool]]:
     return found
 
 
+def test_look_phrase_words_the_chosen_part_values_in_a_fixed_order():
+    concept = synthetic.ConceptClass("dafo", shape=1, colour=5, pattern=1, part_kind=0, part_colour=2, part_size=0,
+                                     part_side=0, base=2)
+    assert synthetic.look_phrase(concept, "dafo") == \
+        "an orange, striped, square dafo with a small blue disc on top on two wheels"
+    assert synthetic.look_phrase(concept, "object", ["base", "shape"], brief=True) == \
+        "a square object on two wheels"
+    assert synthetic.look_phrase(concept, "toy", ["part"], brief=True) == "a toy with a blue disc"
+    no_base = synthetic.ConceptClass("dafo", 0, 0, 0, 1, 1, 1, 2, base=0)
+    assert synthetic.look_phrase(no_base, "dafo") == "a red, plain, round dafo with a large green spike on its right side"
+
+
 def test_holistic_mllm_captions_mention_some_part_values_mostly_right_and_never_other_names():
     scenes = synthetic.generate_scenes("train", 0, 1500)
     cat = synthetic.catalogue()

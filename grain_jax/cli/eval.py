@@ -53,6 +53,9 @@ def _flags() -> flags.FlagValues:
                       "descriptors).", flag_values=fv)
     flags.DEFINE_list("synthetic_alphas", [str(a) for a in zeroshot.LOCAL_ALPHAS], "Alphas for the synthetic / "
                       "folder benchmarks (0: the regions alone).", flag_values=fv)
+    flags.DEFINE_bool("name_free", None, "Also report top-1 etc. with the class names replaced by 'object' in "
+                      "the prompts (name_free/ keys); default: for the synthetic benchmark only (made-up names), "
+                      "--name_free adds folder: and TFDS datasets, --noname_free turns it off.", flag_values=fv)
     flags.DEFINE_bool("renormalize", False, "Re-normalise the class mean embeddings (the reference does not).",
                       flag_values=fv)
     flags.DEFINE_integer("num_threads", 8, "Image decoding threads.", flag_values=fv)
@@ -76,7 +79,8 @@ def main(argv: Sequence[str]) -> None:
     from grain_jax import sharding
     mesh = sharding.create_mesh((-1, 1, 1)) if jax.device_count() > 1 else None
     config = {k: fv[k].value for k in ("evals", "data_dir", "templates", "descriptors", "synthetic_dir",
-                                       "batch_size", "max_examples", "alphas", "synthetic_alphas", "renormalize")}
+                                       "batch_size", "max_examples", "alphas", "synthetic_alphas", "renormalize",
+                                       "name_free")}
     resolved = suite.resolve_datasets(fv.evals, data_dir=fv.data_dir, descriptors=fv.descriptors,
                                       synthetic_dir=fv.synthetic_dir, image_dir=fv.image_dir) if checkpoints else None
     if resolved and not resolved[0]:
@@ -87,7 +91,7 @@ def main(argv: Sequence[str]) -> None:
             checkpoint, fv.evals, resolved=resolved, templates=fv.templates, batch_size=fv.batch_size,
             max_examples=fv.max_examples, alphas=[float(a) for a in fv.alphas],
             synthetic_alphas=[float(a) for a in fv.synthetic_alphas], renormalize=fv.renormalize,
-            num_threads=fv.num_threads, mesh=mesh)
+            name_free=fv.name_free, num_threads=fv.num_threads, mesh=mesh)
         run["config"] = config
         runs.append(run)
     os.makedirs(os.path.dirname(os.path.abspath(fv.output)), exist_ok=True)

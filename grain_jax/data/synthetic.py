@@ -382,7 +382,7 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-# How an MLLM words an object's look (holistic, no boxes): the base as a "standing on" phrase.
+# How an MLLM words an object's look (holistic, no boxes, `look_phrase`): the base as a "standing on" phrase.
 _BASE_LOOKS = {"legs": "on two thin legs", "wheels": "on two wheels", "stand": "on a flat stand"}
 _GENERIC_NOUNS = ("object", "figure", "toy", "thing")
 MLLM_CAPTION_STYLES = ("holistic", "names_only")
@@ -392,40 +392,51 @@ WRONG_PROB = 0.1  # a mentioned value is a wrong one (MLLM hallucination) with t
 NAME_PROB = 0.5  # the MLLM caption calls an object by its class name (else a generic noun)
 
 
-def _look(rng: np.random.Generator, concept: ConceptClass, max_values: int, brief: bool) -> str:
-    """One object's look as an MLLM describes it: "a red, striped dafo with a small blue disc on top".
+LOOK_FACTORS = ("colour", "pattern", "shape", "part", "base")  # in the order a look words them
 
-    A random subset (each value with MENTION_PROB, at most `max_values`) of the object's part values,
-    each wrong with WRONG_PROB, in one holistic phrase: no box, no "body" phrases. `brief` words the
-    attached part by colour and kind only ("with a blue disc").
-    """
-    factors = ["colour", "pattern", "shape", "part"] + (["base"] if BASES[concept.base] != "none" else [])
-    mentioned = [factor for factor in factors if rng.random() < MENTION_PROB]
-    mentioned = [mentioned[i] for i in sorted(rng.permutation(len(mentioned))[:max_values])]
 
-    def value(factor: str, index: int, count: int) -> int:  # the true value, or with WRONG_PROB another one
-        return int((index + rng.integers(1, count)) % count) if rng.random() < WRONG_PROB else index
-
+def look_phrase(concept: ConceptClass, noun: str, factors: Sequence[str] = LOOK_FACTORS, brief: bool = False) -> str:
+    """How an MLLM words an object's look: "a red, striped, square dafo with a small blue disc on top on two
+    wheels", naming the `factors` (of LOOK_FACTORS; a base only if the object has one) of `concept`, calling
+    it `noun`. `brief` words the attached part by colour and kind only ("with a blue disc")."""
     adjectives, tail = [], []
-    for factor in mentioned:
+    for factor in (f for f in LOOK_FACTORS if f in factors):
         if factor == "colour":
-            adjectives.append(COLOUR_NAMES[value(factor, concept.colour, len(COLOURS))])
+            adjectives.append(COLOUR_NAMES[concept.colour])
         elif factor == "pattern":
-            adjectives.append(PATTERNS[value(factor, concept.pattern, len(PATTERNS))])
+            adjectives.append(PATTERNS[concept.pattern])
         elif factor == "shape":
-            adjectives.append(SHAPES[value(factor, concept.shape, len(SHAPES))])
+            adjectives.append(SHAPES[concept.shape])
         elif factor == "part":
-            kind = PART_KINDS[value(factor, concept.part_kind, len(PART_KINDS))]
-            colour = COLOUR_NAMES[value(factor, concept.part_colour, len(COLOURS))]
-            size = PART_SIZES[value(factor, concept.part_size, len(PART_SIZES))]
-            side = _SIDE_PHRASES[PART_SIDES[value(factor, concept.part_side, len(PART_SIDES))]]
+            kind, colour = PART_KINDS[concept.part_kind], COLOUR_NAMES[concept.part_colour]
+            size, side = PART_SIZES[concept.part_size], _SIDE_PHRASES[PART_SIDES[concept.part_side]]
             tail.append(f"with {_article(colour)} {colour} {kind}" if brief else
                         f"with {_article(size)} {size} {colour} {kind} {side}")
-        else:
-            tail.append(_BASE_LOOKS[BASES[1 + value(factor, concept.base - 1, len(BASES) - 1)]])
-    noun = concept.name if rng.random() < NAME_PROB else _GENERIC_NOUNS[rng.integers(len(_GENERIC_NOUNS))]
+        elif BASES[concept.base] != "none":
+            tail.append(_BASE_LOOKS[BASES[concept.base]])
     words = ", ".join(adjectives) + (" " if adjectives else "") + noun
     return " ".join([f"{_article(words)} {words}", *tail])
+
+
+def _look(rng: np.random.Generator, concept: ConceptClass, max_values: int, brief: bool) -> str:
+    """One object's look as an MLLM describes it (`look_phrase`): a random subset (each value with
+    MENTION_PROB, at most `max_values`) of the object's part values, each wrong with WRONG_PROB, in one
+    holistic phrase: no box, no "body" phrases; the class name or, with 1 - NAME_PROB, a generic noun."""
+    factors = [f for f in LOOK_FACTORS if f != "base" or BASES[concept.base] != "none"]
+    mentioned = [factor for factor in factors if rng.random() < MENTION_PROB]
+    mentioned = [mentioned[i] for i in sorted(rng.permutation(len(mentioned))[:max_values])]
+    fields = {"part": ("part_kind", "part_colour", "part_size", "part_side")}
+
+    def value(field: str) -> int:  # the true value, or with WRONG_PROB another one (a base is never "none")
+        index, count, first = getattr(concept, field), dict(FACTORS)[field], int(field == "base")
+        if rng.random() < WRONG_PROB:
+            return first + int((index - first + rng.integers(1, count - first)) % (count - first))
+        return index
+
+    shown = dataclasses.replace(concept, **{field: value(field) for factor in mentioned
+                                            for field in fields.get(factor, (factor,))})
+    noun = concept.name if rng.random() < NAME_PROB else _GENERIC_NOUNS[rng.integers(len(_GENERIC_NOUNS))]
+    return look_phrase(shown, noun, mentioned, brief)
 
 
 def _captions(rng: np.random.Generator, mllm_rng: np.random.Generator, objects: Sequence[SceneObject],

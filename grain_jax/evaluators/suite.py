@@ -71,11 +71,12 @@ def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir
                         templates: str = "ref46", descriptors: str | None = None, synthetic_dir: str | None = None,
                         image_dir: str | None = None, batch_size: int = 64, max_examples: int | None = None,
                         alphas: Sequence[float] = (1.0,), synthetic_alphas: Sequence[float] = zeroshot.LOCAL_ALPHAS,
-                        renormalize: bool = False, num_threads: int = 8, progress: bool = True,
-                        mesh=None, resolved: tuple[dict, list[str]] | None = None) -> dict:
+                        renormalize: bool = False, name_free: bool | None = None, num_threads: int = 8,
+                        progress: bool = True, mesh=None, resolved: tuple[dict, list[str]] | None = None) -> dict:
     """Evaluates one checkpoint; returns its run record (what the results JSON lists).
 
-    ``resolved``: the output of ``resolve_datasets`` (to share it between checkpoints).
+    ``resolved``: the output of ``resolve_datasets`` (to share it between checkpoints); ``name_free``: as in
+    ``zeroshot.evaluate`` (None: the synthetic benchmark only).
     """
     start = time.perf_counter()
     datasets, not_prepared = resolved or resolve_datasets(evals, data_dir=data_dir, descriptors=descriptors,
@@ -93,8 +94,8 @@ def evaluate_checkpoint(checkpoint: str, evals: Sequence[str] | str, *, data_dir
         else:
             local = spec.startswith(("synthetic:", "folder:"))
             metrics = zeroshot.evaluate(model, data, templates=templates, renormalize=renormalize,
-                                        alphas=synthetic_alphas if local else alphas, max_examples=max_examples,
-                                        num_threads=num_threads, progress=progress)
+                                        alphas=synthetic_alphas if local else alphas, name_free=name_free,
+                                        max_examples=max_examples, num_threads=num_threads, progress=progress)
             metrics["type"] = "zeroshot"
         run["results"][data.name] = metrics
     zeroshot_results = {k: v for k, v in run["results"].items() if v["type"] == "zeroshot"}
@@ -108,9 +109,13 @@ def _percent(value) -> str:
 
 
 def metric_label(key: str) -> str:
-    """``alpha0.5/top1`` -> ``top1, α=0.5`` (α = 1, the global embedding alone, is left unsaid)."""
-    head, _, metric = key.rpartition("/")
-    return f"{metric}, α={head[len('alpha'):]}" if head.startswith("alpha") else key
+    """``alpha0.5/top1`` -> ``top1, α=0.5`` (α = 1, the global embedding alone, is left unsaid);
+    ``name_free/alpha0.5/top1`` -> ``top1, names → object, α=0.5``."""
+    name_free = key.startswith(zeroshot.NAME_FREE)
+    head, _, metric = key.removeprefix(zeroshot.NAME_FREE).rpartition("/")
+    if head and not head.startswith("alpha"):
+        return key
+    return ", ".join([metric] + ["names → object"] * name_free + [f"α={head[len('alpha'):]}"] * bool(head))
 
 
 def _top1_series(runs: Sequence[dict]) -> list[tuple[int, str]]:

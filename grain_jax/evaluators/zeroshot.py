@@ -5,6 +5,11 @@ sentences, the reference's recipe). Scores are ``alpha * global + (1 - alpha) * 
 (``alpha=1``: the reference's evaluate.py; ``alpha<1``: its our_eval.py region variant,
 GRAIN + descriptors only). Metrics are fractions in [0, 1] named
 ``0shot/<dataset>/top1`` (plus ``0shot/<dataset>/alpha<a>/top1`` for each extra alpha).
+
+``name_free/...`` (the synthetic benchmark by default): the same metrics with the class name replaced by
+"object" in every prompt (``prompts.remove_name``), the same templates and descriptors otherwise. The
+synthetic classes' names are made-up words no training text explains, and they, not the image, decide
+much of the novel top-1 (docs/synthetic-benchmark.md); scored in the same image pass.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from grain_jax.evaluators import common, datasets as datasets_lib, per_process
+from grain_jax.inference import classifier as classifier_lib
 from grain_jax.inference import preprocess_image
 
 METRICS = ("top1", "top5", "mean_per_class_recall")
@@ -67,6 +73,15 @@ def usable_alphas(model, data: datasets_lib.ClassificationData, alphas: Sequence
     return tuple(float(a) for a in alphas)
 
 
+NAME_FREE = "name_free/"  # key prefix of the metrics with the class names replaced by "object"
+
+
+def uses_name_free(data: datasets_lib.ClassificationData, name_free: bool | None) -> bool:
+    """Whether to report the ``name_free/`` metrics: ``name_free``, or (None) for the synthetic benchmark only,
+    whose names are made-up words; real class names ("tabby cat") are part of what a model should read."""
+    return data.name.startswith("synthetic_") if name_free is None else bool(name_free)
+
+
 def subset(num_examples: int, max_examples: int | None, seed: int = 0) -> np.ndarray:
     """Indices of the examples to evaluate: all, or a fixed random subset of ``max_examples``
     (for quick in-training evaluation)."""
@@ -102,22 +117,33 @@ def batches(data: datasets_lib.ClassificationData, model, indices: np.ndarray, b
 
 
 def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46", renormalize: bool = False,
-             alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8,
-             progress: bool = False) -> dict:
+             alphas: Sequence[float] | None = None, name_free: bool | None = None, max_examples: int | None = None,
+             num_threads: int = 8, progress: bool = False) -> dict:
     """Zero-shot metrics of ``model`` (an InferenceModel) on one dataset, each process reading and
     embedding its share of the examples (``per_process``).
 
+    ``name_free``: also report every metric with the class names replaced by "object" (None: see
+    ``uses_name_free``); costs one more text encoding of the class prompts, no image pass.
+
     Returns:
-      ``{"top1", "top5", "mean_per_class_recall", "alpha<a>/top1", ..., "count",
-      "num_classes", "seconds", "images_per_second", "skipped", "skipped_examples"}``; count
-      (every metric's denominator) excludes padding, examples outside the evaluated classes
-      and the ``skipped`` unreadable images, listed as ``[{"path", "reason"}]``.
+      ``{"top1", "top5", "mean_per_class_recall", "alpha<a>/top1", ..., ["name_free/top1", ...,
+      "name_free/alpha<a>/top1", ...,] "count", "num_classes", "seconds", "images_per_second", "skipped",
+      "skipped_examples"}``; count (every metric's denominator) excludes padding, examples outside the
+      evaluated classes and the ``skipped`` unreadable images, listed as ``[{"path", "reason"}]``.
     """
     start = time.perf_counter()
     classifier = model.classifier(data.class_names, data.descriptors, templates, dataset=data.name,
                                   renormalize=renormalize)
     num_classes = len(data.class_names)
-    counts = {a: _Counts(num_classes) for a in usable_alphas(model, data, alphas)}
+    # Score columns: [0, C) the classes as named, [C, 2C) name-free (one image pass scores both).
+    columns = {"": slice(0, num_classes)}
+    if uses_name_free(data, name_free):
+        classifier = classifier_lib.concatenate(classifier, model.classifier(
+            data.class_names, data.descriptors, templates, dataset=data.name, renormalize=renormalize,
+            name_free=True))
+        columns[NAME_FREE] = slice(num_classes, 2 * num_classes)
+    alphas = usable_alphas(model, data, alphas)
+    counts = {(prefix, a): _Counts(num_classes) for prefix in columns for a in alphas}
     class_counts = np.zeros(num_classes, np.int64)
     split = per_process.Split(model)
     everything = subset(len(data), max_examples)
@@ -132,9 +158,11 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
         keep = labels >= 0
         labels = labels[keep]
         np.add.at(class_counts, labels, 1)
-        for alpha, c in counts.items():
+        for alpha in alphas:
             mixed = global_scores if alpha == 1.0 else alpha * global_scores + (1 - alpha) * region_scores
-            c.update(split.local(mixed)[keep], labels)
+            mixed = split.local(mixed)[keep]
+            for prefix, part in columns.items():
+                counts[prefix, alpha].update(mixed[:, part], labels)
         bar.update(int((indices[i * size:(i + 1) * size] != per_process.PADDING).sum()))
     bar.close()
     class_counts = split.sum(class_counts)
@@ -146,8 +174,8 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
     if count == 0:
         raise ValueError(f"{data.name}: no examples to evaluate ({len(skipped)} unreadable images skipped)")
     results: dict = {}
-    for alpha, c in counts.items():
-        results.update({alpha_key(alpha) + k: v for k, v in c.metrics(count, class_counts).items()})
+    for (prefix, alpha), c in counts.items():
+        results.update({prefix + alpha_key(alpha) + k: v for k, v in c.metrics(count, class_counts).items()})
     end = time.perf_counter()
     results.update(count=count, num_classes=num_classes, seconds=end - start,
                    images_per_second=len(everything) / max(end - image_start, 1e-9), skipped=len(skipped),
@@ -158,14 +186,14 @@ def evaluate(model, data: datasets_lib.ClassificationData, *, templates="ref46",
 def averages(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """``average/<metric>`` over every dataset and ``average_11/<metric>`` over the
     reference's 11 non-ImageNet datasets that were evaluated (its "Average Accuracy",
-    which it always divides by 11)."""
+    which it always divides by 11), for the metrics that all of them report."""
     out = {}
     groups = {"average": list(results), "average_11": [n for n in results if n in datasets_lib.ELEVEN]}
     for group, names in groups.items():
         if len(names) < 2 and group == "average" or not names:
             continue
-        for metric in results[names[0]]:
-            if metric.split("/")[-1] in METRICS:
+        for metric in results[names[0]]:  # those every dataset has (alphas and name_free/ may differ)
+            if metric.split("/")[-1] in METRICS and all(metric in results[n] for n in names):
                 out[f"{group}/{metric}"] = float(np.mean([results[n][metric] for n in names]))
     return out
 
@@ -181,17 +209,19 @@ class Evaluator:
         generating it there if absent (None: the generator's defaults).
       templates: template set name or list; renormalize: re-normalise class means.
       alphas: score mixes to report (1.0 = global only; None: see ``usable_alphas``).
+      name_free: also report ``name_free/`` metrics (None: the synthetic benchmark only; see ``uses_name_free``).
       max_examples: evaluate a fixed random subset of each dataset.
     """
 
     def __init__(self, datasets, *, data_dir: str | None = None, descriptors: str | None = None,
-                 synthetic_dir: str | None = None, synthetic: Mapping[str, Any] | None = None, templates="ref46", renormalize: bool = False,
-                 alphas: Sequence[float] | None = None, max_examples: int | None = None, num_threads: int = 8):
+                 synthetic_dir: str | None = None, synthetic: Mapping[str, Any] | None = None, templates="ref46",
+                 renormalize: bool = False, alphas: Sequence[float] | None = None, name_free: bool | None = None,
+                 max_examples: int | None = None, num_threads: int = 8):
         self.specs = datasets_lib.expand(datasets)
         # "" (a config's "not given", overridable from the command line) means None.
         self.data_dir, self.descriptors = data_dir or None, descriptors or None
         self.synthetic_dir, self.synthetic = synthetic_dir, synthetic
-        self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=alphas,
+        self.kwargs = dict(templates=templates, renormalize=renormalize, alphas=alphas, name_free=name_free,
                            max_examples=max_examples, num_threads=num_threads)
         self._data: dict[str, datasets_lib.ClassificationData] = {}
         self._not_prepared: set[str] = set()

@@ -19,7 +19,7 @@ class Classifier:
     """Zero-shot class embeddings (reusable across ``classify`` calls).
 
     Attributes:
-      class_names: [C] names used in the prompts.
+      class_names: [C] the classes' names (in the prompts unless built ``name_free``).
       embeddings: [C, D] mean of the L2-normalised prompt embeddings (re-normalised only
         if ``renormalize``; the reference does not).
       descriptor_embeddings: [C, K, D] L2-normalised raw descriptors (zero padded), for
@@ -45,7 +45,8 @@ def region_scores(regions: jax.Array, desc: jax.Array, desc_mask: jax.Array) -> 
 
 def build(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence[str],
           descriptors: Mapping[str, Sequence[str]] | None = None, templates: str | Sequence[str] = "ref46", *,
-          dataset: str | None = None, renormalize: bool = False, chunk_prompts: int = 8192) -> Classifier:
+          dataset: str | None = None, renormalize: bool = False, name_free: bool = False,
+          chunk_prompts: int = 8192) -> Classifier:
     """See ``InferenceModel.classifier``; ``encode_texts``: list of N strings -> L2-normalised [N, D]."""
     class_names = list(class_names)
     templates = prompts.get_templates(templates, dataset)
@@ -53,6 +54,11 @@ def build(encode_texts: Callable[[list[str]], np.ndarray], class_names: Sequence
         missing = [c for c in class_names if c not in descriptors]
         if missing:
             raise ValueError(f"descriptors lack classes {missing[:20]}")
+        descriptors = {c: list(descriptors[c]) for c in class_names}
+        if name_free:
+            descriptors = {c: [prompts.remove_name(d, c) for d in ds] for c, ds in descriptors.items()}
+    if name_free:  # each template's name slot becomes the neutral word, its article agreeing ("an object")
+        templates = [prompts.remove_name(t, "{}") for t in templates]
     per_class = [descriptors_lib.class_prompts(c, descriptors[c] if descriptors else None, templates)
                  for c in class_names]
     embeddings = _mean_embeddings(encode_texts, per_class, chunk_prompts)
@@ -91,3 +97,20 @@ def _mean_embeddings(encode_texts: Callable[[list[str]], np.ndarray], per_class:
         start = stop
     counts = np.asarray([len(ps) for ps in per_class], np.float64)[:, None]
     return (sums / counts).astype(np.float32)
+
+
+def concatenate(first: Classifier, second: Classifier) -> Classifier:
+    """Both classifiers' classes in one (``first``'s C1 then ``second``'s C2), so that one image pass scores
+    both: [C1 + C2, D] embeddings, descriptors zero padded to the larger K."""
+    embeddings = np.concatenate([first.embeddings, second.embeddings])
+    if (first.descriptor_embeddings is None) != (second.descriptor_embeddings is None):
+        raise ValueError("cannot concatenate a classifier with descriptors and one without")
+    if first.descriptor_embeddings is None:
+        return Classifier(first.class_names + second.class_names, embeddings)
+    k = max(first.descriptor_mask.shape[1], second.descriptor_mask.shape[1])
+
+    def pad(x):
+        return np.pad(x, [(0, 0), (0, k - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return Classifier(first.class_names + second.class_names, embeddings,
+                      np.concatenate([pad(first.descriptor_embeddings), pad(second.descriptor_embeddings)]),
+                      np.concatenate([pad(first.descriptor_mask), pad(second.descriptor_mask)]))

@@ -187,7 +187,7 @@ class InferenceModel:
     # ----------------------------------------------------------------- zero-shot
     def classifier(self, class_names: Sequence[str], descriptors: Mapping[str, Sequence[str]] | None = None,
                    templates: str | Sequence[str] = "ref46", *, dataset: str | None = None,
-                   renormalize: bool = False, chunk_prompts: int = 8192) -> Classifier:
+                   renormalize: bool = False, name_free: bool = False, chunk_prompts: int = 8192) -> Classifier:
         """Class embeddings as the reference builds them.
 
         For each class, every template x every descriptor sentence (templates alone when
@@ -200,9 +200,11 @@ class InferenceModel:
           descriptors: optional ``{class_name: [descriptor, ...]}`` (keys = class_names).
           templates: a template-set name (see ``inference.prompts``) or a list.
           dataset: picks the set when ``templates="per_dataset"``.
+          name_free: the same prompts with each class name replaced by ``prompts.NEUTRAL_NAME``
+            ("object"), in the templates and wherever a descriptor mentions it (``prompts.remove_name``).
         """
         return classifier_lib.build(self.encode_texts, class_names, descriptors, templates, dataset=dataset,
-                                    renormalize=renormalize, chunk_prompts=chunk_prompts)
+                                    renormalize=renormalize, name_free=name_free, chunk_prompts=chunk_prompts)
 
     def score_parts(self, images, classifier: Classifier) -> tuple[np.ndarray, np.ndarray | None]:
         """(global scores [N, C] = image embedding . class embedding, region scores [N, C]

@@ -8,9 +8,13 @@
 * ``per_dataset``: a small set worded for each dataset (the fix for the bird templates
   being used everywhere); datasets without their own set fall back to ``short``.
 
-Templates contain one ``{}`` for the class name.
+Templates contain one ``{}`` for the class name. ``remove_name`` takes the class name out of a class's
+prompts (the evaluators' ``name_free`` metrics): a made-up or untrained name can decide a zero-shot
+argmax by itself (docs/synthetic-benchmark.md).
 """
 from __future__ import annotations
+
+import re
 
 REFERENCE_46 = (
     "a bad photo of a {},", "a photo of many {},", "a photo of the hard to see {},",
@@ -106,3 +110,28 @@ def get_templates(name_or_list: str | tuple | list, dataset: str | None = None) 
     if bad or not templates:
         raise ValueError(f"every template needs exactly one '{{}}' for the class name; bad: {bad or 'empty list'}")
     return templates
+
+
+NEUTRAL_NAME = "object"  # what stands for the class name in name-free prompts
+
+
+def remove_name(text: str, class_name: str, neutral: str = NEUTRAL_NAME) -> str:
+    """``text`` with every mention of ``class_name`` replaced by ``neutral``.
+
+    A mention is the whole name, case-insensitive, not part of a longer word ("bo" is replaced in
+    "a bo's tail", not in "a bold body"); the words of a multi-word name may be separated by any
+    whitespace. An article right before a mention agrees with ``neutral`` ("a bebo" -> "an object").
+    """
+    words = [re.escape(w) for w in class_name.split()]
+    if not words:
+        return text
+    article = "an" if neutral[:1].lower() in "aeiou" else "a"
+
+    def replace(mention: re.Match) -> str:
+        said = mention.group("article")
+        if not said:
+            return neutral
+        return (article.capitalize() if said[0].isupper() else article) + mention.group("space") + neutral
+
+    pattern = r"(?<!\w)(?:(?P<article>an?)(?P<space>\s+))?" + r"\s+".join(words) + r"(?!\w)"
+    return re.sub(pattern, replace, text, flags=re.IGNORECASE)

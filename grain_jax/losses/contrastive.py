@@ -111,3 +111,28 @@ def region_description_loss(region_embeddings: jax.Array, description_embeddings
     losses, hits = _cross_entropy_and_accuracy(logits, labels)
     valid = pair_valid.reshape(logits.shape[:-1])
     return masked_mean(losses, valid), masked_mean(hits.astype(jnp.float32), valid)
+
+
+def global_description_loss(image_embeddings: jax.Array, description_embeddings: jax.Array,
+                            description_mask: jax.Array, scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-entropy of each region description against the batch's global image embeddings.
+
+    Not in the reference (``LossConfig.global_description``, default 0): it teaches the global query what
+    the descriptions ground in its image, each description a caption-like positive of its own image.
+
+    Args:
+      image_embeddings: [B, D] unnormalised (the global query's).
+      description_embeddings: [B, M, D] unnormalised; description (b, m) belongs to image b.
+      description_mask: [B, M] bool, valid descriptions (of valid examples); masked descriptions are no
+        anchors, and an image none of whose descriptions is valid is still a negative.
+      scale: [] the logit multiplier exp(logit_scale).
+
+    Returns:
+      (loss, accuracy): means over the valid descriptions (0 when there are none).
+    """
+    batch_size = image_embeddings.shape[0]
+    logits = scale * jnp.einsum("bmd,id->bmi", l2_normalize(description_embeddings), l2_normalize(image_embeddings),
+                                precision=_HIGHEST)                                          # [B, M, B]
+    labels = jnp.broadcast_to(jnp.arange(batch_size)[:, None], description_mask.shape)
+    losses, hits = _cross_entropy_and_accuracy(logits, labels)
+    return masked_mean(losses, description_mask), masked_mean(hits.astype(jnp.float32), description_mask)

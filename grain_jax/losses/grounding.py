@@ -39,6 +39,9 @@ class LossConfig:
       box_l1, box_giou: weights of the L1 and GIoU box losses inside the box term.
       box_factor: multiplier of the whole box term (reference code: 1.5, paper: 1).
       region_description: weight of the region-description loss L_rd.
+      global_description: weight of a loss that is not the reference's (default 0): each region
+        description is contrasted against the batch's global image embeddings, so that the global query
+        learns what the descriptions ground (``contrastive.global_description_loss``; "dense" only).
       match_l1, match_giou: matching cost weights (reference: 5 and 2).
       match_similarity: weight of an optional -cos(region, description) matching
         cost (last layer only); 0 = the reference's box-only cost.
@@ -60,6 +63,7 @@ class LossConfig:
     box_giou: float = 1.0
     box_factor: float = 1.0
     region_description: float = 1.0
+    global_description: float = 0.0
     match_l1: float = 5.0
     match_giou: float = 2.0
     match_similarity: float = 0.0
@@ -77,6 +81,9 @@ class LossConfig:
             raise ValueError(f"loss.negative_groups must be >= 1, got {self.negative_groups}")
         if self.contrastive_impl not in CONTRASTIVE_IMPLS:
             raise ValueError(f"loss.contrastive_impl must be one of {CONTRASTIVE_IMPLS}, "
+                             f"got {self.contrastive_impl!r}")
+        if self.global_description and self.contrastive_impl != "dense":
+            raise ValueError(f"loss.global_description is computed with contrastive_impl='dense' only, "
                              f"got {self.contrastive_impl!r}")
         if int(self.contrastive_chunks) < 1:
             raise ValueError(f"loss.contrastive_chunks must be >= 1, got {self.contrastive_chunks}")
@@ -158,8 +165,8 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
       (loss, metrics): metrics has ``loss/total``, ``loss/image_caption``,
       ``acc/image_caption``, and when boxes are matched ``loss/box_l1``,
       ``loss/box_giou``, ``count/boxes``, ``count/matched`` (+ ``loss/box_l1_aux_{i}``,
-      ``loss/box_giou_aux_{i}`` with aux_loss), and ``loss/region_description``,
-      ``acc/region_description``. Accuracies are fractions in [0, 1]; losses are
+      ``loss/box_giou_aux_{i}`` with aux_loss), ``loss/region_description``,
+      ``acc/region_description`` (+ ``loss/global_description``, ``acc/global_description``). Accuracies are fractions in [0, 1]; losses are
       unweighted.
     """
     scale = jnp.exp(jnp.asarray(_get(outputs, "logit_scale", "outputs"), jnp.float32))
@@ -177,6 +184,13 @@ def total_loss(outputs: Mapping[str, jax.Array], batch: Mapping[str, jax.Array],
         loss += config.image_caption * caption_loss
 
     use_descriptions = bool(config.region_description) and "txt/descriptions" in outputs
+    if config.global_description and "txt/descriptions" in outputs:
+        description_mask = jnp.asarray(_get(batch, "box_mask", "batch"), bool) & example_mask[:, None]
+        global_loss, global_accuracy = contrastive.global_description_loss(
+            image_embeddings, outputs["txt/descriptions"], description_mask, scale)
+        metrics["loss/global_description"] = global_loss
+        metrics["acc/global_description"] = global_accuracy
+        loss += config.global_description * global_loss
     if "dec/boxes" in outputs and (config.uses_boxes or use_descriptions):
         pred_boxes = outputs["dec/boxes"]
         target_boxes = _get(batch, "boxes", "batch")

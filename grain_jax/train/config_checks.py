@@ -18,8 +18,8 @@ from grain_jax.train.optimizer import DURATION_UNITS, steps_from_duration
 COMPUTE_DTYPES = ("bfloat16", "float16", "float32")
 PARAM_DTYPES = ("bfloat16", "float32")
 GRAD_REDUCE_DTYPES = ("compute", "float32")
-LOSS_WEIGHTS = ("image_caption", "box_l1", "box_giou", "box_factor", "region_description", "match_l1", "match_giou",
-                "match_similarity")
+LOSS_WEIGHTS = ("image_caption", "box_l1", "box_giou", "box_factor", "region_description", "global_description",
+                "match_l1", "match_giou", "match_similarity")
 
 
 def _number(config: Any, key: str) -> Any:
