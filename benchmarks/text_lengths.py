@@ -5,7 +5,7 @@ r"""How much text-tower work a batch really needs: valid descriptions per batch 
 Measured on the embedded synthetic benchmark's train split (what the demo trains on). Prints the
 distribution of valid descriptions per batch (the packing budget of ``model.description_budget`` must
 cover it, else the batch is encoded in full and counted in ``txt/description_overflow``) and of the
-longest EOT position per batch (what ``model.text_length_buckets`` must hold).
+longest EOT position per batch (what ``config.data.text_length_buckets`` should fit).
 """
 import argparse
 
