@@ -176,7 +176,7 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
 class TrainSteps:
     """The train step compiled once per text length the batches come in (``config.data.text_length_buckets``).
 
-    ``compile(text_lengths)`` -> executable; None is the config's full lengths, compiled up front (its
+    ``compile_fn(text_lengths)`` -> executable; None is the config's full lengths, compiled up front (its
     memory analysis is the worst case), any shorter (caption, description) lengths on first use. Each
     goes through the persistent compilation cache, so a restarted run loads every one of them.
     """
