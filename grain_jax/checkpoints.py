@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from typing import Any, Sequence
 
@@ -26,6 +27,9 @@ from grain_jax.models import scan
 MODEL_CONFIG = "model_config.json"
 CHECKPOINTS = "checkpoints"
 CONSOLE_LOG = "out.log"  # a copy of the training binary's console, in the workdir
+# Model overrides that are no longer model fields and never changed the parameters: a checkpoint that has
+# them is read without them (text_length_buckets: now config.data.text_length_buckets, cut on the host).
+RETIRED_OVERRIDES = ("text_length_buckets",)
 
 
 @dataclasses.dataclass
@@ -55,7 +59,12 @@ def read_model_spec(directory: str) -> ModelSpec:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: {directory!r} is not a grain_jax checkpoint directory")
     with open(path) as f:
-        return ModelSpec(**json.load(f))
+        spec = ModelSpec(**json.load(f))
+    retired = sorted(set(spec.model_overrides) & set(RETIRED_OVERRIDES))
+    if retired:
+        logging.info("%s: ignoring retired model option(s) %s (they never changed the parameters)", path, retired)
+        spec.model_overrides = {k: v for k, v in spec.model_overrides.items() if k not in retired}
+    return spec
 
 
 def manager(directory: str, item_handlers: dict[str, Any] | None = None, **options: Any) -> ocp.CheckpointManager:

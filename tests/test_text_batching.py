@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from grain_jax import checkpoints
 from grain_jax.batch import fake_batch
 from grain_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from grain_jax.inference import objective
@@ -144,6 +145,14 @@ def test_bad_buckets_name_the_config_key(buckets):
 def test_the_old_model_option_names_the_new_key():
     with pytest.raises(ValueError, match=r"no longer a model option: set config\.data\.text_length_buckets"):
         create_model("grain-tiny", text_length_buckets=(16, 32))
+
+
+def test_a_checkpoint_written_with_the_old_model_option_still_loads(tmp_path):
+    checkpoints.write_model_spec(str(tmp_path), checkpoints.ModelSpec(
+        "grain-tiny", model_overrides={"image_size": 32, "text_length_buckets": [16, 32]}, image_size=32))
+    spec = checkpoints.read_model_spec(str(tmp_path))
+    assert spec.model_overrides == {"image_size": 32}
+    assert spec.create_model().image_size == 32
 
 
 def test_a_cut_batch_gives_the_losses_and_gradients_of_the_full_one(setup):

@@ -50,8 +50,8 @@ def create_model(name: str, **overrides) -> GrainModel:
         raise ValueError(f"unknown model {name!r}; registered: {list_models()}")
     if "text_length_buckets" in overrides:  # a model field until texts were cut on the host
         raise ValueError("text_length_buckets is no longer a model option: set config.data.text_length_buckets "
-                         "(batches are cut to the bucket on the host, models/text_batching.py); in a checkpoint's "
-                         "model_config.json, delete the entry (it never changed the parameters)")
+                         "(batches are cut to the bucket on the host, models/text_batching.py); checkpoints that have it "
+                         "are read without it")
     unknown = sorted(set(overrides) - _FIELDS)
     if unknown:
         raise ValueError(f"unknown override(s) {unknown} for model {name!r}; valid: {sorted(_FIELDS)}")
