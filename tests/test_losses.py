@@ -295,3 +295,21 @@ def test_bad_config_and_inputs_raise_clear_errors():
         jit_total_loss(outputs, {"boxes": batch["boxes"]}, LossConfig())  # raised while tracing
     with pytest.raises(ValueError, match="txt/descriptions"):
         jit_total_loss(dict(outputs, **{"txt/descriptions": outputs["txt/descriptions"][:, :3]}), batch, LossConfig())
+
+
+def test_a_clip_model_is_fed_descriptions_only_for_the_global_description_term():
+    from grain_jax.batch import fake_batch
+    from grain_jax.inference import objective
+    from grain_jax.models import create_model
+    model = create_model("clip-tiny", image_size=32)
+    batch = fake_batch(4, 32, caption_length=16, description_length=8, seed=0)
+    params = jax.jit(model.init)(jax.random.key(0), batch["images"], batch["caption_tokens"])["params"]
+    assert objective.text_keys(model) == ("caption_tokens",)
+    with_term = LossConfig(global_description=1.0)
+    assert objective.text_keys(model, with_term) == ("caption_tokens", "description_tokens")
+    loss_fn = jax.jit(objective.forward_loss, static_argnums=(0, 1), static_argnames=("train", "mean", "std"))
+    stats = dict(train=False, mean=(0.5,) * 3, std=(0.25,) * 3)
+    base_loss, base = loss_fn(model, LossConfig(), params, batch, **stats)
+    loss, metrics = loss_fn(model, with_term, params, batch, **stats)
+    assert "loss/global_description" not in base
+    np.testing.assert_allclose(loss, base_loss + metrics["loss/global_description"], rtol=1e-6)

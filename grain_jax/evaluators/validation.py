@@ -53,7 +53,7 @@ class Evaluator:
 
         spec = inference_model.spec
         step = self._step_fn(inference_model.model, spec.mean, spec.std)
-        buckets, keys = self.data.get("text_length_buckets") or (), text_keys(inference_model.model)
+        buckets, keys = self.data.get("text_length_buckets") or (), text_keys(inference_model.model, self.loss_config)
         mesh = inference_model.mesh
         sums: dict[str, float] = {}
         total = 0

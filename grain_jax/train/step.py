@@ -35,7 +35,7 @@ def make_gradient_fn(model: nn.Module, loss_config: Any, grad_accum_steps: int =
     (bf16 with ``config.dtype="bfloat16"``); ``"float32"`` reduces the fp32 parameter gradients
     (``grad_cache.make_fp32_reduced_gradient_fn``). GradCache (k > 1) always reduces fp32 gradients.
     """
-    apply_fn = functools.partial(model_outputs, model, mean=mean, std=std)
+    apply_fn = functools.partial(model_outputs, model, mean=mean, std=std, loss_config=loss_config)
     loss_fn = functools.partial(total_loss, config=loss_config)
     if grad_accum_steps > 1:
         return grad_cache.make_gradient_fn(apply_fn, loss_fn, grad_accum_steps,

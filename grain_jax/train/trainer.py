@@ -317,7 +317,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                                 seed=config.seed)
     # The next global batch is transferred while the current step runs; its state is the host
     # iterator's before the batches still queued, so checkpoints resume at the step's next batch.
-    buckets, text_keys = config.data.get("text_length_buckets") or (), objective.text_keys(model)
+    buckets = config.data.get("text_length_buckets") or ()
+    text_keys = objective.text_keys(model, LossConfig(**config.loss))
     data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(
         text_batching.fit_texts(batch, buckets, text_keys), batch_sh))
     _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
