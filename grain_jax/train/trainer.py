@@ -317,8 +317,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
                                                 seed=config.seed)
     # The next global batch is transferred while the current step runs; its state is the host
     # iterator's before the batches still queued, so checkpoints resume at the step's next batch.
+    loss_config = LossConfig(**config.loss)
     buckets = config.data.get("text_length_buckets") or ()
-    text_keys = objective.text_keys(model, LossConfig(**config.loss))
+    text_keys = objective.text_keys(model, loss_config)
     data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(
         text_batching.fit_texts(batch, buckets, text_keys), batch_sh))
     _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
@@ -337,7 +338,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         _say(f"already finished: step {int(state.step)} of {total_steps}; results in {final_path}")
         return {k: v for k, v in final.items() if k != "step"}
 
-    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
+    train_step = step_lib.make_train_step(model, loss_config, tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
                                           std=config.data.std,
                                           grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
