@@ -10,7 +10,9 @@
         --variants "scan_layers=False;scan_layers=True"
 
 A variant's ``text_length_buckets=(...)`` is not a model option: it cuts the batch's texts on the host
-(``config.data.text_length_buckets``, ``text_batching.fit_texts``), as the trainer does.
+(``config.data.text_length_buckets``, ``text_batching.fit_texts``), as the trainer does. Its ``xla_*`` keys are
+XLA compiler options over the trainer's (``trainer.compiler_options``), e.g. XLA's default CPU scheduler against
+ours: ``--variants ";xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT"``.
 
 Prints, per model (and variant), its parameter count, the compile time of the train step and the median
 wall (and process CPU) time of the jitted forward (train=False) and of a full train step (forward + backward
@@ -38,6 +40,7 @@ from grain_jax.data import transforms
 from grain_jax.losses import LossConfig, total_loss
 from grain_jax.inference.objective import text_keys
 from grain_jax.models import create_model, init_params, param_counts, text_batching
+from grain_jax.train import trainer
 
 
 def _median_seconds(fn, *args, repeats: int) -> tuple[float, float]:
@@ -63,10 +66,17 @@ def parse_overrides(text: str) -> dict:
     return overrides
 
 
-def split_overrides(overrides: dict) -> tuple[dict, tuple[int, ...]]:
-    """(model overrides, text_length_buckets): the buckets are the batch's (cut on the host), not the model's."""
-    overrides = dict(overrides)
-    return overrides, tuple(overrides.pop("text_length_buckets", ()))
+def split_overrides(overrides: dict, platform: str) -> tuple[dict, tuple[int, ...], dict]:
+    """(model overrides, text_length_buckets, XLA compiler options) of a variant.
+
+    The buckets are the batch's (cut on the host), not the model's. Keys starting with ``xla_`` are XLA
+    options, applied over the ones the trainer compiles its step with on ``platform``
+    (``trainer.compiler_options``), e.g. ``xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_DEFAULT``.
+    """
+    model = {k: v for k, v in overrides.items() if not k.startswith("xla_")}
+    buckets = tuple(model.pop("text_length_buckets", ()))
+    return model, buckets, {**trainer.compiler_options(platform),
+                            **{k: v for k, v in overrides.items() if k.startswith("xla_")}}
 
 
 def _label(name: str, overrides: dict, model) -> str:
@@ -77,7 +87,7 @@ def _label(name: str, overrides: dict, model) -> str:
 def prepare(name: str, overrides: dict, args: argparse.Namespace):
     """(label, compile seconds, forward fn, train-step fn) of one model variant, compiled;
     with ``args.compile_only``: (label, trace seconds, compile seconds), nothing allocated or run."""
-    model_overrides, buckets = split_overrides(overrides)
+    model_overrides, buckets, compiler_options = split_overrides(overrides, jax.default_backend())
     model = create_model(name, image_size=args.image_size, dtype=args.dtype, remat_policy=args.remat_policy,
                          **model_overrides)
     batch = fake_batch(args.batch_size, args.image_size, args.caption_length, args.description_length)
@@ -110,19 +120,20 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
         return optax.apply_updates(params, updates), opt_state, loss
 
     key = jax.random.key(1)
-    if args.compile_only:  # (wall, process CPU) seconds: CPU time stays meaningful on a loaded machine
-        start = np.array([time.perf_counter(), time.process_time()])
-        lowered = train_step.lower(params, opt_state, batch, key)
-        traced = np.array([time.perf_counter(), time.process_time()])
-        lowered.compile()
-        return _label(name, overrides, model), traced - start, np.array([time.perf_counter(), time.process_time()]) - traced
-    start = time.perf_counter()
-    jax.block_until_ready(train_step(params, opt_state, batch, key))
+    # (wall, process CPU) seconds: CPU time stays meaningful on a loaded machine
+    start = np.array([time.perf_counter(), time.process_time()])
+    lowered = train_step.lower(params, opt_state, batch, key)
+    traced = np.array([time.perf_counter(), time.process_time()])
+    compiled = lowered.compile(compiler_options)
+    compiled_at = np.array([time.perf_counter(), time.process_time()])
+    if args.compile_only:
+        return _label(name, overrides, model), traced - start, compiled_at - traced
+    jax.block_until_ready(compiled(params, opt_state, batch, key))
     compile_s = time.perf_counter() - start
     forward = jax.jit(forward)
     jax.block_until_ready(forward(params, batch))
     return (_label(name, overrides, model), compile_s, functools.partial(forward, params, batch),
-            functools.partial(train_step, params, opt_state, batch, key))
+            functools.partial(compiled, params, opt_state, batch, key))
 
 
 def compile_times(name: str, args: argparse.Namespace) -> None:

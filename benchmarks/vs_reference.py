@@ -19,7 +19,8 @@ time and minor page faults per step: memory the step touches for the first time 
 
 ``--overrides``: ours is also timed with these model options (work that cannot change the result left out),
 against the same PyTorch step; ``text_length_buckets=(...)`` cuts our batch's captions on the host to the
-bucket that holds them (``config.data.text_length_buckets``), theirs stay at 77. ``--profile``: after the
+bucket that holds them (``config.data.text_length_buckets``), theirs stay at 77; ``xla_*=...`` are XLA compiler
+options over the ones the trainer uses (``trainer.compiler_options``). ``--profile``: after the
 timed rounds, one step of each is profiled and its time printed per op category (``step_profile.py``).
 
 Texts are 77 tokens zero padded, with ``--caption_tokens`` real tokens at most (both sides see the
@@ -64,7 +65,7 @@ def _time(fn) -> tuple[float, float, float, int]:
 
 def jax_step(model_name: str, overrides: dict, batch: dict):
     """(a zero-argument callable running one compiled train step of our CLIP-mode model, its optimised HLO)."""
-    overrides, buckets = model_step.split_overrides(overrides)
+    overrides, buckets, compiler_options = model_step.split_overrides(overrides, jax.default_backend())
     model = create_model(model_name, **overrides)
     batch = text_batching.fit_texts(batch, buckets, text_keys(model))
     params = nn.unbox(jax.jit(model.init)(jax.random.key(0), batch["images"], batch["caption_tokens"]))["params"]
@@ -85,9 +86,10 @@ def jax_step(model_name: str, overrides: dict, batch: dict):
 
     batch = jax.device_put(batch)
     start = time.perf_counter()
-    compiled = step.lower(state[0], state[1], batch).compile()
+    compiled = step.lower(state[0], state[1], batch).compile(compiler_options)
     temp = compiled.memory_analysis().temp_size_in_bytes
-    print(f"  ours {model_name} {overrides}, texts of {batch['caption_tokens'].shape[-1]} tokens: compiled in "
+    print(f"  ours {model_name} {overrides} {compiler_options}, texts of {batch['caption_tokens'].shape[-1]} tokens: "
+          f"compiled in "
           f"{time.perf_counter() - start:.1f} s, temporaries {temp / 2**20:.0f} MiB", flush=True)
 
     def run():
