@@ -89,8 +89,7 @@ def jax_step(model_name: str, overrides: dict, batch: dict):
     compiled = step.lower(state[0], state[1], batch).compile(compiler_options)
     temp = compiled.memory_analysis().temp_size_in_bytes
     print(f"  ours {model_name} {overrides} {compiler_options}, texts of {batch['caption_tokens'].shape[-1]} tokens: "
-          f"compiled in "
-          f"{time.perf_counter() - start:.1f} s, temporaries {temp / 2**20:.0f} MiB", flush=True)
+          f"compiled in {time.perf_counter() - start:.1f} s, temporaries {temp / 2**20:.0f} MiB", flush=True)
 
     def run():
         state[0], state[1], loss = compiled(state[0], state[1], batch)
