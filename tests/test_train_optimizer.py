@@ -8,6 +8,8 @@ import numpy as np
 import optax
 import pytest
 
+from flax import traverse_util
+
 from grain_jax.train import optimizer, trainer
 
 
@@ -133,3 +135,46 @@ def test_the_trainer_passes_the_config_to_the_optimizer_and_schedule():
 def test_unknown_wd_rule_is_rejected():
     with pytest.raises(ValueError, match="wd_rule 'nope'"):
         optimizer.weight_decay_mask(PARAMS, "nope")
+
+
+def _adam(params, **kwargs):
+    return optimizer.make_optimizer(params, optax.constant_schedule(0.1), weight_decay=0.5, wd_rule="default",
+                                    b1=0.9, b2=0.98, eps=1e-8, **kwargs)
+
+
+def test_lr_multipliers_scale_each_groups_update_and_decay():
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.3), PARAMS)
+    plain_tx, scaled_tx = _adam(PARAMS), _adam(PARAMS, lr_multipliers=(("decoder/layers_0", 3.0), ("image", 0.5)))
+    plain = traverse_util.flatten_dict(plain_tx.update(grads, plain_tx.init(PARAMS), PARAMS)[0], sep="/")
+    scaled = traverse_util.flatten_dict(scaled_tx.update(grads, scaled_tx.init(PARAMS), PARAMS)[0], sep="/")
+    assert np.any(plain["decoder/layers_0/mlp/fc1/kernel"] != 0)  # decayed and moved: the factor has work to do
+    for path, update in plain.items():
+        factor = 3.0 if path.startswith("decoder/layers_0/") else 0.5 if path.startswith("image/") else 1.0
+        np.testing.assert_allclose(scaled[path], factor * update, rtol=1e-6, err_msg=path)
+
+
+def test_without_lr_multipliers_the_optimizer_state_is_plain_adamw():
+    # Checkpoints written before the key existed restore: same state tree, with or without clipping.
+    assert (jax.tree.structure(_adam(PARAMS).init(PARAMS))
+            == jax.tree.structure(optax.adamw(optax.constant_schedule(0.1), mask=optimizer.weight_decay_mask(PARAMS)).init(PARAMS)))
+    assert len(_adam(PARAMS, grad_clip_norm=1.0).init(PARAMS)) == 2
+
+
+def test_lr_multiplier_prefixes_match_whole_path_segments():
+    factors = traverse_util.flatten_dict(optimizer.lr_multiplier_labels(
+        PARAMS, (("decoder/query_embed", 2.0), ("decoder", 4.0))), sep="/")
+    assert factors["decoder/query_embed"] == 2.0  # the first matching rule wins
+    assert factors["decoder/obj_proj"] == 4.0 and factors["image/pos_embed"] == 1.0
+    with pytest.raises(ValueError, match=r"config.lr_multipliers: prefix 'deco' matches no parameter; top-level "
+                                         r"parameters: \['decoder', 'image', 'logit_scale'\]"):
+        optimizer.lr_multiplier_labels(PARAMS, (("deco", 2.0),))
+    with pytest.raises(ValueError, match="config.lr_multipliers: factor for 'image' must be positive, got 0.0"):
+        optimizer.lr_multiplier_labels(PARAMS, (("image", 0),))
+
+
+def test_the_trainer_passes_lr_multipliers():
+    config = _config(lr_multipliers=(("decoder", 2.0),))
+    schedule = optax.constant_schedule(0.1)
+    got = trainer.optimizer_from_config(config, PARAMS, schedule).init(PARAMS)
+    want = _adam(PARAMS, lr_multipliers=(("decoder", 2.0),)).init(PARAMS)
+    assert jax.tree.structure(got) == jax.tree.structure(want) != jax.tree.structure(_adam(PARAMS).init(PARAMS))

@@ -124,6 +124,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.wd_rule = "default"  # or "reference": the PyTorch code's exact rule
     config.adam = ml_collections.ConfigDict(dict(b1=0.9, b2=0.98, eps=1e-8))
     config.grad_clip_norm = ml_collections.FieldReference(None, field_type=float)
+    # ((path prefix, factor), ...): e.g. (("decoder", 2.0),) trains the grounding decoder at 2x the rate.
+    config.lr_multipliers = ()
     config.grad_accum_steps = 1
     # Dtype of the data-parallel gradient all-reduce: "compute" (each weight's gradient in its layer's compute
     # dtype, bf16) or "float32" (as the reference's DDP; train/step.py make_gradient_fn).

@@ -11,12 +11,14 @@
 | `weight_decay`, `wd_rule` | decoupled decay (0.1) and which parameters get it (`"default"` or `"reference"`) |
 | `adam` | `{b1: 0.9, b2: 0.98, eps: 1e-8}` |
 | `grad_clip_norm` | global-norm clipping threshold, None = off |
+| `lr_multipliers` | `((path prefix, factor), ...)`: parameters under a prefix (e.g. `"decoder"`) take `factor` × the schedule's learning rate (their decay too); `()` = one rate for all |
 """
 from __future__ import annotations
 
 import re
 from typing import Any, Callable
 
+import jax
 import optax
 from absl import logging
 from flax import traverse_util
@@ -113,14 +115,43 @@ def weight_decay_mask(params: Any, rule: str = "default") -> Any:
                                          for path, leaf in flat.items()}, sep="/")
 
 
-def make_optimizer(params: Any, schedule: optax.Schedule, *, weight_decay: float, wd_rule: str, b1: float,
-                   b2: float, eps: float, grad_clip_norm: float | None = None) -> optax.GradientTransformation:
-    """``[clip_by_global_norm] -> adamw(schedule, mask)``; ``params`` may be abstract (only shapes are read).
+def lr_multiplier_labels(params: Any, multipliers: tuple = ()) -> Any:
+    """A pytree of floats like ``params``: each leaf's learning-rate factor, from the first
+    ``(path prefix, factor)`` of ``multipliers`` whose prefix is a whole "/"-joined head of its path, else 1.0.
 
-    ``wd_rule``: which parameters decay (``WD_RULES``); ``grad_clip_norm``: None or 0 = no clipping.
+    Raises ValueError naming ``config.lr_multipliers`` for a factor <= 0 or a prefix that matches no parameter.
+    """
+    flat = traverse_util.flatten_dict(params, sep="/")
+    rules = [(str(prefix).strip("/"), float(factor)) for prefix, factor in multipliers]
+    for prefix, factor in rules:
+        if factor <= 0:
+            raise ValueError(f"config.lr_multipliers: factor for {prefix!r} must be positive, got {factor}")
+        if not any(path == prefix or path.startswith(prefix + "/") for path in flat):
+            heads = sorted({path.split("/")[0] for path in flat})
+            raise ValueError(f"config.lr_multipliers: prefix {prefix!r} matches no parameter; top-level "
+                             f"parameters: {heads}")
+    return traverse_util.unflatten_dict(
+        {path: next((factor for prefix, factor in rules if path == prefix or path.startswith(prefix + "/")), 1.0)
+         for path in flat}, sep="/")
+
+
+def make_optimizer(params: Any, schedule: optax.Schedule, *, weight_decay: float, wd_rule: str, b1: float,
+                   b2: float, eps: float, grad_clip_norm: float | None = None,
+                   lr_multipliers: tuple = ()) -> optax.GradientTransformation:
+    """``[clip_by_global_norm] -> adamw(schedule, mask) [-> per-group scale]``; ``params`` may be abstract (only
+    shapes are read).
+
+    ``wd_rule``: which parameters decay (``WD_RULES``); ``grad_clip_norm``: None or 0 = no clipping;
+    ``lr_multipliers``: ``((path prefix, factor), ...)`` (``lr_multiplier_labels``). Scaling AdamW's update by a
+    factor is the same as scaling its learning rate (decoupled decay included). Without multipliers the
+    optimizer state has the same structure as before they existed, so older checkpoints restore.
     """
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
                         mask=weight_decay_mask(params, wd_rule))
-    if grad_clip_norm:
-        return optax.chain(optax.clip_by_global_norm(grad_clip_norm), adamw)
-    return adamw
+    parts = [optax.clip_by_global_norm(grad_clip_norm)] if grad_clip_norm else []
+    parts.append(adamw)
+    if lr_multipliers:
+        factors = lr_multiplier_labels(params, tuple(lr_multipliers))
+        labels = jax.tree.map(str, factors)
+        parts.append(optax.multi_transform({str(f): optax.scale(f) for f in jax.tree.leaves(factors)}, labels))
+    return optax.chain(*parts) if len(parts) > 1 else adamw

@@ -114,10 +114,12 @@ def schedule_from_config(config: ml_collections.ConfigDict, *, total_steps: int,
 
 def optimizer_from_config(config: ml_collections.ConfigDict, params, schedule: optax.Schedule
                           ) -> optax.GradientTransformation:
-    """``optimizer.make_optimizer`` with ``config.weight_decay``, ``wd_rule``, ``adam`` and ``grad_clip_norm``."""
+    """``optimizer.make_optimizer`` with ``config.weight_decay``, ``wd_rule``, ``adam``, ``grad_clip_norm`` and
+    ``lr_multipliers``."""
     return optimizer.make_optimizer(params, schedule, weight_decay=config.weight_decay, wd_rule=config.wd_rule,
                                     b1=config.adam.b1, b2=config.adam.b2, eps=config.adam.eps,
-                                    grad_clip_norm=config.get("grad_clip_norm"))
+                                    grad_clip_norm=config.get("grad_clip_norm"),
+                                    lr_multipliers=tuple(config.get("lr_multipliers") or ()))
 
 
 def check_sufficiently_sharded(state, config) -> float:
