@@ -95,7 +95,8 @@ def prepare(name: str, overrides: dict, args: argparse.Namespace):
         for key in ("caption_tokens", "description_tokens"):
             pad = [(0, 0)] * (batch[key].ndim - 1) + [(0, args.pad_texts_to - batch[key].shape[-1])]
             batch[key] = np.pad(batch[key], pad)
-    batch = text_batching.fit_texts(batch, buckets, text_keys(model))
+    batch, packed = text_batching.fit_batch(batch, buckets, text_keys(model), model.description_budget)
+    model = model if packed else model.every_description_slot()  # as the trainer runs a batch over the budget
     batch["images"] = np.asarray(transforms.normalize(batch["images"], IMAGENET_MEAN, IMAGENET_STD))  # model input
     init = functools.partial(init_params, model)
     params = nn.unbox(jax.eval_shape(init, jax.random.key(0)) if args.compile_only

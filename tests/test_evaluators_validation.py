@@ -59,14 +59,14 @@ def test_validation_losses_weight_batches_by_real_examples(data_config, buckets,
     """With data.text_length_buckets the captions (at most 7 tokens, padded to 32) are cut to 8 before the step,
     and the losses are those of the full-length oracle."""
     from grain_jax.evaluators import validation
-    fit_texts, caption_lengths = validation.text_batching.fit_texts, []
+    fit_batch, caption_lengths = validation.text_batching.fit_batch, []
 
-    def recording_fit_texts(*args):
-        batch = fit_texts(*args)
+    def recording_fit_batch(*args):
+        batch, packed = fit_batch(*args)
         caption_lengths.append(batch["caption_tokens"].shape[-1])
-        return batch
+        return batch, packed
 
-    monkeypatch.setattr(validation.text_batching, "fit_texts", recording_fit_texts)
+    monkeypatch.setattr(validation.text_batching, "fit_batch", recording_fit_batch)
     model = fakes.make_inference_model(fakes.NAMES)
     (_, evaluator, every, prefix), = common.from_config(
         {"val": {"type": "validation", "every_steps": 5, "data": {**data_config, "text_length_buckets": buckets},

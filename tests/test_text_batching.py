@@ -61,9 +61,9 @@ def test_packed_descriptions_give_identical_losses(setup):
     batch, run = setup
     valid = batch["box_mask"]
     assert 0 < valid.sum() <= text_batching.description_capacity(valid.size, 0.6) < valid.size
+    assert text_batching.fit_batch(batch, (), ("caption_tokens", "description_tokens"), 0.6)[1]
     full_out, _, (full_loss, full_metrics) = run(attention_impl="explicit")
     out, _, (loss, metrics) = run(attention_impl="explicit", description_budget=0.6)
-    assert float(out["txt/description_overflow"]) == 0.0
     np.testing.assert_allclose(out["txt/descriptions"][valid], full_out["txt/descriptions"][valid],
                                rtol=1e-6, atol=1e-7)
     assert not np.asarray(out["txt/descriptions"])[~valid].any()  # padding slots are zero
@@ -72,15 +72,45 @@ def test_packed_descriptions_give_identical_losses(setup):
         np.testing.assert_allclose(metrics[key], full_metrics[key], rtol=1e-6, atol=1e-7, err_msg=key)
 
 
-def test_description_overflow_encodes_every_slot_and_says_so(setup):
+def test_a_batch_over_the_budget_is_run_with_every_slot_and_never_silently_short(setup):
     batch, run = setup
-    full_out, _, (full_loss, _) = run(attention_impl="explicit")
-    out, _, (loss, _) = run(attention_impl="explicit", description_budget=0.2)  # 8 rows < the valid ones
-    assert float(out["txt/description_overflow"]) == 1.0
-    valid = batch["box_mask"]
-    np.testing.assert_allclose(out["txt/descriptions"][valid], full_out["txt/descriptions"][valid],
-                               rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(loss, full_loss, rtol=1e-6)
+    keys = ("caption_tokens", "description_tokens")
+    assert not text_batching.fit_batch(batch, (), keys, 0.2)[1]  # 8 rows < the valid ones: the caller's cue
+    model = create_model("grain-tiny", **SMALL, description_budget=0.2)
+    assert model.every_description_slot() == create_model("grain-tiny", **SMALL, description_budget=1.0)
+    out, _, _ = run(attention_impl="explicit", description_budget=0.2)  # run anyway: NaN, not fewer rows
+    assert np.isnan(np.asarray(out["txt/descriptions"])).all()
+
+
+def test_fit_batch_says_whether_the_descriptions_fit_the_packed_rows():
+    keys = ("caption_tokens", "description_tokens")
+    descriptions = np.zeros((4, 4, 6), np.int32)  # 16 slots; budget 0.5 packs 8 rows
+    descriptions.reshape(16, 6)[:8, 0] = 7
+    batch = {"caption_tokens": np.ones((4, 6), np.int32), "description_tokens": descriptions}
+    assert text_batching.fit_batch(batch, (), keys, 0.5) == (batch, True)  # 8 valid: exactly the capacity
+    descriptions.reshape(16, 6)[8, 0] = 7
+    assert not text_batching.fit_batch(batch, (), keys, 0.5)[1]  # 9 valid
+    assert text_batching.fit_batch(batch, (), keys, 1.0)[1]  # no packing: every batch fits
+    assert text_batching.fit_batch(batch, (), ("caption_tokens",), 0.5)[1]  # a CLIP model: no descriptions
+
+
+def test_packing_has_no_in_step_fallback_holding_both_branches(setup):
+    """Under autodiff an in-step cond between the packed and the every-slot encoding keeps the residuals of both;
+    the packed step must need fewer temporaries than the every-slot one, not more."""
+    batch, _ = setup
+    params = nn.unbox(create_model("grain-tiny", **SMALL).init(
+        jax.random.key(0), batch["images"], batch["caption_tokens"], batch["description_tokens"])["params"])
+
+    def temporaries(budget):
+        model = create_model("grain-tiny", **SMALL, attention_impl="explicit", description_budget=budget)
+
+        def loss(params, batch):  # the batch an argument, as in training (a constant one folds the cond away)
+            out, _ = model.apply({"params": params}, batch["images"], batch["caption_tokens"],
+                                 batch["description_tokens"])
+            return total_loss(out, batch, LossConfig())[0]
+        return jax.jit(jax.grad(loss)).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+
+    assert temporaries(0.6) < 0.95 * temporaries(1.0)  # with the former in-step cond: 1.8x
 
 
 def _tokens(eot_positions, length):

@@ -211,3 +211,44 @@ def test_length_buckets_compile_one_step_per_length_and_resume_exactly(tmp_path,
     resumed = checkpoints.restore_params(interrupted)
     for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(expected), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=jax.tree_util.keystr(path))
+
+
+def test_description_budget_packs_the_batches_that_fit_and_runs_the_others_with_every_slot(tmp_path, monkeypatch):
+    """With 8 description slots per image the synthetic scenes fill some and leave others empty (52-60 valid of
+    a batch's 64 slots), so at model.description_budget=0.85 (56 rows) some batches fit and some do not.
+    Those that fit are packed, the others run the every-slot step (compiled on first use); every step's losses
+    are budget 1's (fp32; up to reduction order), and txt/description_overflow says which steps were over the
+    budget, as decided on the host."""
+    import json
+    from grain_jax.models import text_batching
+    fit_batch, decisions = text_batching.fit_batch, []
+
+    def recording_fit_batch(*args):
+        fitted, packed = fit_batch(*args)
+        decisions.append(packed)
+        return fitted, packed
+
+    monkeypatch.setattr(text_batching, "fit_batch", recording_fit_batch)
+
+    def run(budget):
+        config = _train_utils.runlocal_config(str(tmp_path / "data"), total_steps=4, log_every_steps=1,
+                                              checkpoint_every_steps=4)
+        config.synthetic.max_boxes = 8
+        config.data.max_boxes = 8
+        config.model.description_budget = budget
+        config.dtype = "float32"  # bf16 would round the packed and the every-slot matmuls differently
+        workdir = str(tmp_path / f"budget{budget}")
+        trainer.train_and_evaluate(config, workdir)
+        with open(f"{workdir}/metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    full = run(1.0)
+    assert not any("txt/description_overflow" in line for line in full)
+    del decisions[:]
+    packed = run(0.85)
+    stepped = decisions[:4]  # the last placement is never stepped
+    assert True in stepped and False in stepped, decisions
+    assert [line["txt/description_overflow"] for line in packed] == [0.0 if fits else 1.0 for fits in stepped]
+    for want, got in zip(full, packed, strict=True):
+        for key in (k for k in want if k.startswith("loss/")):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (want["step"], key)

@@ -52,8 +52,11 @@ class Evaluator:
         from grain_jax.data import pipeline
 
         spec = inference_model.spec
-        step = self._step_fn(inference_model.model, spec.mean, spec.std)
-        buckets, keys = self.data.get("text_length_buckets") or (), text_keys(inference_model.model, self.loss_config)
+        model = inference_model.model
+        budget = getattr(model, "description_budget", 1.0)
+        # A batch over the description budget runs the model with every slot encoded (text_batching.fit_batch).
+        steps = {True: self._step_fn(model, spec.mean, spec.std)}
+        buckets, keys = self.data.get("text_length_buckets") or (), text_keys(model, self.loss_config)
         mesh = inference_model.mesh
         sums: dict[str, float] = {}
         total = 0
@@ -66,7 +69,10 @@ class Evaluator:
                 valid = int(np.sum(multihost_utils.process_allgather(np.int32(valid))))
             if valid == 0:
                 continue
-            batch = text_batching.fit_texts(batch, buckets, keys)
+            batch, packed = text_batching.fit_batch(batch, buckets, keys, budget)
+            if packed not in steps:
+                steps[packed] = self._step_fn(model.every_description_slot(), spec.mean, spec.std)
+            step = steps[packed]
             with nn.logical_axis_rules(inference_model.rules):
                 if mesh is None:
                     metrics = step(inference_model.params, batch)

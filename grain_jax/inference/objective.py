@@ -41,7 +41,4 @@ def forward_loss(model: nn.Module, loss_config: Any, params: Any, batch: dict, r
     """``(loss [], metrics)``: ``total_loss`` of one batch (arguments as in ``model_outputs``); an eval
     batch's ``mask`` [B] keeps padding examples out of the loss."""
     outputs = model_outputs(model, params, batch, rng, train, mean=mean, std=std, loss_config=loss_config)
-    loss, metrics = total_loss(outputs, batch, loss_config)
-    if "txt/description_overflow" in outputs:  # a batch over model.description_budget (encoded in full)
-        metrics = {**metrics, "txt/description_overflow": outputs["txt/description_overflow"]}
-    return loss, metrics
+    return total_loss(outputs, batch, loss_config)

@@ -13,8 +13,9 @@ txt/caption_features [B, Lc, Wt], dec/hidden [L, B, Q+1, D].
 Text work that cannot change the result is skipped (models/text_batching.py), opt-in:
 ``description_budget`` < 1: only the valid (non-zero) description slots are encoded, packed into
 ``ceil8(budget * B * M)`` rows; padding slots of ``txt/descriptions`` are then zero (the losses mask
-them). A batch with more valid descriptions than that encodes every slot instead (same values, full
-cost) and says so in ``out["txt/description_overflow"]`` (1.0 on such a batch, else 0.0). Texts are
+them). The caller checks on the host that a batch fits (``text_batching.fit_batch``) and runs a batch
+with more valid descriptions through the same model with ``description_budget=1`` (every slot: same
+values, full cost); one that comes in anyway gets NaN description embeddings, never silently fewer. Texts are
 encoded at the length they come in: cutting a batch to a shorter length bucket is the caller's
 (``config.data.text_length_buckets``, ``text_batching.fit_texts`` on the host).
 """
@@ -130,26 +131,23 @@ class GrainModel(nn.Module):
         return (embedding.reshape(*tokens.shape[:-1], -1),
                 features.reshape(*tokens.shape, -1))
 
+    def every_description_slot(self) -> "GrainModel":
+        """This model with no description packing (same parameters): what runs a batch whose valid descriptions
+        exceed ``description_budget`` (``text_batching.fit_batch`` says which, on the host)."""
+        return self.clone(description_budget=1.0)
+
     def _descriptions(self, tokens: jax.Array) -> dict[str, jax.Array]:
-        """tokens [B, M, Ld] -> {txt/descriptions [B, M, E]} (+ txt/description_overflow [] when packing)."""
+        """tokens [B, M, Ld] -> {txt/descriptions [B, M, E]}."""
         batch, slots, length = tokens.shape
         flat = tokens.reshape(batch * slots, length)
         capacity = text_batching.description_capacity(batch * slots, self.description_budget)
         if capacity == batch * slots:
             return {"txt/descriptions": self.encode_text(tokens)}
-        valid = text_batching.valid_rows(flat)
-        overflow = jnp.sum(valid) > capacity
-
-        def packed(model, flat, valid):
-            rows, index = text_batching.pack(flat, capacity)
-            return text_batching.unpack(model.encode_text(rows), index, flat.shape[0])
-
-        def every_slot(model, flat, valid):
-            return jnp.where(valid[:, None], model.encode_text(flat), 0.0)
-
-        embeddings = nn.cond(overflow, every_slot, packed, self, flat, valid)
-        return {"txt/descriptions": embeddings.reshape(batch, slots, -1),
-                "txt/description_overflow": overflow.astype(jnp.float32)}
+        rows, index = text_batching.pack(flat, capacity)
+        embeddings = text_batching.unpack(self.encode_text(rows), index, flat.shape[0])
+        # No in-step fallback: under autodiff a cond keeps (and writes) the residuals of both branches.
+        overflow = jnp.sum(text_batching.valid_rows(flat)) > capacity
+        return {"txt/descriptions": jnp.where(overflow, jnp.nan, embeddings).reshape(batch, slots, -1)}
 
     def encode_text(self, tokens: jax.Array) -> jax.Array:
         """tokens [..., L] int -> unnormalised embeddings [..., E] f32 (e.g. [N, L] -> [N, E])."""

@@ -149,7 +149,9 @@ def compile_train_step(config: ml_collections.ConfigDict, target: Topology | str
         config, total_steps=optimizer.steps_from_duration(config, "total", **sizes),
         warmup_steps=optimizer.steps_from_duration(config, "warmup", default=0, **sizes))
     model, tx, abstract = abstract_train_state(config, mesh, rules, schedule)
-    train_step = step_lib.make_train_step(model, LossConfig(**config.loss), tx, schedule,
+    # The worst case of the steps the trainer may run: every description slot encoded (a batch over
+    # model.description_budget; the same step as without packing).
+    train_step = step_lib.make_train_step(model.every_description_slot(), LossConfig(**config.loss), tx, schedule,
                                           int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
                                           std=config.data.std,
                                           grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))

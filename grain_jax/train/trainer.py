@@ -189,23 +189,25 @@ def compile_train_step(train_step, state, shardings, batch_sh, mesh: Mesh, rules
 
 
 class TrainSteps:
-    """The train step compiled once per text length the batches come in (``config.data.text_length_buckets``).
+    """The train step compiled once per kind of batch: its text lengths (``config.data.text_length_buckets``)
+    and whether its descriptions fit ``model.description_budget``'s packed rows.
 
-    ``compile_fn(text_lengths)`` -> executable; None is the config's full lengths, compiled up front (its
-    memory analysis is the worst case), any shorter (caption, description) lengths on first use. Each
-    goes through the persistent compilation cache, so a restarted run loads every one of them.
+    ``compile_fn(text_lengths, packed)`` -> executable; ``(None, True)`` is the config's full lengths with
+    packing as configured, compiled up front; any shorter (caption, description) lengths, or a batch over
+    the description budget (the model with every slot encoded), on first use. Each goes through the
+    persistent compilation cache, so a restarted run loads every one of them.
     """
 
     def __init__(self, compile_fn, config):
         self._compile = compile_fn
-        self._steps = {(config.data.caption_length, config.data.description_length): compile_fn(None)}
+        self._steps = {(config.data.caption_length, config.data.description_length, True): compile_fn(None, True)}
 
-    def for_batch(self, batch: dict):
-        """The executable for ``batch``'s text lengths (compiled now if it is the first such batch)."""
-        lengths = (batch["caption_tokens"].shape[-1], batch["description_tokens"].shape[-1])
-        if lengths not in self._steps:
-            self._steps[lengths] = self._compile(lengths)
-        return self._steps[lengths]
+    def for_batch(self, batch: dict, packed: bool = True):
+        """The executable for ``batch``'s text lengths and packing (compiled now if it is the first such batch)."""
+        key = (batch["caption_tokens"].shape[-1], batch["description_tokens"].shape[-1], packed)
+        if key not in self._steps:
+            self._steps[key] = self._compile(key[:2], packed)
+        return self._steps[key]
 
 
 def model_flops_per_step(config, tx, schedule, state, shardings, batch_sh, mesh: Mesh, rules: tuple) -> float:
@@ -335,8 +337,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
     loss_config = LossConfig(**config.loss)
     buckets = config.data.get("text_length_buckets") or ()
     text_keys = objective.text_keys(model, loss_config)
-    data_iterator = loader.DevicePrefetch(host_batches, lambda batch: pipeline.to_global(
-        text_batching.fit_texts(batch, buckets, text_keys), batch_sh))
+    budget = getattr(model, "description_budget", 1.0)
+
+    def place(host_batch):  # -> (global batch, whether its descriptions fit the packed rows)
+        fitted, packed = text_batching.fit_batch(host_batch, buckets, text_keys, budget)
+        return pipeline.to_global(fitted, batch_sh), packed
+
+    data_iterator = loader.DevicePrefetch(host_batches, place)
     _barrier("grain_jax_state_initialised")  # the checkpoint manager's first (gloo) collective waits only 30 s
     ckpt = resume.Checkpointer(workdir, keep=config.keep_checkpoints,
                                run={key: config[key] for key in resume.RUN_KEYS})
@@ -353,12 +360,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         _say(f"already finished: step {int(state.step)} of {total_steps}; results in {final_path}")
         return {k: v for k, v in final.items() if k != "step"}
 
-    train_step = step_lib.make_train_step(model, loss_config, tx, schedule,
-                                          int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
-                                          std=config.data.std,
-                                          grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
-    steps = TrainSteps(lambda lengths: compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config,
-                                                          lengths), config)
+    def compile_step(lengths, packed):
+        step_model = model if packed else model.every_description_slot()
+        if not packed:
+            _say(f"a batch holds more valid descriptions than model.description_budget={budget} packs: compiling "
+                 "the step that encodes every description slot (counted in txt/description_overflow)")
+        train_step = step_lib.make_train_step(step_model, loss_config, tx, schedule,
+                                              int(config.get("grad_accum_steps", 1)), mean=config.data.mean,
+                                              std=config.data.std,
+                                              grad_reduce_dtype=config.get("grad_reduce_dtype", "compute"))
+        return compile_train_step(train_step, state, shardings, batch_sh, mesh, rules, config, lengths)
+
+    steps = TrainSteps(compile_step, config)
     _barrier("grain_jax_train_step_compiled")
     evaluators = from_config(config.get("evals"))
     writer = metrics_lib.MetricWriter(workdir)
@@ -372,6 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         return InferenceModel(model, state.params, spec, mesh, rules=config.get("sharding_rules") or ())
 
     pending: list[dict] = []
+    overflowed: list[float] = []  # per pending step: 1.0 when its batch was over the description budget
     # The training metrics last logged: resuming at the end (killed during the final evaluation) still
     # reports them in final_metrics.json.
     last: dict[str, float] = metrics_lib.last_logged(writer.jsonl_path, step) if step >= total_steps else {}
@@ -382,7 +396,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
         if not pending:
             return
         fetched = jax.device_get(pending)
-        pending = []
+        if budget < 1:  # decided on the host (text_batching.fit_batch): the fraction of steps encoded in full
+            fetched = [{**m, "txt/description_overflow": o} for m, o in zip(fetched, overflowed)]
+        pending, overflowed[:] = [], []
         bad = [i for i, m in enumerate(fetched) if m["finite"] < 1]
         if bad:
             ckpt.wait()
@@ -411,14 +427,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, fresh
             if step == profile_start:
                 jax.profiler.start_trace(os.path.join(workdir, "profile"))
                 profiling = True
-            batch = next(data_iterator)
-            compiled = steps.for_batch(batch)
+            batch, packed = next(data_iterator)
+            compiled = steps.for_batch(batch, packed)
             with jax.transfer_guard("disallow"):  # every step input is already on device: no hidden copies
                 state, step_metrics = compiled(state, batch, train_rng)
             step += 1
             if profiling and step == profile_stop:
                 profiling = _stop_profile(state, profile_start, step, workdir)
             pending.append(step_metrics)
+            overflowed.append(0.0 if packed else 1.0)
             preempted = (flag is not None and flag.received) or ckpt.reached_preemption(step)
             save = step % config.checkpoint_every_steps == 0 or step == total_steps or preempted
             if step % config.log_every_steps == 0 or save:
